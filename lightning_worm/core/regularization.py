@@ -1,0 +1,36 @@
+"""Sparsity regularisation of channel scores (network slimming, as the Early-Bird code uses)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+
+def validate_sparsity(sparsity: float) -> None:
+    if not (isinstance(sparsity, (int, float)) and sparsity >= 0.0):
+        raise ValueError(f"`sparsity` must be a number >= 0, got {sparsity!r}.")
+
+
+@torch.no_grad()
+def add_sparsity_gradient(params: Iterable[Tensor], sparsity: float) -> None:
+    """Add the L1 subgradient ``sparsity * sign(p)`` to each parameter's gradient, in place.
+
+    Call it once per optimizer step on the true (unscaled) gradient, after the backward passes and
+    before ``optimizer.step()``. Parameters without a gradient are skipped.
+
+    Raises:
+        ValueError: if ``sparsity`` is negative.
+
+    Example::
+
+        loss.backward()
+        add_sparsity_gradient([bn.weight for bn in batchnorms], 1e-4)
+        optimizer.step()
+    """
+    validate_sparsity(sparsity)
+    params = [p for p in params if p.grad is not None]
+    if sparsity == 0.0 or not params:
+        return
+    torch._foreach_add_([p.grad for p in params], torch._foreach_sign(params), alpha=sparsity)

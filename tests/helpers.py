@@ -1,0 +1,63 @@
+"""Tiny deterministic models and data shared by the tests."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def tiny_data(n: int = 64, seed: int = 0, classes: int = 4) -> TensorDataset:
+    """Images whose label is the brightest of four quadrants: learnable in a few epochs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    quadrants = torch.stack([x[:, :, :4, :4], x[:, :, :4, 4:], x[:, :, 4:, :4], x[:, :, 4:, 4:]], 1)
+    y = quadrants.mean(dim=(2, 3, 4)).argmax(1) % classes
+    return TensorDataset(x, y)
+
+
+def tiny_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    return DataLoader(tiny_data(n, seed), batch_size=batch_size, shuffle=False)
+
+
+class TinyNet(L.LightningModule):
+    """conv-bn-relu x2, pool, linear. SGD with momentum; deterministic under a seed."""
+
+    def __init__(self, lr: float = 0.2, momentum: float = 0.9, weight_decay: float = 0.0, width: int = 8) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.classifier = nn.Linear(2 * width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum,
+                               weight_decay=self.hparams.weight_decay)
+
+
+def trainer(tmp_path=None, **kwargs) -> L.Trainer:
+    """A quiet CPU trainer."""
+    defaults = dict(
+        accelerator="cpu", devices=1, max_epochs=3, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+        default_root_dir=str(tmp_path) if tmp_path else None,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
