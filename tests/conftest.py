@@ -12,3 +12,12 @@ def _seed_and_quiet():
     torch.manual_seed(0)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     yield
+
+
+@pytest.fixture
+def lightning_info(caplog, monkeypatch):
+    """Capture Lightning's INFO messages (its logger does not propagate to the root by default)."""
+    logger = logging.getLogger("lightning.pytorch")
+    monkeypatch.setattr(logger, "propagate", True)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        yield caplog

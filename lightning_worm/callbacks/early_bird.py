@@ -159,13 +159,6 @@ class EarlyBirdCallback(Callback):
         if stage != "fit":
             return
         check_strategy(trainer, type(self).__name__)
-        trackers = [c for c in trainer.callbacks if isinstance(c, EarlyBirdCallback)]
-        keys = [c.state_key for c in trackers]
-        if len(set(keys)) < len(keys):
-            raise ValueError(
-                "Two EarlyBirdCallbacks have the same settings and would share one checkpoint entry: "
-                "give each tracker its own `prune_ratio` (or other settings)."
-            )
         self.prefix = log_prefix(trainer, self, "earlybird")
         self._sparsity_params = weakref.WeakKeyDictionary()
         skipped = self.source.skipped(pl_module)
