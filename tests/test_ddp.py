@@ -1,0 +1,37 @@
+"""Real 2-process DDP on the CPU (gloo): every rank reaches the same decisions in the same epoch."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_ddp(module: str, out: Path, timeout: int = 300) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", module, str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_search_agrees(tmp_path):
+    r0, r1 = run_ddp("tests.ddp.fit_search", tmp_path)
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["ticket_epoch"] is not None and r0["ticket_epoch"] == r1["ticket_epoch"]
+    assert r0["epoch"] == r1["epoch"] == r0["ticket_epoch"] + 1  # stop_on_ticket stopped both ranks together
+    assert [None if math.isnan(d) else d for d in r0["distances"]] == \
+        [None if math.isnan(d) else d for d in r1["distances"]]
+    for key in ("ticket", "mask"):
+        assert {k: v.tolist() for k, v in r0[key].items()} == {k: v.tolist() for k, v in r1[key].items()}
+    assert r0["chi"] == r1["chi"] == 0.003
+    assert r0["metrics"] == r1["metrics"] and "earlybird/mask_distance" in r0["metrics"]
+    for name, value in r0["state"].items():
+        if "running" not in name and "num_batches" not in name:  # BN statistics are per rank without SyncBN
+            assert torch.equal(value, r1["state"][name]), name
