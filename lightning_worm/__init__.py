@@ -1,6 +1,7 @@
 """lightning-worm: Early-Bird lottery tickets and WORM gradient truncation for PyTorch Lightning."""
 
-from lightning_worm.callbacks import EarlyBirdCallback, WormCallback
+from lightning_worm.callbacks import EarlyBirdCallback, PruneAndFinetune, WormCallback
+from lightning_worm.checkpoint import load_pruned
 from lightning_worm.core import (
     BatchNormSource,
     ChannelSource,
@@ -12,6 +13,7 @@ from lightning_worm.core import (
     channel_mask,
     mask_distance,
 )
+from lightning_worm.core.surgery import PruningPlan, PruningReport, apply_plan, prune_channels
 
 __version__ = "0.1.0"
 
@@ -22,9 +24,15 @@ __all__ = [
     "EarlyBirdCallback",
     "GradientTruncation",
     "NonFiniteScoreError",
+    "PruneAndFinetune",
+    "PruningPlan",
+    "PruningReport",
     "TicketDetector",
     "WormCallback",
     "add_sparsity_gradient",
+    "apply_plan",
     "channel_mask",
+    "load_pruned",
     "mask_distance",
+    "prune_channels",
 ]

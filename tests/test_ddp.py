@@ -35,3 +35,22 @@ def test_two_process_ddp_search_agrees(tmp_path):
     for name, value in r0["state"].items():
         if "running" not in name and "num_batches" not in name:  # BN statistics are per rank without SyncBN
             assert torch.equal(value, r1["state"][name]), name
+
+
+@pytest.mark.slow
+def test_two_process_ddp_prunes_mid_fit_and_trains_on(tmp_path):
+    r0, r1 = run_ddp("tests.ddp.fit_prune", tmp_path)
+    assert r0["pruned_epoch"] == r1["pruned_epoch"] == 1
+    assert r0["steps_at_epoch_end"] == r1["steps_at_epoch_end"]
+    steps = r0["steps_at_epoch_end"]
+    assert steps[-1] - steps[1] == 2 * steps[0] > 0  # two more epochs of steps ran after the prune
+    assert r0["report"]["channels_after"] == r1["report"]["channels_after"]
+    assert r0["report"]["params_after"] < r0["report"]["params_before"]
+    for name, value in r0["state"].items():
+        other = r1["state"][name]
+        assert value.shape == other.shape, name
+        if "running" not in name and "num_batches" not in name:  # BN statistics are per rank without SyncBN
+            assert torch.equal(value, other), name
+    # DDP and the optimizer hold the pruned parameters, not the old ones
+    shapes = [tuple(v.shape) for k, v in r0["state"].items() if "running" not in k and "num_batches" not in k]
+    assert r0["wrapped_params"] == r0["optimizer_params"] == shapes

@@ -1,0 +1,177 @@
+"""PruneAndFinetune in real fits: prune at the ticket, keep training the small network, resume, reload."""
+
+import json
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback, load_pruned
+from tests.helpers import TinyNet, tiny_loader, trainer
+
+TICKET_EPOCH = 1  # window=2, threshold=1.0: the ticket is the mask of the first full window
+
+
+class ScheduledNet(TinyNet):
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)}
+
+
+class Spy(Callback):
+    """Records the lr at each epoch start, steps per epoch, and the optimizer state before the prune."""
+
+    def __init__(self):
+        self.lrs, self.steps, self.state_before = [], [], None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.steps.append(trainer.global_step)
+        if trainer.current_epoch == TICKET_EPOCH:  # listed first: runs before the tracker prunes
+            names = {id(p): n for n, p in pl_module.named_parameters()}
+            self.state_before = {names[id(p)]: s["momentum_buffer"].clone()
+                                 for p, s in trainer.optimizers[0].state.items()}
+
+
+def callbacks(**prune_kwargs):
+    eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0)
+    return eb, WormCallback(eb, schedule="fixed", chi=0.003), PruneAndFinetune(eb, **prune_kwargs)
+
+
+def fit(model_cls=TinyNet, max_epochs=4, tmp_path=None, ckpt_path=None, extra=(), prune_kwargs=None, **kwargs):
+    torch.manual_seed(0)
+    model = model_cls()
+    eb, worm, prune = callbacks(**(prune_kwargs or {}))
+    spy = Spy()
+    t = trainer(tmp_path, callbacks=[spy, eb, worm, prune, *extra], max_epochs=max_epochs, **kwargs)
+    t.fit(model, tiny_loader(), ckpt_path=ckpt_path)
+    return t, model, eb, worm, prune, spy
+
+
+def test_prunes_the_ticket_and_trains_on(tmp_path):
+    t, model, eb, worm, prune, spy = fit(tmp_path=tmp_path, max_epochs=4)
+    kept = {name: int(m.sum()) for name, m in eb.ticket.items()}
+    assert model.features[1].num_features == kept["features.1"] == model.features[0].out_channels
+    assert model.features[4].num_features == kept["features.4"] == model.classifier.in_features
+    assert sum(kept.values()) == 12  # no coupling in this net: exactly the ticket
+    assert prune.pruned_epoch == TICKET_EPOCH and t.current_epoch == 4
+    assert spy.steps[-1] - spy.steps[TICKET_EPOCH] == 2 * 8  # two more epochs of eight steps
+    # the search is over: histories stop at the ticket, WORM truncates nothing
+    assert len(eb.distances) == TICKET_EPOCH + 1 and not eb.searching
+    assert worm.chi == 1.0 and worm.truncated_channels == 0
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 4)
+    r = prune.report
+    assert r["params_after"] < r["params_before"] and r["flops_after"] < r["flops_before"]
+    assert r["ticket_epoch"] == TICKET_EPOCH and r["channels_after"] == kept
+    assert r["latency_before_ms"] > 0 and r["latency_after_ms"] > 0
+    assert json.loads(open(tmp_path / "pruning_report.json").read())["params_after"] == r["params_after"]
+    assert t.callback_metrics["pruning/params_ratio"] == pytest.approx(r["params_after"] / r["params_before"])
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["carried", "reset"])
+def test_optimizer_state_sliced_to_kept_channels(reset):
+    t, model, eb, _, prune, spy = fit(max_epochs=10, prune_kwargs={"finetune_epochs": 0,
+                                                                   "reset_optimizer_state": reset})
+    assert t.current_epoch == TICKET_EPOCH + 1  # finetune_epochs=0 ends the fit at the prune
+    state = {n: t.optimizers[0].state[p] for n, p in model.named_parameters() if p in t.optimizers[0].state}
+    if reset:
+        assert state == {}
+        return
+    keep1 = torch.nonzero(eb.ticket["features.1"]).flatten()
+    keep4 = torch.nonzero(eb.ticket["features.4"]).flatten()
+    expected = {
+        "features.0.weight": spy.state_before["features.0.weight"][keep1],
+        "features.1.weight": spy.state_before["features.1.weight"][keep1],
+        "features.3.weight": spy.state_before["features.3.weight"][keep4][:, keep1],
+        "features.4.bias": spy.state_before["features.4.bias"][keep4],
+        "classifier.weight": spy.state_before["classifier.weight"][:, keep4],
+        "classifier.bias": spy.state_before["classifier.bias"],
+    }
+    for name, value in expected.items():
+        assert torch.equal(state[name]["momentum_buffer"], value), name
+    assert all(state[n]["momentum_buffer"].shape == p.shape for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["continued", "restarted"])
+def test_lr_schedule_continues_or_restarts(restart):
+    *_, spy = fit(ScheduledNet, max_epochs=5, prune_kwargs={"restart_schedule": restart})
+    if restart:  # afresh after the prune at the end of epoch 1
+        assert spy.lrs == pytest.approx([0.2, 0.1, 0.2, 0.1, 0.05])
+    else:
+        assert spy.lrs == pytest.approx([0.2, 0.1, 0.05, 0.025, 0.0125])
+
+
+def test_finetune_epochs_ends_the_fit():
+    t, *_ = fit(max_epochs=50, prune_kwargs={"finetune_epochs": 2})
+    assert t.current_epoch == TICKET_EPOCH + 1 + 2
+
+
+def test_reinit_gives_fresh_weights():
+    _, model, eb, *_ = fit(max_epochs=10, prune_kwargs={"finetune_epochs": 0, "reinit": True})
+    _, sliced, *_ = fit(max_epochs=10, prune_kwargs={"finetune_epochs": 0})
+    assert model.features[0].weight.shape == sliced.features[0].weight.shape
+    assert not torch.allclose(model.features[0].weight, sliced.features[0].weight)
+    assert torch.equal(model.features[1].weight, torch.ones_like(model.features[1].weight))  # BN reset
+
+
+def test_resume_after_prune_equals_uninterrupted(tmp_path):
+    _, full, *_ = fit(max_epochs=5, tmp_path=tmp_path / "full")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "half", save_last=True, save_top_k=0)
+    fit(max_epochs=3, tmp_path=tmp_path / "half", extra=[checkpoint], enable_checkpointing=True)
+    _, resumed, eb, _, prune, _ = fit(max_epochs=5, tmp_path=tmp_path / "resumed",
+                                      ckpt_path=tmp_path / "half" / "last.ckpt")
+    assert prune.pruned_epoch == TICKET_EPOCH and not eb.searching
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+
+
+def test_load_pruned_gives_identical_outputs(tmp_path):
+    t, model, *_ = fit(max_epochs=3, tmp_path=tmp_path)
+    t.save_checkpoint(tmp_path / "pruned.ckpt")
+    loaded = load_pruned(TinyNet, tmp_path / "pruned.ckpt")
+    x = torch.randn(4, 3, 8, 8)
+    model.eval()
+    assert torch.equal(loaded(x), model(x))
+    assert loaded.hparams.lr == 0.2
+
+
+def test_load_pruned_overrides_hyperparameters(tmp_path):
+    t, *_ = fit(max_epochs=3, tmp_path=tmp_path)
+    t.save_checkpoint(tmp_path / "pruned.ckpt")
+    assert load_pruned(TinyNet, tmp_path / "pruned.ckpt", lr=0.01).hparams.lr == 0.01
+
+
+def test_without_early_bird_in_trainer_raises():
+    eb = EarlyBirdCallback()
+    with pytest.raises(ValueError, match="needs its EarlyBirdCallback in the same Trainer"):
+        trainer(callbacks=[PruneAndFinetune(eb)], max_epochs=1).fit(TinyNet(), tiny_loader())
+
+
+@pytest.mark.parametrize("kwargs,name", [({"coupling": "any"}, "coupling"), ({"round_to": 0}, "round_to"),
+                                         ({"finetune_epochs": -1}, "finetune_epochs")])
+def test_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        PruneAndFinetune(EarlyBirdCallback(), **kwargs)
+
+
+def test_not_an_early_bird_raises():
+    with pytest.raises(ValueError, match="must be an EarlyBirdCallback"):
+        PruneAndFinetune("early bird")
+
+
+def test_dict_batches_need_an_example_input():
+    class DictNet(TinyNet):
+        def training_step(self, batch, batch_idx):
+            return super().training_step((batch["x"], batch["y"]), batch_idx)
+
+    pairs = tiny_loader().dataset
+    data = torch.utils.data.DataLoader([{"x": x, "y": y} for x, y in pairs], batch_size=8)
+    eb, worm, prune = callbacks()
+    with pytest.raises(ValueError, match="pass `example_input=`"):
+        trainer(callbacks=[eb, worm, prune], max_epochs=3).fit(DictNet(), data)
+    eb, worm, prune = callbacks(example_input=torch.randn(2, 3, 8, 8))
+    t = trainer(callbacks=[eb, worm, prune], max_epochs=3)
+    t.fit(DictNet(), data)
+    assert prune.plan is not None
