@@ -8,7 +8,9 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_quiet():
+def _seed_quiet_and_isolated(tmp_path, monkeypatch):
+    """Seeded, quiet, and in a fresh working directory: nothing a test writes lands in the checkout."""
+    monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     yield

@@ -1,0 +1,581 @@
+"""What every benchmark shares: settings, the timing helper, statistics, FLOPs, the table writer, the
+environment stamp and a Lightning callback that meters training runs.
+
+Nothing here is a benchmark; each benchmark module imports from here and returns a :class:`Section`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
+
+T = TypeVar("T")
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the suite; :meth:`preset` gives the ``tiny`` (tests), ``quick`` and ``full`` modes.
+
+    Args:
+        mode: the preset's name, printed next to every number.
+        accelerator: ``"cpu"`` or ``"gpu"`` (``"auto"`` is resolved by :meth:`preset`).
+        threads: ``torch.set_num_threads`` for the whole run.
+        data: ``"digits"`` (offline) or ``"cifar10"`` (needs the data in ``data_dir``).
+        data_dir: where ``cifar-10-batches-py`` lies.
+        overhead_archs: models of the overhead benchmark (full width).
+        overhead_batch: batch size of the overhead fits.
+        overhead_warmup_steps: steps of the first (untimed) epoch; WORM's mask is taken at its end.
+        overhead_steps: timed steps (the second epoch).
+        overhead_rounds: rounds of interleaved fits (each round runs every contender once).
+        mask_channels: BN channels of the synthetic model of the mask-cost measurement.
+        mask_repeats: repeats of the mask-cost measurement.
+        latency_models: models of the latency benchmark.
+        latency_ratios: prune ratios of the latency benchmark.
+        latency_masked_ratios: ratios at which the mask-only contenders are timed (their compute does not
+            depend on the ratio).
+        latency_batches: batch sizes timed.
+        latency_rounds: interleaved rounds; each contender runs ``latency_repeats`` forwards per round.
+        latency_repeats: forwards per contender per round (their median is the round's time).
+        search_arch: model of the ticket-search and end-to-end benchmarks.
+        search_width: its width multiplier.
+        search_seeds: seeds of the ticket search.
+        search_epochs: epochs of each ticket-search fit (search + prune + fine-tune).
+        search_batch: batch size of the training benchmarks.
+        limit_train_batches: Lightning's ``limit_train_batches`` of the training benchmarks.
+        window: Early-Bird window (the paper's 5; ``tiny`` shortens it so the tests find a ticket).
+        threshold: Early-Bird threshold.
+        e2e_seeds: seeds of the end-to-end benchmark.
+        e2e_epochs: epochs of the dense, Early-Bird and slimming trainings.
+        e2e_finetune_epochs: fine-tuning epochs after network slimming's prune.
+        e2e_target_drop: the target accuracy is the dense run's best validation accuracy minus this.
+    """
+
+    mode: str = "quick"
+    accelerator: str = "cpu"
+    threads: int = 2
+    data: str = "digits"
+    data_dir: str = "data"
+    overhead_archs: tuple[str, ...] = ("resnet18", "vgg11_bn")
+    overhead_batch: int = 8
+    overhead_warmup_steps: int = 2
+    overhead_steps: int = 6
+    overhead_rounds: int = 2
+    mask_channels: int = 131_072
+    mask_repeats: int = 21
+    latency_models: tuple[str, ...] = ("vgg11_bn", "resnet18", "mobilenet_v2")
+    latency_ratios: tuple[float, ...] = (0.3, 0.5, 0.7)
+    latency_masked_ratios: tuple[float, ...] = (0.5,)
+    latency_batches: tuple[int, ...] = (1, 64)
+    latency_rounds: int = 3
+    latency_repeats: int = 1
+    search_arch: str = "vgg11_bn"
+    search_width: float = 0.25
+    search_seeds: tuple[int, ...] = (0, 1)
+    search_epochs: int = 12
+    search_batch: int = 64
+    limit_train_batches: Optional[int] = None
+    window: int = 5
+    threshold: float = 0.1
+    e2e_seeds: tuple[int, ...] = (0,)
+    e2e_epochs: int = 12
+    e2e_finetune_epochs: int = 4
+    e2e_target_drop: float = 0.01
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda" if self.accelerator == "gpu" else "cpu")
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.accelerator == "gpu"
+
+    @property
+    def precision(self) -> str:
+        """bf16 mixed precision on a GPU (the GPU rows of issue 5), fp32 on the CPU."""
+        return "bf16-mixed" if self.on_gpu else "32-true"
+
+    @classmethod
+    def preset(cls, mode: str, accelerator: str = "auto", **overrides: Any) -> "Settings":
+        """The settings of ``mode`` (``"tiny"``, ``"quick"`` or ``"full"``) on ``accelerator``.
+
+        Raises:
+            ValueError: on an unknown mode or accelerator.
+        """
+        if accelerator == "auto":
+            accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+        if accelerator not in ("cpu", "gpu"):
+            raise ValueError(f"`accelerator` must be 'cpu', 'gpu' or 'auto', got {accelerator!r}.")
+        if accelerator == "gpu" and not torch.cuda.is_available():
+            raise ValueError("`accelerator='gpu'` but torch sees no CUDA device.")
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        base = cls(mode=mode, accelerator=accelerator, threads=threads)
+        if mode == "quick":
+            s = base
+        elif mode == "full":
+            s = replace(
+                base, overhead_batch=32, overhead_warmup_steps=3, overhead_steps=20, overhead_rounds=5,
+                mask_repeats=51, latency_masked_ratios=(0.3, 0.5, 0.7), latency_rounds=7, latency_repeats=3,
+                search_seeds=(0, 1, 2, 3, 4), search_epochs=40, e2e_seeds=(0, 1, 2), e2e_epochs=40,
+                e2e_finetune_epochs=10,
+            )
+        elif mode == "tiny":
+            s = replace(
+                base, overhead_batch=4, overhead_warmup_steps=1, overhead_steps=2, overhead_rounds=1,
+                mask_channels=4096, mask_repeats=3, latency_models=("vgg11_bn", "mobilenet_v2"),
+                latency_ratios=(0.5,), latency_batches=(1,), latency_rounds=1, search_width=0.0625,
+                search_seeds=(0,), search_epochs=4, limit_train_batches=2, window=2, threshold=0.5,
+                e2e_epochs=4, e2e_finetune_epochs=1,
+            )
+        else:
+            raise ValueError(f"Unknown mode {mode!r}; choose 'tiny', 'quick' or 'full'.")
+        if accelerator == "gpu":  # the GPU rows: CIFAR-shaped batch 128, bf16-mixed
+            s = replace(s, overhead_batch=128, search_batch=128)
+        return replace(s, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class Section:
+    """What a benchmark hands back: Markdown (tables and notes), the figures it wrote, raw numbers."""
+
+    title: str
+    markdown: str
+    figures: list[Path] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------- timing and spread
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], repeats: int = 1, warmup: int = 0, device: torch.device | None = None) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls, device-synchronised.
+
+    This is the suite's one stopwatch: every latency and cost figure comes from it (the training-step
+    times from :class:`StepClock`, which reads the same ``perf_counter`` at batch boundaries).
+    """
+    device = device or torch.device("cpu")
+    times = []
+    for i in range(warmup + repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def interleave(contenders: Mapping[str, Callable[[], T]], rounds: int) -> dict[str, list[T]]:
+    """Run every contender once per round, rotating the order (ABC, BCA, CAB, ...); results per contender.
+
+    On a shared machine the background load drifts: interleaving puts every contender under the same
+    drift, and per-round ratios (:func:`paired_ratios`) cancel most of it.
+    """
+    names = list(contenders)
+    out: dict[str, list[T]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            out[name].append(contenders[name]())
+    return out
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median with its interquartile range and extremes."""
+
+    median: float
+    q1: float
+    q3: float
+    lo: float
+    hi: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> "Spread":
+        values = [float(v) for v in values if v == v]  # NaN left out
+        if not values:
+            nan = float("nan")
+            return cls(nan, nan, nan, nan, nan, 0)
+        if len(values) == 1:
+            v = values[0]
+            return cls(v, v, v, v, v, 1)
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+        return cls(statistics.median(values), q1, q3, min(values), max(values), len(values))
+
+    def fmt(self, digits: int = 3, scale: float = 1.0, spread: str = "iqr") -> str:
+        """``median [q1, q3]`` (or ``[min, max]`` with ``spread="range"``), values times ``scale``."""
+        if self.n == 0:
+            return "n/a"
+        m = f"{self.median * scale:.{digits}f}"
+        if self.n == 1:
+            return m
+        lo, hi = (self.q1, self.q3) if spread == "iqr" else (self.lo, self.hi)
+        return f"{m} [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
+
+
+def paired_ratios(samples: Mapping[str, Sequence[float]], reference: str) -> dict[str, Spread]:
+    """Per contender, the spread of its per-round ratio to ``reference`` (same round, same background)."""
+    ref = samples[reference]
+    return {name: Spread.of([v / r for v, r in zip(values, ref)]) for name, values in samples.items()}
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """``mean ± std`` (population std over seeds), ``n/a`` if empty; NaNs are left out."""
+    values = [float(v) for v in values if v is not None and v == v]
+    if not values:
+        return "n/a"
+    mean = statistics.fmean(values)
+    std = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.3g} ± {std:.2g}"
+
+
+# -------------------------------------------------------------------------------------- FLOPs, memory
+
+
+def forward_flops(model: nn.Module, example: torch.Tensor) -> int:
+    """FLOPs of one eval forward of ``model`` on ``example`` (``torch.utils.flop_counter``), mode restored."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(example)
+    finally:
+        model.train(training)
+    return counter.get_total_flops()
+
+
+def count_params(model: nn.Module, nonzero: bool = False) -> int:
+    """Parameters of ``model``; with ``nonzero``, only the entries that are not zero (masked weights
+    made permanent with ``torch.nn.utils.prune.remove`` still count in full without it)."""
+    return sum(int((p != 0).sum()) if nonzero else p.numel() for p in model.parameters())
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a peak-memory window: CUDA's allocator peak, or the process's peak RSS on Linux."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux >= 4.0: writing 5 to clear_refs resets VmHWM (the peak resident set size)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory since :func:`reset_peak_memory`: CUDA max allocated, else peak RSS (MiB; NaN if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
+    """Draw every BatchNorm gamma from U(0.05, 1) with a fixed seed (fresh models have all gammas 1.0,
+    and a ranking of ties prunes by layer order, which says nothing about a trained network)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.95 + 0.05)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ data, fits
+
+
+def synthetic_loader(n: int, batch_size: int, seed: int = 0) -> DataLoader:
+    """``n`` random CIFAR-shaped images (3x32x32) with random labels of 10 classes (for timing only)."""
+    g = torch.Generator().manual_seed(seed)
+    data = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=True)
+
+
+def datamodule(settings: Settings, seed: int) -> pl.LightningDataModule:
+    """The data of the training benchmarks: offline digits, or CIFAR-10 from ``settings.data_dir``."""
+    from examples.data import CIFAR10DataModule, DigitsDataModule
+
+    if settings.data == "cifar10":
+        return CIFAR10DataModule(data_dir=settings.data_dir, batch_size=settings.search_batch, num_workers=2, seed=seed)
+    return DigitsDataModule(batch_size=settings.search_batch, seed=seed)
+
+
+def trainer(settings: Settings, root: Path, callbacks: Sequence[pl.Callback] = (), **kwargs: Any) -> pl.Trainer:
+    """A quiet ``Trainer`` on the settings' accelerator and precision, logging nowhere."""
+    defaults: dict[str, Any] = dict(
+        accelerator=settings.accelerator, devices=1, precision=settings.precision, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, default_root_dir=str(root),
+    )
+    if settings.limit_train_batches is not None:
+        defaults["limit_train_batches"] = settings.limit_train_batches
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=list(callbacks), **defaults)
+
+
+class Meter(pl.Callback):
+    """Meters a fit epoch by epoch: wall time, validation accuracy, training FLOPs, and the prune.
+
+    Training FLOPs of an epoch are ``3 x`` (forward + backward) the forward FLOPs per sample of the model
+    as it is during that epoch (counted once per architecture with ``FlopCounterMode`` on one sample)
+    times the samples seen. Put it *after* a :class:`~lightning_worm.PruneAndFinetune` in the callbacks:
+    then, in the epoch of the prune, it also evaluates the freshly pruned model on the validation set
+    (the accuracy "just after pruning", before any fine-tuning).
+
+    Attributes:
+        epochs: one dict per epoch: ``epoch``, ``seconds`` (cumulative since fit start, after validation),
+            ``val_acc``, ``train_flops`` (cumulative), ``flops_per_sample``.
+        acc_after_prune: validation accuracy right after the prune (``None`` without prune).
+        pruned_epoch: the epoch at whose end the model was pruned.
+    """
+
+    def __init__(self, pruner: Any = None, offset_seconds: float = 0.0, offset_flops: float = 0.0) -> None:
+        super().__init__()
+        self.pruner = pruner
+        self.offset_seconds, self.offset_flops = offset_seconds, offset_flops
+        self.epochs: list[dict[str, Any]] = []
+        self.acc_after_prune: Optional[float] = None
+        self.pruned_epoch: Optional[int] = None
+        self._flops_cache: dict[int, int] = {}
+        self._start = 0.0
+        self._samples = 0
+        self._flops = offset_flops
+        self._epoch_flops = 0
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._start = time.perf_counter() - self.offset_seconds
+
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        key = count_params(pl_module)
+        if key not in self._flops_cache:
+            example = torch.zeros(1, 3, 32, 32, device=pl_module.device)
+            self._flops_cache[key] = forward_flops(pl_module, example)
+        self._epoch_flops = self._flops_cache[key]
+        self._samples = 0
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        self._samples += len(batch[0])
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._flops += 3 * self._epoch_flops * self._samples
+        pruner = self.pruner
+        if pruner is not None and pruner.pruned_epoch == trainer.current_epoch and self.pruned_epoch is None:
+            self.pruned_epoch = trainer.current_epoch
+            start = time.perf_counter()
+            self.acc_after_prune = evaluate(pl_module, trainer.datamodule.val_dataloader())
+            self._start += time.perf_counter() - start  # the extra evaluation is not training time
+        metrics = trainer.callback_metrics
+        acc = metrics.get("val/acc")
+        self.epochs.append(dict(
+            epoch=trainer.current_epoch, seconds=time.perf_counter() - self._start,
+            val_acc=None if acc is None else float(acc), train_flops=self._flops,
+            flops_per_sample=self._epoch_flops,
+        ))
+
+    @property
+    def total_flops(self) -> float:
+        return self._flops
+
+    def acc_at(self, epoch: int) -> Optional[float]:
+        return next((e["val_acc"] for e in self.epochs if e["epoch"] == epoch), None)
+
+
+@contextlib.contextmanager
+def metrics_compared_by_identity() -> Iterator[None]:
+    """Inside, torchmetrics' ``Metric`` objects compare with ``==`` / ``!=`` by identity.
+
+    Workaround for a bug found by this suite (lightning-worm 0.1.0 with torch-pruning 1.6.1): ``Metric``
+    overloads ``==`` to build a (truthy) ``CompositionalMetric``; once lightning-worm registers its
+    customized pruner, Torch-Pruning tests modules with ``m == layer_type`` and ``m in ignored_layers``,
+    which then holds for *every* layer of a LightningModule that owns a metric (as the example
+    ``ImageClassifier`` does), so ``prune_channels`` / ``PruneAndFinetune`` remove nothing
+    (``kept_unprunable == ticket_pruned``). :func:`prunes_with_metrics` tells whether it is still needed.
+    """
+    from torchmetrics import Metric
+
+    saved = Metric.__dict__["__eq__"], Metric.__dict__["__ne__"]
+    Metric.__eq__ = lambda self, other: self is other  # type: ignore[method-assign,assignment]
+    Metric.__ne__ = lambda self, other: self is not other  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        Metric.__eq__, Metric.__ne__ = saved  # type: ignore[method-assign]
+
+
+@functools.lru_cache(maxsize=None)
+def prunes_with_metrics() -> bool:
+    """Whether ``prune_channels`` removes channels from a module holding a torchmetrics metric, unpatched."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from lightning_worm import channel_mask, prune_channels
+
+    class WithMetric(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(36, 2))
+            self.metric = MulticlassAccuracy(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    model = randomize_bn(WithMetric(), 0)
+    report = prune_channels(model, channel_mask(model, 0.5), torch.zeros(1, 3, 5, 5), measure_latency=False)
+    return report.pruned_from_ticket > 0
+
+
+def pruning_workaround() -> contextlib.AbstractContextManager:
+    """:func:`metrics_compared_by_identity` while the bug it works around is there, else a no-op."""
+    return contextlib.nullcontext() if prunes_with_metrics() else metrics_compared_by_identity()
+
+
+WORKAROUND_NOTE = (
+    "**Workaround in use:** with this lightning-worm, `prune_channels` removes nothing from a LightningModule "
+    "that owns a torchmetrics metric (torchmetrics overloads `==`, Torch-Pruning compares modules with `==` "
+    "and `in`, so every layer counts as ignored once lightning-worm registers its channel-shuffle pruner). "
+    "The training benchmarks make metrics compare by identity while they run "
+    "(`examples.benchmarks.common.metrics_compared_by_identity`); without that, `PruneAndFinetune` on the "
+    "example `ImageClassifier` is a silent no-op."
+)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader) -> float:
+    """Top-1 accuracy of ``model`` over ``loader`` (eval mode, then the mode is restored)."""
+    training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = total = 0
+    for images, targets in loader:
+        logits = model(images.to(device))
+        correct += int((logits.argmax(1).cpu() == targets).sum())
+        total += len(targets)
+    model.train(training)
+    return correct / max(total, 1)
+
+
+# ------------------------------------------------------------------------------------- tables, stamp
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; floats are printed with 3 significant digits."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "n/a" if v != v else f"{v:.3g}"
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, ``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(settings: Settings) -> dict[str, Any]:
+    """The stamp printed above every result: machine, versions, threads, date, load."""
+    import lightning
+    import torch_pruning
+    import torchvision
+
+    env: dict[str, Any] = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        cpu=cpu_model(), cores=os.cpu_count(),
+        usable_cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        torch_threads=torch.get_num_threads(), python=platform.python_version(), torch=torch.__version__,
+        torchvision=torchvision.__version__, lightning=lightning.__version__,
+        torch_pruning=getattr(torch_pruning, "__version__", "unknown"), platform=platform.platform(),
+        gpu=torch.cuda.get_device_name(0) if settings.on_gpu else None,
+    )
+    if hasattr(os, "getloadavg"):
+        env["load_average_1min"] = round(os.getloadavg()[0], 2)
+    return env
+
+
+def environment_markdown(env: Mapping[str, Any]) -> str:
+    keys = [("date", "Date"), ("cpu", "CPU"), ("cores", "Cores (logical)"), ("usable_cores", "Cores usable"),
+            ("torch_threads", "torch threads"), ("gpu", "GPU"), ("python", "Python"), ("torch", "torch"),
+            ("torchvision", "torchvision"), ("lightning", "Lightning"), ("torch_pruning", "Torch-Pruning"),
+            ("platform", "Platform"), ("load_average_1min", "Load average at start (1 min)")]
+    return markdown_table(["", ""], [(label, env.get(k) if env.get(k) is not None else "none") for k, label in keys])
+
+
+def device_name(settings: Settings) -> str:
+    """The device the numbers come from, for the tables' device column."""
+    if settings.on_gpu:
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def new_figure(ncols: int = 1, width: float = 7.0, height: float = 4.0) -> tuple[Any, Any]:
+    """``(figure, axes)`` of ``ncols`` panels on the non-interactive Agg backend (matplotlib imported late:
+    it is an optional extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def log(message: str) -> None:
+    """Progress on stderr (the tables go to the Markdown file)."""
+    print(f"[benchmarks {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

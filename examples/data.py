@@ -1,0 +1,235 @@
+"""LightningDataModules for the examples: offline handwritten digits and CIFAR-10."""
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchvision.transforms import v2
+
+# Normalisation constants of the Early-Bird / network-slimming CIFAR code.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+
+
+class _TransformedSubset(Dataset):
+    """``dataset[indices[i]]`` with ``transform`` applied to the image."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Callable[[Any], torch.Tensor]) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        image, target = self.dataset[self.indices[index]]
+        return self.transform(image), target
+
+
+class _SplitDataModule(LightningDataModule):
+    """Shared loaders of the two data modules; subclasses fill ``train/val/test_dataset`` in ``setup``."""
+
+    num_classes = 10
+    input_shape = (3, 32, 32)
+
+    def __init__(self, batch_size: int, num_workers: int, seed: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_dataset: Optional[Dataset] = None
+        self.val_dataset: Optional[Dataset] = None
+        self.test_dataset: Optional[Dataset] = None
+
+    def _loader(self, dataset: Optional[Dataset], shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested.")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, shuffle=False)
+
+
+class DigitsDataModule(_SplitDataModule):
+    """scikit-learn's bundled handwritten digits (1797 8x8 images, no download) as 3x32x32 images.
+
+    The images are resized to 32x32 (bilinear), replicated to 3 channels, normalised with the
+    training split's mean and standard deviation, and split into stratified train/val/test sets
+    (70/15/15 by default) that depend only on ``seed``.
+
+    Args:
+        batch_size: samples per batch.
+        num_workers: dataloader worker processes.
+        seed: seed of the train/val/test split. Shuffling and augmentation follow the global seed
+            (:func:`~lightning.pytorch.seed_everything`).
+        val_fraction: fraction of all images in the validation split.
+        test_fraction: fraction of all images in the test split.
+        augment: random translation of the training images by up to ``4`` pixels (one pixel of
+            the original 8x8 image). Digits are never flipped.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> datamodule = DigitsDataModule(batch_size=64)
+        >>> trainer = Trainer(max_epochs=20)
+        >>> trainer.fit(model, datamodule=datamodule)  # doctest: +SKIP
+
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        augment: bool = True,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed)
+        self.save_hyperparameters()
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.augment = augment
+
+    def setup(self, stage: str) -> None:
+        if self.train_dataset is not None:
+            return
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        images = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+        labels = torch.as_tensor(digits.target, dtype=torch.long)
+
+        indices = list(range(len(labels)))
+        held_out = self.val_fraction + self.test_fraction
+        train_idx, rest_idx = train_test_split(
+            indices, test_size=held_out, stratify=digits.target, random_state=self.seed
+        )
+        val_idx, test_idx = train_test_split(
+            rest_idx,
+            test_size=self.test_fraction / held_out,
+            stratify=digits.target[rest_idx],
+            random_state=self.seed,
+        )
+        train_images = images[train_idx, 0]
+        normalize = v2.Normalize([train_images.mean().item()] * 3, [train_images.std().item()] * 3)
+        eval_transform = normalize
+        train_transform = v2.Compose([v2.RandomCrop(32, padding=4), normalize]) if self.augment else normalize
+
+        dataset = TensorDataset(images, labels)
+        self.train_dataset = _TransformedSubset(dataset, train_idx, train_transform)
+        self.val_dataset = _TransformedSubset(dataset, val_idx, eval_transform)
+        self.test_dataset = _TransformedSubset(dataset, test_idx, eval_transform)
+        rank_zero_info(
+            f"Using scikit-learn's bundled digits (offline, {len(labels)} images) resized to 32x32:"
+            f" {len(train_idx)} train / {len(val_idx)} val / {len(test_idx)} test (split seed {self.seed})."
+        )
+
+
+class CIFAR10DataModule(_SplitDataModule):
+    """torchvision's CIFAR-10 with the Early-Bird augmentation and a seeded 45k/5k train/val split.
+
+    Training images get a random 32x32 crop of the 4-pixel padded image and a horizontal flip; all
+    images are normalised with the CIFAR-10 channel statistics. The test set is the official one.
+
+    Args:
+        data_dir: directory that holds (or will hold) ``cifar-10-batches-py``.
+        download: download the data in :meth:`prepare_data` if it is missing (needs internet).
+        batch_size: samples per batch.
+        num_workers: dataloader worker processes.
+        seed: seed of the train/val split. Shuffling and augmentation follow the global seed.
+        val_size: images of the official training set held out for validation.
+
+    Raises:
+        RuntimeError:
+            In :meth:`prepare_data` if the download fails, and in :meth:`setup` if the data is
+            not in ``data_dir``. The data module never falls back to other data.
+
+    Example::
+
+        >>> datamodule = CIFAR10DataModule(data_dir="data", download=True)
+        >>> trainer.fit(model, datamodule=datamodule)  # doctest: +SKIP
+
+    """
+
+    def __init__(
+        self,
+        data_dir: Union[str, os.PathLike] = "data",
+        download: bool = False,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        seed: int = 0,
+        val_size: int = 5000,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed)
+        self.save_hyperparameters()
+        self.data_dir = os.fspath(data_dir)
+        self.download = download
+        self.val_size = val_size
+
+    def _place_it_yourself(self) -> str:
+        return f"place the extracted 'cifar-10-batches-py' folder in {self.data_dir!r}"
+
+    def _load(self, train: bool) -> Dataset:
+        from torchvision.datasets import CIFAR10
+
+        try:
+            return CIFAR10(self.data_dir, train=train, download=False)
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted."
+            raise RuntimeError(
+                f"CIFAR-10 is not at {self.data_dir!r} (or is incomplete). Get it with `--data.download true`"
+                f" (`download=True` in Python; needs internet), or {self._place_it_yourself()}."
+            ) from err
+
+    def prepare_data(self) -> None:
+        if not self.download:
+            return
+        from torchvision.datasets import CIFAR10
+
+        try:
+            for train in (True, False):
+                CIFAR10(self.data_dir, train=train, download=True)
+        except (OSError, RuntimeError) as err:  # URLError and socket timeouts are OSErrors
+            raise RuntimeError(
+                f"Downloading CIFAR-10 to {self.data_dir!r} failed ({err}). Without internet,"
+                f" {self._place_it_yourself()}."
+            ) from err
+
+    def setup(self, stage: str) -> None:
+        if self.train_dataset is not None:
+            return
+        to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+        train_transform = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), *to_tensor])
+        eval_transform = v2.Compose(to_tensor)
+
+        train_set, test_set = self._load(train=True), self._load(train=False)
+        permutation = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        train_idx, val_idx = permutation[self.val_size :], permutation[: self.val_size]
+        self.train_dataset = _TransformedSubset(train_set, train_idx, train_transform)
+        self.val_dataset = _TransformedSubset(train_set, val_idx, eval_transform)
+        self.test_dataset = _TransformedSubset(test_set, range(len(test_set)), eval_transform)
+        rank_zero_info(
+            f"Using CIFAR-10 from {self.data_dir!r}: {len(train_idx)} train / {len(val_idx)} val"
+            f" (split seed {self.seed}) / {len(test_set)} test."
+        )
