@@ -48,7 +48,7 @@ def load_pruned(
 
     Example::
 
-        model = load_pruned(ImageClassifier, "runs/offline/pruned.ckpt")
+        model = load_pruned(ImageClassifier, "runs/offline/lightning_logs/version_0/pruned.ckpt")
         logits = model(images)
     """
     checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=False)

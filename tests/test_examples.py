@@ -245,12 +245,8 @@ def test_models_can_be_physically_pruned(arch):
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torchmetrics' Metric overloads ==/!= (truthy CompositionalMetric), which torch-pruning's"
-    " `m in ignored_layers` membership tests misread: no layer of a module holding a Metric gets traced",
-)
 def test_image_classifier_can_be_pruned_by_the_surgery():
+    """A module holding torchmetrics Metrics (whose `==` is overloaded) is pruned like any other."""
     from lightning_worm import prune_channels
 
     model = ImageClassifier(arch="vgg11_bn", width=0.25)

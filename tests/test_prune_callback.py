@@ -175,3 +175,74 @@ def test_dict_batches_need_an_example_input():
     t = trainer(callbacks=[eb, worm, prune], max_epochs=3)
     t.fit(DictNet(), data)
     assert prune.plan is not None
+
+
+def test_syncbatchnorm_model_is_searched_and_pruned(tmp_path):
+    """What `sync_batchnorm=True` gives a model. (DDP with SyncBatchNorm needs GPUs: torch refuses CPU modules.)"""
+    torch.manual_seed(0)
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(TinyNet())
+    eb, worm, prune = callbacks()
+    t = trainer(tmp_path, callbacks=[eb, worm, prune], max_epochs=3)
+    t.fit(model, tiny_loader())
+    assert isinstance(model.features[1], torch.nn.SyncBatchNorm)
+    assert model.features[1].num_features + model.features[4].num_features == 12
+    t.save_checkpoint(tmp_path / "sync.ckpt")
+
+    class SyncNet(TinyNet):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(self)
+
+    loaded = load_pruned(SyncNet, tmp_path / "sync.ckpt")
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_several_trackers_all_stop_at_the_prune(tmp_path):
+    trackers = [EarlyBirdCallback(prune_ratio=p, window=2, threshold=1.0) for p in (0.3, 0.5)]
+    prune = PruneAndFinetune(trackers[1])
+    t = trainer(tmp_path, callbacks=[*trackers, prune], max_epochs=4)
+    t.fit(TinyNet(), tiny_loader())
+    assert prune.pruned_epoch == TICKET_EPOCH and t.current_epoch == 4
+    assert all(not eb.searching and len(eb.distances) == TICKET_EPOCH + 1 for eb in trackers)
+
+
+def test_spawn_launchers_refused_with_the_fix():
+    eb = EarlyBirdCallback()
+    t = trainer(callbacks=[eb, PruneAndFinetune(eb)], accelerator="cpu", devices=2, strategy="ddp_spawn")
+    with pytest.raises(ValueError, match="'spawn' launcher.*Use `strategy='ddp'`"):
+        PruneAndFinetune.setup(t.callbacks[1], t, TinyNet(), "fit")
+
+
+def test_two_prune_callbacks_refused():
+    a, b = EarlyBirdCallback(prune_ratio=0.3), EarlyBirdCallback(prune_ratio=0.7)
+    t = trainer(callbacks=[a, b, PruneAndFinetune(a), PruneAndFinetune(b)], max_epochs=1)
+    with pytest.raises(ValueError, match="one PruneAndFinetune"):
+        t.fit(TinyNet(), tiny_loader())
+
+
+def test_non_batchnorm_source_refused_at_setup():
+    from lightning_worm.core.scores import BatchNormSource
+
+    class Custom(BatchNormSource.__mro__[1]):  # a ChannelSource that is not the BatchNorm one
+        pass
+
+    eb = EarlyBirdCallback(source=Custom())
+    with pytest.raises(ValueError, match="prunes BatchNorm channels, but the tracker scores Custom"):
+        PruneAndFinetune.setup(PruneAndFinetune(eb), trainer(callbacks=[eb]), TinyNet(), "fit")
+
+
+def test_example_input_array_is_the_fallback(tmp_path):
+    class DictNet(TinyNet):
+        def __init__(self):
+            super().__init__()
+            self.example_input_array = torch.zeros(1, 3, 8, 8)
+
+        def training_step(self, batch, batch_idx):
+            return super().training_step((batch["x"], batch["y"]), batch_idx)
+
+    data = torch.utils.data.DataLoader([{"x": x, "y": y} for x, y in tiny_loader().dataset], batch_size=8)
+    eb, worm, prune = callbacks()
+    trainer(tmp_path, callbacks=[eb, worm, prune], max_epochs=3).fit(DictNet(), data)
+    assert prune.plan is not None

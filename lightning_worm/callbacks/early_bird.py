@@ -108,8 +108,8 @@ class EarlyBirdCallback(Callback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(
-            prune_ratio=self.prune_ratio, window=self.window, threshold=self.threshold,
-            min_channels=self.min_channels, every_n_epochs=self.every_n_epochs,
+            prune_ratio=self.prune_ratio, window=self.window, threshold=self.threshold, sparsity=self.sparsity,
+            min_channels=self.min_channels, every_n_epochs=self.every_n_epochs, source=type(self.source).__name__,
         )
 
     @property

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
@@ -17,6 +18,7 @@ from typing_extensions import override
 
 from lightning_worm.callbacks.early_bird import EarlyBirdCallback
 from lightning_worm.callbacks.strategy import check_strategy
+from lightning_worm.core.scores import BatchNormSource
 from lightning_worm.core.surgery import PruningPlan, apply_plan, prune_channels
 
 
@@ -30,7 +32,8 @@ class PruneAndFinetune(Callback):
     schedulers are rebuilt through ``configure_optimizers``, the schedule continues from the epoch
     reached, and the optimizer state of the kept channels (momentum, Adam moments) is carried over by
     slicing. Under DDP every rank prunes identically and the model is wrapped again. The search is then
-    over: ``early_bird`` takes no more masks and a :class:`~lightning_worm.WormCallback` truncates nothing.
+    over: ``early_bird`` (and any other tracker in the trainer) takes no more masks and a
+    :class:`~lightning_worm.WormCallback` truncates nothing.
 
     The plan of the prune is kept in checkpoints: ``trainer.fit(fresh_module, ckpt_path=...)`` with the
     same callbacks re-applies it before the pruned weights load, and
@@ -43,7 +46,8 @@ class PruneAndFinetune(Callback):
     Args:
         early_bird: the tracker whose ticket is pruned; it must be in the same trainer.
         example_input: a model input used to trace the data flow; by default the first element of the
-            first training batch (a tensor, or the first item of a tuple/list batch).
+            first training batch (a tensor, or the first item of a tuple/list batch), else the module's
+            ``example_input_array``.
         coupling: ``"all"`` prunes a channel shared by several BN layers (a residual sum) only if the
             ticket prunes it in every one of them; ``"mean_rank"`` ranks such channels by the group's
             mean ``|gamma|``.
@@ -57,8 +61,9 @@ class PruneAndFinetune(Callback):
         measure_latency: time inference before and after on the example input (rank zero only).
 
     Raises:
-        ValueError: on a bad argument; at setup if ``early_bird`` is not in the trainer or the strategy
-            shards parameters (FSDP, DeepSpeed).
+        ValueError: on a bad argument; at setup if ``early_bird`` is not in the trainer, its source is not
+            BatchNorm, the strategy shards parameters (FSDP, DeepSpeed) or launches by spawn/fork
+            (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``: use ``ddp``).
 
     Example::
 
@@ -122,6 +127,19 @@ class PruneAndFinetune(Callback):
                 "PruneAndFinetune needs its EarlyBirdCallback in the same Trainer: "
                 "`Trainer(callbacks=[early_bird, PruneAndFinetune(early_bird)])`."
             )
+        if sum(isinstance(c, PruneAndFinetune) for c in trainer.callbacks) > 1:
+            raise ValueError("One model can be pruned by one PruneAndFinetune: keep one in the Trainer's callbacks.")
+        if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+            raise ValueError(
+                f"PruneAndFinetune does not support the {trainer.strategy.launcher._start_method!r} launcher: it copies the "
+                "trained weights back into the main process's unpruned module. Use `strategy='ddp'` (one process "
+                "per device, started as scripts), which supports pruning mid-fit."
+            )
+        if not isinstance(self.early_bird.source, BatchNormSource):
+            raise ValueError(
+                f"PruneAndFinetune prunes BatchNorm channels, but the tracker scores "
+                f"{type(self.early_bird.source).__name__}. Use the default source, or prune with your own surgery."
+            )
         # Lightning restores the model weights before any callback state, and no callback hook runs in
         # between (checked in 2.5/2.6); the LightningModule's `on_load_checkpoint` is the last hook before
         # `load_state_dict`, and it sees the whole checkpoint. Wrap it on this instance so that a pruned
@@ -142,7 +160,7 @@ class PruneAndFinetune(Callback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
         if self.example_input is None and self.plan is None:
-            self.example_input = _first_input(batch)
+            self.example_input = _first_input(batch, fallback=pl_module.example_input_array)
 
     def _on_search_update(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.plan is not None or self.early_bird.ticket is None or not self.early_bird.searching:
@@ -151,12 +169,13 @@ class PruneAndFinetune(Callback):
 
     def prune(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Prune the ticket now, rebuild the optimizers, end the search. Every rank calls it together."""
-        if self.example_input is None:
+        example = self.example_input if self.example_input is not None else pl_module.example_input_array
+        if example is None:
             raise ValueError(
                 "PruneAndFinetune has no example input to trace the model: pass `example_input=` (or set "
                 "`example_input_array` on your LightningModule)."
             )
-        example = _to_device(self.example_input, pl_module.device)
+        example = _to_device(example, pl_module.device)
         old_optimizers = list(trainer.strategy.optimizers)
         old_schedulers = [cfg.scheduler for cfg in trainer.strategy.lr_scheduler_configs]
         params_before = dict(pl_module.named_parameters())
@@ -184,7 +203,9 @@ class PruneAndFinetune(Callback):
             self.stop_epoch = trainer.current_epoch + 1 + self.finetune_epochs
             trainer.fit_loop.max_epochs = self.stop_epoch
 
-        self.early_bird.end_search(trainer, pl_module)
+        for tracker in trainer.callbacks:  # every tracker's masks are of the old shapes now
+            if isinstance(tracker, EarlyBirdCallback) and tracker.searching:
+                tracker.end_search(trainer, pl_module)
         self.report = {"epoch": trainer.current_epoch, "ticket_epoch": self.early_bird.ticket_epoch,
                        "prune_ratio": self.early_bird.prune_ratio, **report.to_dict()}
         self.report.pop("plan", None)
@@ -267,11 +288,13 @@ class PruneAndFinetune(Callback):
             )
 
 
-def _first_input(batch: Any) -> Any:
+def _first_input(batch: Any, fallback: Any = None) -> Any:
     if isinstance(batch, Tensor):
         return batch[:2].detach()
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         return batch[0][:2].detach()
+    if fallback is not None:
+        return fallback
     raise ValueError(
         f"PruneAndFinetune cannot tell the model input in a batch of type {type(batch).__name__}: "
         "pass `example_input=` (a tensor shaped like one input batch)."

@@ -9,7 +9,9 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 T = TypeVar("T")
 
-SUPPORTED = "single-device strategies and DDP (ddp, ddp_spawn, ddp_fork, ddp_notebook), on any accelerator"
+SUPPORTED = (
+    "single-device strategies and DDP (ddp; the search also ddp_spawn, ddp_fork, ddp_notebook), on any accelerator"
+)
 
 
 def check_strategy(trainer: "pl.Trainer", who: str) -> None:

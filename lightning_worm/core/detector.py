@@ -20,6 +20,13 @@ class TicketDetector:
     older mask in the window, and the mean distance is their mean. The ticket is the mask of the first
     epoch whose distance is at most ``threshold``. Epochs without a mask (:meth:`skip`) record NaN.
 
+    Attributes:
+        distances: per recorded epoch, the largest distance of the newest mask to the window (NaN before).
+        mean_distances: per recorded epoch, the mean of those distances (NaN before).
+        history: every mask taken, flattened to one 1-D bool tensor on the CPU (if ``keep_history``).
+        history_epochs: the epoch of each mask in ``history``.
+        ticket_epoch: the epoch at which the ticket emerged, or ``None``.
+
     Args:
         window: number of recent masks compared, at least 2.
         threshold: the ticket emerges once the distance is at most this, in [0, 1].
@@ -71,6 +78,7 @@ class TicketDetector:
 
     @property
     def window_full(self) -> bool:
+        """Whether ``window`` masks are held, so that distances are defined."""
         return len(self._masks) == self.window
 
     def update(self, mask: Mapping[str, Tensor]) -> tuple[float, float]:

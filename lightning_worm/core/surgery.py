@@ -3,9 +3,10 @@
 Torch-Pruning's ``DependencyGraph`` is the engine. It follows the real data flow, so removing a BatchNorm
 channel also removes the conv/linear output channel that feeds it and the matching input channels of
 every consumer, through residual additions, concatenations, grouped and depthwise convolutions and a
-flatten into a linear layer. Two extension points teach it what it gets wrong on its own: channel
-shuffles (``view -> transpose -> view`` or ``F.channel_shuffle``) become a node with their own index
-permutation, and ``chunk`` along the channels keeps its chunks the same size.
+flatten into a linear layer. Its extension points (a custom pruner, index mappings) teach it what it
+gets wrong on its own in ShuffleNet-like models: a channel shuffle (``view -> transpose -> view`` or
+``F.channel_shuffle``) becomes a node with its own index permutation, and ``chunk`` along the channels
+reads its real sizes and order and keeps its chunks the same size.
 
 The result is a :class:`PruningReport`, whose :class:`PruningPlan` is JSON-serialisable and replays the
 very same surgery on a freshly built model with :func:`apply_plan`, so that a pruned ``state_dict`` loads.
@@ -16,11 +17,13 @@ What goes, channel by channel (documented once here, used everywhere below):
   residual sum, the same position in every group of a grouped convolution or GroupNorm, the same
   position in every chunk of ``chunk``, a column of a channel shuffle.
 * ``coupling="all"``: a unit goes when the ticket prunes every one of its BatchNorm channels.
-* ``coupling="mean_rank"``: within each pruning group (the layers Torch-Pruning prunes together), units
-  are ranked by the mean ``|gamma|`` of their BatchNorm channels and the lowest go, as many channels as
-  the ticket prunes there on average: ``sum over units of size * (fraction of its BatchNorm channels the
-  ticket prunes)``, rounded to the nearest prefix of the ranking.
-* Never pruned: units with no BatchNorm channel, units reaching the model's outputs (the classifier's
+* ``coupling="mean_rank"``: within each pruning group (the layers Torch-Pruning prunes together; groups
+  sharing a unit, as through a shuffle, rank together), units are ranked by the mean ``|gamma|`` of their
+  BatchNorm channels and the lowest go, as many channels as the ticket prunes there on average:
+  ``sum over units of size * (fraction of its BatchNorm channels the ticket prunes)``, rounded to the
+  nearest prefix of the ranking. In a group of coupled layers each with one BatchNorm, that is the mean
+  over those layers of the count the ticket prunes.
+* Never pruned: groups with no BatchNorm layer, groups reaching the model's outputs (the classifier's
   outputs, a returned feature map), units whose chunk or group positions are not all prunable.
 * No layer is ever emptied: the unit with the highest mean ``|gamma|`` is kept back.
 * ``round_to=N`` keeps back the next-best units until every group keeps a multiple of ``N`` channels.
@@ -31,6 +34,7 @@ BatchNorm layers that the ticket does not name keep all their channels.
 from __future__ import annotations
 
 import copy
+import itertools
 import statistics
 import time
 from collections import defaultdict
@@ -66,8 +70,8 @@ class PruningPlan:
     Attributes:
         model_class: qualified class name of the pruned model.
         input_specs: shape and dtype of each example input (the graph is rebuilt from zeros of these).
-        history: Torch-Pruning's ``pruning_history()``: ``[root module name, out-channels?, indices]`` per
-            pruned group, in order, indices as they were at that step.
+        pruned_groups: ``[root module name, output channel indices]`` per pruned group; the indices are
+            those of the unpruned model, and all groups are removed in one step.
         channels_before: ``num_features`` of every BatchNorm layer before the surgery.
         channels_after: ``num_features`` of every BatchNorm layer after it.
         format_version: version of this layout.
@@ -75,7 +79,7 @@ class PruningPlan:
 
     model_class: str
     input_specs: list[dict[str, Any]]
-    history: list[list[Any]]
+    pruned_groups: list[list[Any]]
     channels_before: dict[str, int]
     channels_after: dict[str, int]
     format_version: int = PLAN_FORMAT_VERSION
@@ -96,7 +100,10 @@ class PruningPlan:
                 f"Unsupported pruning plan format_version {version!r}; this lightning-worm reads version "
                 f"{PLAN_FORMAT_VERSION}. Re-create the plan with this version of lightning-worm."
             )
-        return cls(**copy.deepcopy(dict(data)))
+        try:
+            return cls(**copy.deepcopy(dict(data)))
+        except TypeError as error:
+            raise ValueError(f"Not a pruning plan: {error}.") from error
 
 
 @dataclass
@@ -218,6 +225,7 @@ def prune_channels(
     batchnorms = _batchnorm_layers(model)
     masks = _validated_ticket(ticket, batchnorms)
     inputs = _as_input_tuple(example_input)
+    names = {module: name for name, module in model.named_modules()}
 
     with _restored_modes(model):
         model.eval()
@@ -228,9 +236,8 @@ def prune_channels(
 
         graph, output_nodes = _build_graph(model, inputs)
         decision = _decide(graph, output_nodes, masks, coupling, round_to)
-        with _recorded_parameter_slices(model) as kept_indices, torch.no_grad():
-            for group, root_idxs in decision.pruned_roots:
-                graph.get_pruning_group(group[0].dep.target.module, group[0].dep.handler, root_idxs).prune()
+        with _recorded_parameter_slices(model) as kept_indices:
+            _remove(graph, decision.pruned_roots)
 
         model.eval()
         flops_after, shapes_after = _count_flops(model, inputs, when="after pruning")
@@ -244,7 +251,7 @@ def prune_channels(
     plan = PruningPlan(
         model_class=_qualified_name(model),
         input_specs=[{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in inputs],
-        history=[[name, bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in graph.pruning_history()],
+        pruned_groups=[[names[root], idxs] for root, idxs in decision.pruned_roots],
         channels_before=channels_before,
         channels_after={name: bn.num_features for name, bn in batchnorms.items()},
     )
@@ -272,36 +279,42 @@ def apply_plan(model: nn.Module, plan: Union[PruningPlan, Mapping[str, Any]]) ->
     Call it before loading a pruned checkpoint into a dense model.
 
     Args:
-        model: a model built like the one :func:`prune_channels` pruned, not yet pruned.
+        model: a model built like the one :func:`prune_channels` pruned (same layers; the class may be a
+            subclass), not yet pruned.
         plan: ``report.plan`` or its ``to_dict()``.
 
     Returns:
         The kept original indices per changed parameter, as ``report.kept_indices``.
 
     Raises:
-        ValueError: if the plan does not fit the model (class, BatchNorm names or channel counts differ).
+        ValueError: if the plan does not fit the model (its modules or BatchNorm channel counts differ).
         RuntimeError: if the replay does not reach the plan's channel counts.
 
     Example::
 
         >>> fresh = torchvision.models.resnet18(num_classes=10)
-        >>> apply_plan(fresh, report.plan)
+        >>> _ = apply_plan(fresh, report.plan)  # e.g. json.loads(...) of report.plan.to_dict() works too
         >>> fresh.load_state_dict(model.state_dict())
+        <All keys matched successfully>
     """
     if not isinstance(plan, PruningPlan):
         plan = PruningPlan.from_dict(plan)
     batchnorms = _batchnorm_layers(model)
     _check_plan_fits(model, plan, batchnorms)
     device = next(iter(model.parameters())).device
-    inputs = tuple(torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]), device=device) for spec in plan.input_specs)
+    inputs = tuple(
+        torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]), device=device) for spec in plan.input_specs
+    )
     with _restored_modes(model):
         graph, _ = _build_graph(model, inputs)
-        with _recorded_parameter_slices(model) as kept_indices, torch.no_grad():
-            graph.load_pruning_history(copy.deepcopy(plan.history))
+        modules = dict(model.named_modules())
+        with _recorded_parameter_slices(model) as kept_indices:
+            _remove(graph, [(modules[name], list(idxs)) for name, idxs in plan.pruned_groups])
     reached = {name: bn.num_features for name, bn in batchnorms.items()}
     if reached != plan.channels_after:
-        wrong = [f"{n}: {reached[n]} != {plan.channels_after[n]}" for n in plan.channels_after if reached[n] != plan.channels_after[n]]
-        raise RuntimeError(f"Replaying the plan did not reproduce its channel counts ({', '.join(wrong[:5])}).")
+        raise RuntimeError(
+            f"Replaying the plan did not reproduce its channel counts ({_differences(reached, plan.channels_after)})."
+        )
     return kept_indices
 
 
@@ -312,8 +325,8 @@ def _batchnorm_layers(model: nn.Module) -> dict[str, _BatchNorm]:
     return {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
 
 
-def _few(names: Sequence[str], n: int = 5) -> str:
-    return ", ".join(repr(x) for x in names[:n]) + (f" (and {len(names) - n} more)" if len(names) > n else "")
+def _few(items: Sequence[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
 
 
 def _validated_ticket(ticket: Ticket, batchnorms: Mapping[str, _BatchNorm]) -> dict[str, Tensor]:
@@ -325,15 +338,18 @@ def _validated_ticket(ticket: Ticket, batchnorms: Mapping[str, _BatchNorm]) -> d
         )
     unknown = [name for name in ticket if name not in batchnorms]
     if unknown:
+        known = _few(list(map(repr, batchnorms)), 3) or "none"
         raise ValueError(
             f"The ticket names {len(unknown)} module(s) that are not BatchNorm layers of this model: "
-            f"{_few(unknown)}. Compute the ticket on this model (names as `model.named_modules()` gives them; "
-            f"its BatchNorm layers are e.g. {_few(list(batchnorms), 3)})."
+            f"{_few(list(map(repr, unknown)))}. Compute the ticket on this model (names as "
+            f"`model.named_modules()` gives them; its BatchNorm layers: {known})."
         )
     masks = {name: torch.ones(bn.num_features, dtype=torch.bool) for name, bn in batchnorms.items()}
     for name, mask in ticket.items():
         if not (isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.dim() == 1):
-            got = f"{mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+            got = type(mask).__name__
+            if isinstance(mask, Tensor):
+                got = f"{mask.dtype} tensor of shape {tuple(mask.shape)}"
             raise ValueError(
                 f"Ticket entry {name!r} must be a 1-D torch.bool tensor (True = keep), got a {got}. "
                 "Convert it with `mask.bool()`."
@@ -351,7 +367,7 @@ def _validated_ticket(ticket: Ticket, batchnorms: Mapping[str, _BatchNorm]) -> d
 def _as_input_tuple(example_input: ExampleInput) -> tuple[Tensor, ...]:
     inputs = (example_input,) if isinstance(example_input, Tensor) else tuple(example_input)
     if not inputs or not all(isinstance(x, Tensor) for x in inputs):
-        raise ValueError("`example_input` must be a tensor or a non-empty sequence of tensors (called as model(*inputs)).")
+        raise ValueError("`example_input` must be a tensor or a non-empty sequence of tensors (run as model(*inputs)).")
     return inputs
 
 
@@ -360,12 +376,17 @@ def _qualified_name(model: nn.Module) -> str:
 
 
 def _check_plan_fits(model: nn.Module, plan: PruningPlan, batchnorms: Mapping[str, _BatchNorm]) -> None:
-    if plan.model_class != _qualified_name(model):
-        raise ValueError(f"The plan was made for a {plan.model_class}, not a {_qualified_name(model)}.")
+    """The model's structure must fit the plan; its class may differ (a subclass building the same layers)."""
+    cls = _qualified_name(model)
+    made_for = "" if plan.model_class == cls else f" The plan was made for a {plan.model_class}, this is a {cls}."
     modules = dict(model.named_modules())
-    missing = [n for n in plan.channels_before if n not in batchnorms] + [h[0] for h in plan.history if h[0] not in modules]
+    missing = [n for n in plan.channels_before if n not in batchnorms]
+    missing += [name for name, _ in plan.pruned_groups if name not in modules]
     if missing:
-        raise ValueError(f"The plan names modules this model lacks: {_few(missing)}. Build the model with the same arguments.")
+        raise ValueError(
+            f"The plan names modules this model lacks: {_few(list(map(repr, missing)))}.{made_for} "
+            "Build the model with the same arguments."
+        )
     counts = {name: batchnorms[name].num_features for name in plan.channels_before}
     if counts != plan.channels_before:
         hint = (
@@ -373,8 +394,14 @@ def _check_plan_fits(model: nn.Module, plan: PruningPlan, batchnorms: Mapping[st
             if counts == plan.channels_after
             else "Build the model with the same arguments (width, num_classes) as the pruned one."
         )
-        wrong = [f"{n}: {counts[n]} != {plan.channels_before[n]}" for n in counts if counts[n] != plan.channels_before[n]]
-        raise ValueError(f"The model's BatchNorm channel counts differ from the plan's ({_few(wrong, 3)}). {hint}")
+        differences = _differences(counts, plan.channels_before)
+        raise ValueError(
+            f"The model's BatchNorm channel counts differ from the plan's ({differences}).{made_for} {hint}"
+        )
+
+
+def _differences(actual: Mapping[str, int], expected: Mapping[str, int]) -> str:
+    return _few([f"{n}: {actual[n]} instead of {expected[n]}" for n in expected if actual[n] != expected[n]], 3)
 
 
 # ---------------------------------------------------------------------------------- measuring
@@ -391,9 +418,13 @@ def _count_flops(model: nn.Module, inputs: tuple[Tensor, ...], when: str) -> tup
         with torch.no_grad(), counter:
             out = model(*inputs)
     except Exception as error:
-        raise RuntimeError(
-            f"The model's forward failed on example_input {when} ({type(error).__name__}: {error}). "
+        hint = (
             "Pass an input the model accepts as model(*example_input), on the model's device."
+            if when == "before pruning"
+            else "The dependency graph missed a constraint of this model; please report it."
+        )
+        raise RuntimeError(
+            f"The model's forward failed on example_input {when} ({type(error).__name__}: {error}). {hint}"
         ) from error
     return counter.get_total_flops(), _output_shapes(out)
 
@@ -421,7 +452,7 @@ def _restored_modes(model: nn.Module) -> Iterator[None]:
     training = {name: m.training for name, m in model.named_modules()}
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(p.is_floating_point() or p.is_complex())
     try:
         yield
     finally:
@@ -445,8 +476,8 @@ def _recorded_parameter_slices(model: nn.Module) -> Iterator[KeptIndices]:
 
     def recording(self: Any, weight: Tensor, keep_idxs: Any, pruning_dim: int) -> nn.Parameter:
         pruned = original(self, weight, keep_idxs, pruning_dim)
-        tracked = live.pop(id(weight), None)
-        if tracked is not None and tracked[0] is weight:
+        tracked = live.pop(id(weight), None)  # ``live`` holds the parameters, so their ids stay unique
+        if tracked is not None:
             _, name, dims = tracked
             dim = pruning_dim % weight.dim()
             keep = torch.as_tensor(keep_idxs, dtype=torch.long).cpu()
@@ -519,17 +550,23 @@ class _ShuffleIndexMapping:
 
     def __call__(self, idxs: list) -> list:
         groups, per_group = self.op.groups, self.op.channels // self.op.groups
-        if self.inverse:  # output b * groups + a  <-  input a * per_group + b
-            return [tp._helpers._HybridIndex((i.idx % groups) * per_group + i.idx // groups, i.root_idx) for i in idxs]
-        return [tp._helpers._HybridIndex((i.idx % per_group) * groups + i.idx // per_group, i.root_idx) for i in idxs]
+        if self.inverse:  # output b * groups + a  ->  input a * per_group + b
+            mapped = [((i.idx % groups) * per_group + i.idx // groups, i.root_idx) for i in idxs]
+        else:
+            mapped = [((i.idx % per_group) * groups + i.idx // per_group, i.root_idx) for i in idxs]
+        # Sorted, as Torch-Pruning's own mappings keep them: it only skips revisits with equal index lists.
+        return [tp._helpers._HybridIndex(idx, root) for idx, root in sorted(mapped)]
 
 
-def _channel_shuffle(grad_fn: Any) -> Optional[_ChannelShuffleOp]:
-    """A channel shuffle op if ``grad_fn`` is one: ``F.channel_shuffle``, or the transpose of
-    ``x.view(n, g, c // g, ...).transpose(1, 2)`` (torchvision's ``channel_shuffle``)."""
+def _channel_shuffle(grad_fn: Any) -> Optional[tuple[_ChannelShuffleOp, Optional[list[int]]]]:
+    """A channel shuffle op if ``grad_fn`` is one, with the shape the view back to channels starts from.
+
+    Recognised: ``F.channel_shuffle`` (``nn.ChannelShuffle``), and the transpose of
+    ``x.view(n, g, c // g, *spatial).transpose(1, 2).contiguous().view(n, c, *spatial)`` (torchvision's).
+    """
     name = grad_fn.name()
     if name == "ChannelShuffleBackward0":
-        return _ChannelShuffleOp(grad_fn._saved_groups, grad_fn._input_metadata[0].shape[1])
+        return _ChannelShuffleOp(grad_fn._saved_groups, grad_fn._input_metadata[0].shape[1]), None
     if name != "TransposeBackward0":
         return None
     shape = list(grad_fn._input_metadata[0].shape)  # transposed: (n, c // g, g, *spatial)
@@ -541,25 +578,75 @@ def _channel_shuffle(grad_fn: Any) -> Optional[_ChannelShuffleOp]:
     before = list(source._saved_self_sym_sizes)  # (n, c, *spatial)
     if before != [shape[0], shape[1] * shape[2], *shape[3:]]:
         return None
-    return _ChannelShuffleOp(groups=shape[2], channels=before[1])
+    return _ChannelShuffleOp(groups=shape[2], channels=before[1]), shape
+
+
+def _shuffle_views(node: Node, shape: list[int]) -> Iterator[Node]:
+    """The views around a shuffle node: its input, and the first view after it (through ``contiguous``)."""
+    yield from (n for n in node.inputs if n.type == ops.OPTYPE.RESHAPE)
+    frontier = list(node.outputs)
+    while frontier:
+        n = frontier.pop()
+        if n.type == ops.OPTYPE.ELEMENTWISE and n.grad_fn.name() == "CloneBackward0":
+            frontier.extend(n.outputs)
+        elif n.type == ops.OPTYPE.RESHAPE and list(getattr(n.grad_fn, "_saved_self_sym_sizes", [])) == shape:
+            yield n
+
+
+class _SplitGradFn:
+    """A split's ``grad_fn`` as Torch-Pruning 1.6 reads it.
+
+    It looks for ``_saved_self_sizes``, which torch now calls ``_saved_self_sym_sizes``; without it, it
+    guesses the split sizes from the consumers, wrongly when a chunk goes into a concatenation.
+    """
+
+    def __init__(self, grad_fn: Any) -> None:
+        self.grad_fn = grad_fn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grad_fn, "_saved_self_sym_sizes" if name == "_saved_self_sizes" else name)
+
+
+def _consumed_output(consumer: Node, producer_fn: Any) -> Optional[int]:
+    """Which output of ``producer_fn`` (e.g. which chunk) ``consumer`` reads, if its grad_fn says so."""
+    return min((nr for fn, nr in getattr(consumer.grad_fn, "next_functions", ()) if fn is producer_fn), default=None)
 
 
 class _SurgeryGraph(tp.DependencyGraph):
-    """Torch-Pruning's ``DependencyGraph`` plus channel shuffles and equal-size chunks."""
+    """Torch-Pruning's ``DependencyGraph`` plus channel shuffles, equal-size chunks and chunk order."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.REGISTERED_PRUNERS[ops.OPTYPE.SPLIT] = _ChunkAwareSplitPruner()
-        self.register_customized_layer(_ChannelShuffleOp, _ChannelShufflePruner())  # also refreshes the caches
+        self.REGISTERED_PRUNERS[ops.OPTYPE.SPLIT] = split = _ChunkAwareSplitPruner()
+        self.shuffle_pruner = _ChannelShufflePruner()
+        for pruner in (split, self.shuffle_pruner):
+            self._in_channel_pruning_fn.add(pruner.prune_in_channels)
+            self._out_channel_pruning_fn.add(pruner.prune_out_channels)
+
+    def get_pruner_of_module(self, module: nn.Module) -> Any:
+        # Not `register_customized_layer`: with any customized pruner, Torch-Pruning tests every module
+        # with `==` and `in`, which torchmetrics' Metric overloads (truthy), so every layer became ignored.
+        if isinstance(module, _ChannelShuffleOp):
+            return self.shuffle_pruner
+        return super().get_pruner_of_module(module)
 
     def _trace(self, *args: Any, **kwargs: Any) -> dict:
         module2node = super()._trace(*args, **kwargs)
         for node in list(module2node.values()):
-            shuffle = _channel_shuffle(node.grad_fn) if node.type == ops.OPTYPE.ELEMENTWISE else None
-            if shuffle is not None:
+            found = _channel_shuffle(node.grad_fn) if node.type == ops.OPTYPE.ELEMENTWISE else None
+            if found is not None:
+                shuffle, shape = found
                 del module2node[node.module]
                 node.module, node.module_class, node.type = shuffle, _ChannelShuffleOp, ops.OPTYPE.CUSTOMIZED
                 module2node[shuffle] = node
+                for view in _shuffle_views(node, shape) if shape else ():
+                    view.type = ops.OPTYPE.ELEMENTWISE  # keeps channel indices: no flatten mapping from Torch-Pruning
+            if node.type == ops.OPTYPE.SPLIT:
+                # Torch-Pruning maps the i-th consumer to the i-th chunk; consumers come in tracing order.
+                chunks = [_consumed_output(out, node.grad_fn) for out in node.outputs]
+                if None not in chunks:
+                    node.outputs = [out for _, out in sorted(zip(chunks, node.outputs), key=lambda pair: pair[0])]
+                node.grad_fn = _SplitGradFn(node.grad_fn)
         return module2node
 
     def _build_dependency(self, module2node: dict) -> None:
@@ -590,6 +677,26 @@ def _build_graph(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[_Surgery
     return graph, {node for node in graph.module2node.values() if node.grad_fn in output_fns}
 
 
+@torch.no_grad()
+def _remove(graph: _SurgeryGraph, pruned_roots: Sequence[tuple[nn.Module, list[int]]]) -> None:
+    """Remove the given output channels of each root with everything coupled to them, in one step.
+
+    The groups are all read on the unpruned graph and every layer is cut once, with its original indices:
+    a unit can span several groups (through a channel shuffle, say), so pruning group after group would
+    leave the graph inconsistent in between.
+    """
+    cuts: dict[tuple[Node, Any], tuple[Any, set[int]]] = {}
+    for root, idxs in pruned_roots:
+        pruner = graph.get_pruner_of_module(root)
+        for item in graph.get_pruning_group(root, pruner.prune_out_channels, idxs):
+            cuts.setdefault((item.dep.target, item.dep.handler), (item.dep, set()))[1].update(item.idxs)
+    merged = tp.dependency.Group()
+    merged._DG = graph
+    for dep, idxs in cuts.values():
+        merged.add_dep(dep, sorted(idxs))
+    merged.prune(record_history=False)
+
+
 # ------------------------------------------------------------------------------- the decision
 
 
@@ -607,20 +714,24 @@ class _UnionFind:
         self.parent[self.find(a)] = self.find(b)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Unit:
-    """Root channels (``elements``, numbered across groups) that go together, and their BatchNorm channels."""
+    """Channels that go together: root channels ``(group, index)`` and the BatchNorm channels they reach."""
 
-    elements: list[int] = field(default_factory=list)
-    entries: list[tuple[str, int]] = field(default_factory=list)
+    roots: list[tuple[int, int]] = field(default_factory=list)
+    batchnorm_channels: list[tuple[str, int]] = field(default_factory=list)
     frozen: bool = False
-    score: float = 0.0
+    score: float = 0.0  # mean |gamma| of the BatchNorm channels
+    ticket_pruned: int = 0  # BatchNorm channels the ticket prunes
 
 
 @dataclass
 class _Decision:
-    pruned_roots: list[tuple[Any, list[int]]]
+    pruned_roots: list[tuple[nn.Module, list[int]]]
     counts: dict[str, int]
+
+
+_ChannelUnits = dict[tuple[Node, bool], dict[int, _Unit]]
 
 
 def _channel_groups(graph: _SurgeryGraph, node: Node, is_out: bool) -> tuple[int, Optional[int]]:
@@ -629,31 +740,20 @@ def _channel_groups(graph: _SurgeryGraph, node: Node, is_out: bool) -> tuple[int
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels:
         return 1, None
     pruner = graph.get_pruner_of_module(module)
-    if pruner is None:
-        return 1, None
     groups = pruner.get_out_channel_groups(module) if is_out else pruner.get_in_channel_groups(module)
     if isinstance(module, ops._SplitOp):
         return groups, sum(module.split_sizes or [0])
     return groups, graph.get_out_channels(node) if is_out else graph.get_in_channels(node)
 
 
-def _decide(
-    graph: _SurgeryGraph,
-    output_nodes: set[Node],
-    masks: Mapping[str, Tensor],
-    coupling: str,
-    round_to: Optional[int],
-) -> _Decision:
-    """Which root channels of which groups go, and the channel accounting of the report."""
+def _coupled_units(graph: _SurgeryGraph, output_nodes: set[Node]) -> tuple[list, list[_Unit], _ChannelUnits]:
+    """Torch-Pruning's groups (full indices), the units, and the unit of every channel ``(node, out side?, index)``."""
     groups = list(graph.get_all_groups(root_module_types=_ROOT_TYPES))
-    offsets = [0]
-    for group in groups:
-        offsets.append(offsets[-1] + len(group[0].idxs))
-    group_of = [g for g in range(len(groups)) for _ in range(offsets[g + 1] - offsets[g])]
-    union = _UnionFind(offsets[-1])
+    offsets = list(itertools.accumulate((len(group[0].idxs) for group in groups), initial=0))
+    union = _UnionFind(offsets[-1])  # element offsets[g] + r is root channel r of group g
     frozen: set[int] = set()
 
-    # 1. Every physical channel (node, side, index) belongs to one unit: merge the roots that reach it.
+    # Roots reaching the same channel go together (and never groups without BatchNorm or reaching an output).
     owner: dict[tuple[Node, bool], dict[int, int]] = defaultdict(dict)
     for g, group in enumerate(groups):
         has_batchnorm = reaches_output = False
@@ -663,16 +763,16 @@ def _decide(
             reaches_output |= is_out and node in output_nodes
             channels = owner[(node, is_out)]
             for idx, root in zip(item.idxs, item.root_idxs):
-                if root is not None:
-                    element = offsets[g] + root
-                    if idx in channels:
-                        union.union(channels[idx], element)
-                    else:
-                        channels[idx] = element
+                if root is None:
+                    continue
+                if idx in channels:
+                    union.union(channels[idx], offsets[g] + root)
+                else:
+                    channels[idx] = offsets[g] + root
         if not has_batchnorm or reaches_output:
             frozen.update(range(offsets[g], offsets[g + 1]))
 
-    # 2. Grouped layers, chunks and shuffles: the same position in every channel group goes together.
+    # Grouped convs, GroupNorm, chunks, shuffles: the same position in every channel group goes together.
     for (node, is_out), channels in owner.items():
         n_groups, n_channels = _channel_groups(graph, node, is_out)
         if n_groups <= 1:
@@ -686,98 +786,118 @@ def _decide(
         for column in columns.values():
             for element in column[1:]:
                 union.union(column[0], element)
-            if len(column) < n_groups:  # part of the column is not prunable
+            if len(column) < n_groups:  # part of the column lies outside every prunable group
                 frozen.add(column[0])
 
     units: dict[int, _Unit] = defaultdict(_Unit)
-    for element in range(offsets[-1]):
-        unit = units[union.find(element)]
-        unit.elements.append(element)
-        unit.frozen |= element in frozen
-    names = {m: n for n, m in graph.model.named_modules()}
-    unowned_ticket_pruned = 0
+    for g in range(len(groups)):
+        for root, element in enumerate(range(offsets[g], offsets[g + 1])):
+            unit = units[union.find(element)]
+            unit.roots.append((g, root))
+            unit.frozen |= element in frozen
+    channel_units = {key: {idx: units[union.find(e)] for idx, e in chs.items()} for key, chs in owner.items()}
+    return groups, list(units.values()), channel_units
+
+
+def _score_units(graph: _SurgeryGraph, channel_units: _ChannelUnits, masks: Mapping[str, Tensor]) -> int:
+    """Attach BatchNorm channels, scores and ticket counts to the units; return the ticket-pruned
+    channels that belong to no unit."""
+    unowned = 0
     for name, mask in masks.items():
         bn = graph.model.get_submodule(name)
-        node = graph.module2node.get(bn)
-        channels = owner.get((node, True), {}) if node is not None else {}
-        unowned_ticket_pruned += sum(1 for i in (~mask).nonzero().flatten().tolist() if i not in channels)
-    for (node, is_out), channels in owner.items():
-        if isinstance(node.module, _BatchNorm):
-            name = names[node.module]
-            for idx, element in channels.items():
-                units[union.find(element)].entries.append((name, idx))
-    gammas = {
-        name: bn.weight.detach().abs().float().cpu() if bn.affine else torch.ones(bn.num_features)
-        for name, bn in ((n, graph.model.get_submodule(n)) for n in masks)
-    }
-    for unit in units.values():
-        if unit.entries:
-            unit.score = sum(float(gammas[n][i]) for n, i in unit.entries) / len(unit.entries)
+        gammas = bn.weight.detach().abs().float().tolist() if bn.affine else [1.0] * bn.num_features
+        channels = channel_units.get((graph.module2node.get(bn), True), {})
+        for idx, (keep, gamma) in enumerate(zip(mask.tolist(), gammas)):
+            unit = channels.get(idx)
+            if unit is None:
+                unowned += not keep
+                continue
+            unit.batchnorm_channels.append((name, idx))
+            unit.score += gamma
+            unit.ticket_pruned += not keep
+    for unit in {id(u): u for chs in channel_units.values() for u in chs.values()}.values():
+        unit.score /= max(len(unit.batchnorm_channels), 1)
+    return unowned
 
-    def ticket_pruned(unit: _Unit) -> int:
-        return sum(1 for n, i in unit.entries if not masks[n][i])
 
-    def best(candidates: Sequence[_Unit]) -> _Unit:
-        return max(candidates, key=lambda u: (u.score, -u.elements[0]))
+def _by_mean_rank(candidates: Sequence[_Unit]) -> list[_Unit]:
+    """Per scope (groups joined by units), the lowest-scored units, as many root channels as the ticket
+    prunes on average there: the prefix of the ranking closest to ``sum(len(roots) * pruned fraction)``."""
+    scopes = _UnionFind(1 + max((g for unit in candidates for g, _ in unit.roots), default=0))
+    for unit in candidates:
+        for g, _ in unit.roots[1:]:
+            scopes.union(unit.roots[0][0], g)
+    by_scope: dict[int, list[_Unit]] = defaultdict(list)
+    for unit in candidates:
+        by_scope[scopes.find(unit.roots[0][0])].append(unit)
+    chosen = []
+    for units in by_scope.values():
+        target = sum(len(u.roots) * u.ticket_pruned / len(u.batchnorm_channels) for u in units)
+        ranked = sorted(units, key=lambda u: (u.score, u.roots[0]))
+        sizes = list(itertools.accumulate((len(u.roots) for u in ranked), initial=0))
+        chosen.extend(ranked[: min(range(len(sizes)), key=lambda k: abs(sizes[k] - target))])
+    return chosen
 
-    candidates = [u for u in units.values() if u.entries and not u.frozen]
 
-    # 3. The coupling rule.
-    if coupling == "all":
-        chosen = [u for u in candidates if ticket_pruned(u) == len(u.entries)]
-    else:
-        scopes = _UnionFind(len(groups))
-        for unit in candidates:
-            for element in unit.elements[1:]:
-                scopes.union(group_of[unit.elements[0]], group_of[element])
-        by_scope: dict[int, list[_Unit]] = defaultdict(list)
-        for unit in candidates:
-            by_scope[scopes.find(group_of[unit.elements[0]])].append(unit)
-        chosen = []
-        for scope_units in by_scope.values():
-            target = sum(len(u.elements) * ticket_pruned(u) / len(u.entries) for u in scope_units)
-            ranked = sorted(scope_units, key=lambda u: (u.score, u.elements[0]))
-            sizes = [0]
-            for unit in ranked:
-                sizes.append(sizes[-1] + len(unit.elements))
-            cut = min(range(len(sizes)), key=lambda k: abs(sizes[k] - target))
-            chosen.extend(ranked[:cut])
-    pruned = {id(u): u for u in chosen}
+def _best(units: Any) -> _Unit:
+    return max(units, key=lambda u: (u.score, [-g for g in u.roots[0]]))
 
-    # 4. No layer loses all its channels (keeping back only adds channels, so one pass is enough).
-    kept_for_min: list[_Unit] = []
-    for (node, is_out), channels in owner.items():
+
+def _keep_layers_nonempty(graph: _SurgeryGraph, channel_units: _ChannelUnits, pruned: dict[int, _Unit]) -> list[_Unit]:
+    """Keep back the best unit of every layer that would lose all its channels."""
+    kept = []
+    for (node, is_out), channels in channel_units.items():
         count = graph.get_out_channels(node) if is_out else graph.get_in_channels(node)
-        layer_units = {id(u): u for u in (units[union.find(e)] for e in channels.values())}
+        layer_units = {id(u): u for u in channels.values()}
         if count is not None and len(channels) >= count and layer_units.keys() <= pruned.keys():
-            kept_for_min.append(pruned.pop(id(best(list(layer_units.values())))))
+            kept.append(pruned.pop(id(_best(layer_units.values()))))
+    return kept
 
-    # 5. Round every group's kept channels up to a multiple of round_to, keeping back the best units.
-    kept_for_round: list[_Unit] = []
-    while round_to is not None:
-        removed = [0] * len(groups)
+
+def _keep_rounded(group_sizes: Sequence[int], pruned: dict[int, _Unit], round_to: int) -> list[_Unit]:
+    """Keep back the best units until every group keeps a multiple of ``round_to`` channels (or all)."""
+    kept = []
+    while True:
+        removed = [0] * len(group_sizes)
         for unit in pruned.values():
-            for element in unit.elements:
-                removed[group_of[element]] += 1
-        g = next((g for g, n in enumerate(removed) if n and (offsets[g + 1] - offsets[g] - n) % round_to), None)
+            for g, _ in unit.roots:
+                removed[g] += 1
+        g = next((g for g, n in enumerate(removed) if n and (group_sizes[g] - n) % round_to), None)
         if g is None:
-            break
-        unit = best([u for u in pruned.values() if any(group_of[e] == g for e in u.elements)])
-        kept_for_round.append(pruned.pop(id(unit)))
+            return kept
+        kept.append(pruned.pop(id(_best(u for u in pruned.values() if any(h == g for h, _ in u.roots)))))
+
+
+def _decide(
+    graph: _SurgeryGraph,
+    output_nodes: set[Node],
+    masks: Mapping[str, Tensor],
+    coupling: str,
+    round_to: Optional[int],
+) -> _Decision:
+    """Which root channels of which groups go, and the channel accounting of the report."""
+    groups, units, channel_units = _coupled_units(graph, output_nodes)
+    unowned = _score_units(graph, channel_units, masks)
+    candidates = [u for u in units if u.batchnorm_channels and not u.frozen]
+    if coupling == "all":
+        chosen = [u for u in candidates if u.ticket_pruned == len(u.batchnorm_channels)]
+    else:
+        chosen = _by_mean_rank(candidates)
+    pruned = {id(u): u for u in chosen}
+    kept_for_min = _keep_layers_nonempty(graph, channel_units, pruned)
+    kept_for_round = _keep_rounded([len(group[0].idxs) for group in groups], pruned, round_to) if round_to else []
 
     roots: dict[int, list[int]] = defaultdict(list)
     for unit in pruned.values():
-        for element in unit.elements:
-            roots[group_of[element]].append(element - offsets[group_of[element]])
-    removed = list(pruned.values())
-    chosen_ids = {id(u) for u in chosen}
+        for g, root in unit.roots:
+            roots[g].append(root)
     counts = dict(
-        ticket_pruned=sum(int((~m).sum()) for m in masks.values()),
-        pruned_from_ticket=sum(ticket_pruned(u) for u in removed),
-        pruned_outside_ticket=sum(len(u.entries) - ticket_pruned(u) for u in removed),
-        kept_for_coupling=sum(ticket_pruned(u) for u in candidates if id(u) not in chosen_ids),
-        kept_for_min_channels=sum(ticket_pruned(u) for u in kept_for_min),
-        kept_for_round_to=sum(ticket_pruned(u) for u in kept_for_round),
-        kept_unprunable=unowned_ticket_pruned + sum(ticket_pruned(u) for u in units.values() if u.frozen),
+        ticket_pruned=sum(int((~mask).sum()) for mask in masks.values()),
+        pruned_from_ticket=sum(u.ticket_pruned for u in pruned.values()),
+        pruned_outside_ticket=sum(len(u.batchnorm_channels) - u.ticket_pruned for u in pruned.values()),
+        kept_for_coupling=sum(u.ticket_pruned for u in candidates) - sum(u.ticket_pruned for u in chosen),
+        kept_for_min_channels=sum(u.ticket_pruned for u in kept_for_min),
+        kept_for_round_to=sum(u.ticket_pruned for u in kept_for_round),
+        kept_unprunable=unowned + sum(u.ticket_pruned for u in units if u.frozen),
     )
-    return _Decision([(groups[g], sorted(idxs)) for g, idxs in sorted(roots.items())], counts)
+    return _Decision([(groups[g][0].dep.target.module, sorted(idxs)) for g, idxs in sorted(roots.items())], counts)

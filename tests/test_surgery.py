@@ -1,0 +1,516 @@
+"""Tests of the physical channel surgery (``lightning_worm.core.surgery``) on small models."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_worm.core.surgery import PruningPlan, apply_plan, prune_channels
+
+# ----------------------------------------------------------------------------------------- models
+
+
+def conv_bn(c_in: int, c_out: int, **kwargs) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False, **kwargs), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
+class SmallVGG(nn.Module):
+    """CIFAR-style conv-bn-relu stacks: no coupling at all."""
+
+    def __init__(self, width: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            *conv_bn(3, width), *conv_bn(width, width), nn.MaxPool2d(2), *conv_bn(width, 2 * width), nn.MaxPool2d(2)
+        )
+        self.classifier = nn.Linear(2 * width * 4 * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
+        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
+        self.down = None
+        if c_in != c_out:
+            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(out + (x if self.down is None else self.down(x)))
+
+
+class SmallResNet(nn.Module):
+    """Residual additions couple ``stem.1``, ``block1.bn2`` and ``block2.bn2``; ``block2`` widens with a downsample."""
+
+    def __init__(self, width: int = 8, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn(3, width))
+        self.block1 = BasicBlock(width, width)
+        self.block2 = BasicBlock(width, 2 * width)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block2(self.block1(self.stem(x)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(
+        *(nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU()),
+        *(nn.Linear(32, 16), nn.BatchNorm1d(16), nn.ReLU()),
+        nn.Linear(16, 5),
+    )
+
+
+class ShuffleBlock(nn.Module):
+    """ShuffleNet-v2 style: chunk, a branch on the second half, concatenation, channel shuffle."""
+
+    def __init__(self, channels: int, native: bool) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(*conv_bn(channels // 2, channels // 2))
+        self.shuffle = nn.ChannelShuffle(2) if native else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        out = torch.cat((a, self.branch(b)), dim=1)
+        if self.shuffle is not None:
+            return self.shuffle(out)
+        n, c, h, w = out.shape  # torchvision's channel_shuffle
+        return out.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+
+class ShuffleNet(nn.Module):
+    def __init__(self, native: bool) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn(3, 8))
+        self.blocks = nn.Sequential(ShuffleBlock(8, native), ShuffleBlock(8, native))
+        self.head = nn.Sequential(*conv_bn(8, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+class GroupedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(*conv_bn(3, 8), *conv_bn(8, 8, groups=4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def batchnorms(model: nn.Module) -> dict[str, _BatchNorm]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
+
+
+def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Fresh models have every gamma at 1.0; give them distinct ones (and small betas)."""
+    generator = torch.Generator().manual_seed(seed)
+    for bn in batchnorms(model).values():
+        bn.weight.data.uniform_(0.01, 1.0, generator=generator)
+        bn.bias.data.uniform_(-0.1, 0.1, generator=generator)
+    return model.eval()
+
+
+def global_ticket(model: nn.Module, ratio: float = 0.5) -> dict[str, torch.Tensor]:
+    """Prune the ``ratio`` lowest |gamma| over all BatchNorm layers."""
+    layers = batchnorms(model)
+    gammas = torch.cat([bn.weight.detach().abs() for bn in layers.values()])
+    threshold = gammas.kthvalue(int(ratio * gammas.numel())).values
+    return {name: bn.weight.detach().abs() > threshold for name, bn in layers.items()}
+
+
+def kill_removed_channels(dense: nn.Module, report) -> nn.Module:
+    """Zero gamma and beta of the BatchNorm channels the surgery removed: they then output exactly 0."""
+    for name, bn in batchnorms(dense).items():
+        kept = report.kept_indices.get(f"{name}.weight")
+        if kept is not None:
+            removed = torch.ones(bn.num_features, dtype=torch.bool)
+            removed[kept[0]] = False
+            bn.weight.data[removed] = 0.0
+            bn.bias.data[removed] = 0.0
+    return dense
+
+
+def assert_surgery_is_exact(dense: nn.Module, pruned: nn.Module, report, x: torch.Tensor) -> None:
+    """The pruned model computes what the dense one computes with the removed channels silenced."""
+    with torch.no_grad():
+        expected, actual = kill_removed_channels(copy.deepcopy(dense), report).eval()(x), pruned.eval()(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def assert_accounting_adds_up(report) -> None:
+    assert report.ticket_pruned == (
+        report.pruned_from_ticket
+        + report.kept_for_coupling
+        + report.kept_for_min_channels
+        + report.kept_for_round_to
+        + report.kept_unprunable
+    )
+    removed = sum(report.channels_before.values()) - sum(report.channels_after.values())
+    assert removed == report.pruned_from_ticket + report.pruned_outside_ticket
+
+
+def pruned_copy(model: nn.Module, ticket, x, **kwargs):
+    pruned = copy.deepcopy(model)
+    report = prune_channels(pruned, ticket, x, measure_latency=False, **kwargs)
+    assert_accounting_adds_up(report)
+    return pruned, report
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_uncoupled_vgg_removes_exactly_the_ticket():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallVGG())
+    ticket = global_ticket(model)
+    x = torch.randn(2, 3, 16, 16)
+    pruned, report = pruned_copy(model, ticket, x)
+
+    for name, bn in batchnorms(pruned).items():
+        assert bn.num_features == int(ticket[name].sum())
+        torch.testing.assert_close(bn.weight, batchnorms(model)[name].weight[ticket[name]], rtol=0, atol=0)
+    assert report.channels_after == {name: int(mask.sum()) for name, mask in ticket.items()}
+    assert report.pruned_from_ticket == report.ticket_pruned == sum(int((~m).sum()) for m in ticket.values())
+    assert report.kept_for_coupling == report.kept_for_round_to == report.kept_for_min_channels == 0
+    assert report.kept_unprunable == report.pruned_outside_ticket == 0
+    assert report.params_after < report.params_before and report.flops_after < report.flops_before
+    assert pruned(x).shape == model(x).shape == (2, 10)
+    assert_surgery_is_exact(model, pruned, report, x)
+
+
+def test_kept_indices_slice_the_original_parameters():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallVGG())
+    ticket = global_ticket(model)
+    pruned, report = pruned_copy(model, ticket, torch.randn(2, 3, 16, 16))
+
+    kept_out, kept_in, kernel_h, kernel_w = report.kept_indices["features.3.weight"]  # pruned on both channel dims
+    assert kernel_h is None and kernel_w is None
+    assert torch.equal(kept_out, ticket["features.4"].nonzero().flatten())
+    assert torch.equal(kept_in, ticket["features.1"].nonzero().flatten())
+    assert torch.equal(model.features[3].weight[kept_out][:, kept_in], pruned.features[3].weight)
+    # A parameter pruned along one dim only has None on the other; the classifier keeps its outputs.
+    kept_fc = report.kept_indices["classifier.weight"]
+    assert kept_fc[0] is None and torch.equal(model.classifier.weight[:, kept_fc[1]], pruned.classifier.weight)
+    assert "classifier.bias" not in report.kept_indices
+    # Every changed parameter is listed, and slicing reproduces it exactly (what an optimizer state needs).
+    old = dict(model.named_parameters())
+    for name, param in pruned.named_parameters():
+        sliced = old[name]
+        for dim, idx in enumerate(report.kept_indices.get(name, [])):
+            if idx is not None:
+                sliced = sliced.index_select(dim, idx)
+        assert torch.equal(sliced, param), name
+
+
+def test_kept_indices_carry_optimizer_state_over():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallResNet()).train()
+    x = torch.randn(4, 3, 8, 8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(x).sum().backward()
+    optimizer.step()
+    old_state = {name: optimizer.state[p]["momentum_buffer"] for name, p in model.named_parameters()}
+    report = prune_channels(model, global_ticket(model), x, coupling="mean_rank", measure_latency=False)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for name, param in model.named_parameters():
+        buffer = old_state[name]
+        for dim, idx in enumerate(report.kept_indices.get(name, [])):
+            if idx is not None:
+                buffer = buffer.index_select(dim, idx)
+        optimizer.state[param]["momentum_buffer"] = buffer.clone()
+    model(x).sum().backward()
+    optimizer.step()
+    assert model.training
+
+
+def test_residual_coupling_prunes_only_channels_pruned_everywhere():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallResNet(width=8))
+    coupled = ["stem.1", "block1.bn2"]  # summed by block1's identity shortcut
+    ticket = {name: torch.ones(8, dtype=torch.bool) for name in coupled}
+    ticket["stem.1"][[0, 1, 2, 3]] = False
+    ticket["block1.bn2"][[2, 3, 4]] = False
+    ticket["block1.bn1"] = torch.tensor([0, 1] * 4, dtype=torch.bool)  # uncoupled: exact
+    x = torch.randn(2, 3, 8, 8)
+    pruned, report = pruned_copy(model, ticket, x)
+
+    assert report.channels_after["stem.1"] == report.channels_after["block1.bn2"] == 6  # channels 2 and 3 go
+    assert torch.equal(report.kept_indices["stem.1.weight"][0], torch.tensor([0, 1, 4, 5, 6, 7]))
+    assert report.channels_after["block1.bn1"] == 4
+    assert report.kept_for_coupling == 3  # channels 0, 1 of stem.1 and 4 of block1.bn2
+    assert report.pruned_from_ticket == 2 * 2 + 4
+    assert_surgery_is_exact(model, pruned, report, x)
+
+
+def test_mean_rank_prunes_the_average_count_by_mean_gamma():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallResNet(width=8))
+    gammas = {name: batchnorms(model)[name].weight.detach() for name in ("stem.1", "block1.bn2")}
+    ticket = {"stem.1": torch.ones(8, dtype=torch.bool), "block1.bn2": torch.ones(8, dtype=torch.bool)}
+    ticket["stem.1"][[0]] = False
+    ticket["block1.bn2"][[1, 2, 3, 4, 5]] = False  # 1 and 5 pruned: 3 on average
+    x = torch.randn(2, 3, 8, 8)
+    pruned, report = pruned_copy(model, ticket, x, coupling="mean_rank")
+
+    expected_removed = torch.sort(torch.argsort((gammas["stem.1"] + gammas["block1.bn2"]) / 2)[:3]).values
+    kept = report.kept_indices["stem.1.weight"][0]
+    removed = torch.tensor([c for c in range(8) if c not in kept.tolist()])
+    assert torch.equal(removed, expected_removed)
+    assert report.channels_after["stem.1"] == report.channels_after["block1.bn2"] == 5
+    assert report.pruned_from_ticket + report.pruned_outside_ticket == 6
+    assert_surgery_is_exact(model, pruned, report, x)
+
+
+def test_round_to_keeps_the_next_best_channels():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallVGG(width=16))
+    ticket = global_ticket(model, ratio=0.4)
+    pruned, report = pruned_copy(model, ticket, torch.randn(2, 3, 16, 16), round_to=8)
+
+    extra = 0
+    for name, bn in batchnorms(model).items():
+        kept = report.kept_indices.get(f"{name}.weight", [torch.arange(bn.num_features)])[0]
+        wanted = int(ticket[name].sum())
+        assert len(kept) % 8 == 0 and len(kept) >= wanted
+        extra += len(kept) - wanted
+        # the ticket's channels plus the best of the rest
+        gamma = bn.weight.detach()
+        rest = (~ticket[name]).nonzero().flatten()
+        best_rest = rest[torch.argsort(gamma[rest], descending=True)[: len(kept) - wanted]]
+        assert set(kept.tolist()) == set(ticket[name].nonzero().flatten().tolist()) | set(best_rest.tolist())
+    assert extra == report.kept_for_round_to > 0
+
+
+def test_a_layer_is_never_emptied():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallVGG(width=8))
+    ticket = {"features.4": torch.zeros(8, dtype=torch.bool)}
+    pruned, report = pruned_copy(model, ticket, torch.randn(2, 3, 16, 16))
+
+    assert report.channels_after["features.4"] == 1
+    assert report.kept_for_min_channels == 1 and report.pruned_from_ticket == 7
+    best = int(batchnorms(model)["features.4"].weight.argmax())
+    assert report.kept_indices["features.4.weight"][0].tolist() == [best]
+
+
+def test_mlp_with_batchnorm1d_and_untouched_interface():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(mlp())
+    ticket = {"1": torch.arange(32) % 2 == 0, "4": torch.arange(16) % 4 == 0}
+    x = torch.randn(4, 20)
+    pruned, report = pruned_copy(model, ticket, x)
+
+    assert (pruned[0].out_features, pruned[3].in_features) == (16, 16)
+    assert (pruned[3].out_features, pruned[6].in_features) == (4, 4)
+    assert pruned[6].out_features == 5  # the output layer keeps its outputs
+    assert report.pruned_from_ticket == report.ticket_pruned == 16 + 12
+    assert_surgery_is_exact(model, pruned, report, x)
+
+
+def test_output_batchnorm_and_bn_free_groups_are_never_pruned():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.BatchNorm1d(8)))
+    ticket = {"3": torch.arange(8) < 4}
+    pruned, report = pruned_copy(model, ticket, torch.randn(4, 6))
+
+    assert pruned[0].out_features == 8 and pruned[3].num_features == 8  # no BN in group 0; group 2 is the output
+    assert report.kept_unprunable == 4 and report.pruned_from_ticket == 0
+    assert report.plan.pruned_groups == []
+
+
+def test_a_torchmetrics_metric_in_the_model_changes_nothing():
+    torchmetrics = pytest.importorskip("torchmetrics")
+
+    class WithMetric(SmallVGG):  # like a LightningModule that owns a metric; Metric overloads ==
+        def __init__(self) -> None:
+            super().__init__(width=8)
+            self.accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=10)
+
+    torch.manual_seed(0)
+    model = randomize_batchnorms(WithMetric())
+    ticket = global_ticket(model)
+    _, report = pruned_copy(model, ticket, torch.randn(2, 3, 16, 16))
+    assert report.pruned_from_ticket == report.ticket_pruned > 0
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["view_transpose_shuffle", "nn_ChannelShuffle"])
+@pytest.mark.parametrize("coupling", ["all", "mean_rank"])
+def test_chunk_and_channel_shuffle(native, coupling):
+    torch.manual_seed(0)
+    model = randomize_batchnorms(ShuffleNet(native))
+    ticket = global_ticket(model)
+    x = torch.randn(2, 3, 8, 8)
+    pruned, report = pruned_copy(model, ticket, x, coupling=coupling)
+
+    assert report.params_after < report.params_before
+    assert_surgery_is_exact(model, pruned, report, x)
+    fresh = ShuffleNet(native)
+    apply_plan(fresh, report.plan)
+    fresh.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), pruned(x))
+
+
+def test_grouped_conv_prunes_the_same_positions_in_every_group():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(GroupedNet())
+    ticket = {"features.1": torch.tensor([1, 0, 1, 0, 1, 0, 0, 1], dtype=torch.bool)}  # groups of 2 input channels
+    x = torch.randn(2, 3, 8, 8)
+    pruned, report = pruned_copy(model, ticket, x)
+
+    # Position 1 is pruned in groups 0, 1, 2 but not 3: coupled, so it stays under "all".
+    assert report.channels_after["features.1"] == 8 and report.kept_for_coupling == 4
+    pruned, report = pruned_copy(model, ticket, x, coupling="mean_rank")
+    assert report.channels_after["features.1"] == 4 and pruned.features[3].in_channels == 4
+    assert_surgery_is_exact(model, pruned, report, x)
+
+
+def test_plan_replays_on_a_fresh_model_through_json():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallResNet())
+    x = torch.randn(2, 3, 8, 8)
+    pruned, report = pruned_copy(model, global_ticket(model), x, coupling="mean_rank", round_to=2)
+
+    plan = PruningPlan.from_dict(json.loads(json.dumps(report.plan.to_dict())))
+    assert plan == report.plan
+    fresh = SmallResNet()
+    kept = apply_plan(fresh, plan)
+    fresh.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), pruned(x))
+    assert kept.keys() == report.kept_indices.keys()
+    json.dumps(report.to_dict())
+
+
+def test_apply_plan_rejects_a_model_that_does_not_fit():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallResNet())
+    pruned, report = pruned_copy(model, global_ticket(model), torch.randn(2, 3, 8, 8), coupling="mean_rank")
+
+    with pytest.raises(ValueError, match="channel counts differ.*same arguments"):
+        apply_plan(SmallResNet(width=16), report.plan)
+    with pytest.raises(ValueError, match="already pruned"):
+        apply_plan(pruned, report.plan)
+    with pytest.raises(ValueError, match="lacks: 'stem.1'.*made for a .*SmallResNet, this is a .*SmallVGG"):
+        apply_plan(SmallVGG(), report.plan)
+    with pytest.raises(ValueError, match="format_version"):
+        PruningPlan.from_dict({**report.plan.to_dict(), "format_version": 99})
+
+
+def test_modes_requires_grad_and_device_are_restored():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallResNet()).train()
+    model.block1.eval()
+    model.stem[0].weight.requires_grad_(False)
+    prune_channels(model, global_ticket(model), torch.randn(2, 3, 8, 8), coupling="mean_rank", measure_latency=False)
+
+    assert model.training and model.block2.training and not model.block1.training and not model.block1.bn1.training
+    assert not model.stem[0].weight.requires_grad
+    assert all(p.requires_grad for name, p in model.named_parameters() if name != "stem.0.weight")
+    assert torch.is_grad_enabled()  # the caller's grad mode is untouched
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_syncbatchnorm_is_pruned_like_batchnorm():
+    torch.manual_seed(0)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(randomize_batchnorms(SmallResNet()))
+    assert isinstance(model.stem[1], nn.SyncBatchNorm)
+    x = torch.randn(2, 3, 8, 8)
+    dense = copy.deepcopy(model)
+    model.train()  # SyncBatchNorm cannot run in train mode without a process group: tracing uses eval
+    report = prune_channels(model, global_ticket(model), x, coupling="mean_rank", measure_latency=False)
+
+    assert model.training and isinstance(model.stem[1], nn.SyncBatchNorm)
+    assert report.channels_after["stem.1"] < report.channels_before["stem.1"]
+    assert_surgery_is_exact(dense, model, report, x)
+
+
+def test_pruned_model_exports():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallResNet())
+    x = torch.randn(2, 3, 8, 8)
+    pruned, _ = pruned_copy(model, global_ticket(model), x, coupling="mean_rank")
+
+    exported = torch.export.export(pruned.eval(), (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), pruned(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_stays_on_its_device():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallResNet()).cuda()
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    pruned, report = pruned_copy(model, global_ticket(model), x, coupling="mean_rank")
+    assert all(t.is_cuda for t in [*pruned.parameters(), *pruned.buffers()])
+    assert all(idx is None or idx.device.type == "cpu" for dims in report.kept_indices.values() for idx in dims)
+    fresh = SmallResNet().cuda()
+    apply_plan(fresh, report.plan)
+    fresh.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), pruned(x))
+
+
+def test_latency_is_measured_on_request():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallVGG(width=8))
+    report = prune_channels(model, global_ticket(model), torch.randn(1, 3, 16, 16), latency_repeats=3)
+    assert report.latency_before_ms > 0 and report.latency_after_ms > 0
+    assert report.to_dict()["latency_after_ms"] == report.latency_after_ms
+
+
+# --------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("ticket", "match"),
+    [
+        ({}, "ticket is empty"),
+        ({"stem.9": torch.ones(8, dtype=torch.bool), "fc": torch.ones(1, dtype=torch.bool)}, "layers.*'stem.9', 'fc'"),
+        ({"stem.0": torch.ones(8, dtype=torch.bool)}, "not BatchNorm layers.*'stem.0'"),
+        ({"stem.1": torch.ones(16, dtype=torch.bool)}, "16 channels but the layer has num_features=8.*another model"),
+        ({"stem.1": torch.ones(8)}, "1-D torch.bool tensor.*torch.float32.*mask.bool"),
+        ({"stem.1": torch.ones(2, 4, dtype=torch.bool)}, "1-D torch.bool tensor"),
+        ({"stem.1": [True] * 8}, "1-D torch.bool tensor.*list"),
+    ],
+    ids=["empty", "unknown", "not_batchnorm", "wrong_length", "not_bool", "not_1d", "not_tensor"],
+)
+def test_bad_tickets_are_rejected_clearly(ticket, match):
+    model = SmallResNet()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        prune_channels(model, ticket, torch.randn(2, 3, 8, 8))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bad_options_are_rejected():
+    model, ticket = SmallResNet(), {"stem.1": torch.ones(8, dtype=torch.bool)}
+    with pytest.raises(ValueError, match="coupling"):
+        prune_channels(model, ticket, torch.randn(2, 3, 8, 8), coupling="any")
+    with pytest.raises(ValueError, match="round_to"):
+        prune_channels(model, ticket, torch.randn(2, 3, 8, 8), round_to=0)
+    with pytest.raises(ValueError, match="example_input"):
+        prune_channels(model, ticket, [])
+
+
+def test_failing_forward_is_reported_with_its_cause():
+    model = SmallResNet()
+    ticket = {"stem.1": torch.ones(8, dtype=torch.bool)}
+    with pytest.raises(RuntimeError, match="forward failed on example_input") as info:
+        prune_channels(model, ticket, torch.randn(2, 5, 8, 8))
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert model.training
