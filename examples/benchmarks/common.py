@@ -6,13 +6,16 @@ Nothing here is a benchmark; each benchmark module imports from here and returns
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import functools
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -42,8 +45,8 @@ class Settings:
         data_dir: where ``cifar-10-batches-py`` lies.
         overhead_archs: models of the overhead benchmark (full width).
         overhead_batch: batch size of the overhead fits.
-        overhead_warmup_steps: steps of the first (untimed) epoch; WORM's mask is taken at its end.
-        overhead_steps: timed steps (the second epoch).
+        overhead_steps: steps per epoch of each overhead fit; the first epoch is the untimed warm-up (WORM's mask
+            is taken at its end), the second is timed.
         overhead_rounds: rounds of interleaved fits (each round runs every contender once).
         mask_channels: BN channels of the synthetic model of the mask-cost measurement.
         mask_repeats: repeats of the mask-cost measurement.
@@ -75,20 +78,19 @@ class Settings:
     data_dir: str = "data"
     overhead_archs: tuple[str, ...] = ("resnet18", "vgg11_bn")
     overhead_batch: int = 8
-    overhead_warmup_steps: int = 2
-    overhead_steps: int = 6
-    overhead_rounds: int = 2
+    overhead_steps: int = 10
+    overhead_rounds: int = 3
     mask_channels: int = 131_072
     mask_repeats: int = 21
     latency_models: tuple[str, ...] = ("vgg11_bn", "resnet18", "mobilenet_v2")
     latency_ratios: tuple[float, ...] = (0.3, 0.5, 0.7)
     latency_masked_ratios: tuple[float, ...] = (0.5,)
     latency_batches: tuple[int, ...] = (1, 64)
-    latency_rounds: int = 3
+    latency_rounds: int = 5
     latency_repeats: int = 1
     search_arch: str = "vgg11_bn"
     search_width: float = 0.25
-    search_seeds: tuple[int, ...] = (0, 1)
+    search_seeds: tuple[int, ...] = (0, 1, 2)
     search_epochs: int = 12
     search_batch: int = 64
     limit_train_batches: Optional[int] = None
@@ -131,14 +133,14 @@ class Settings:
             s = base
         elif mode == "full":
             s = replace(
-                base, overhead_batch=32, overhead_warmup_steps=3, overhead_steps=20, overhead_rounds=5,
+                base, overhead_batch=32, overhead_steps=20, overhead_rounds=5,
                 mask_repeats=51, latency_masked_ratios=(0.3, 0.5, 0.7), latency_rounds=7, latency_repeats=3,
                 search_seeds=(0, 1, 2, 3, 4), search_epochs=40, e2e_seeds=(0, 1, 2), e2e_epochs=40,
                 e2e_finetune_epochs=10,
             )
         elif mode == "tiny":
             s = replace(
-                base, overhead_batch=4, overhead_warmup_steps=1, overhead_steps=2, overhead_rounds=1,
+                base, overhead_batch=4, overhead_steps=2, overhead_rounds=1,
                 mask_channels=4096, mask_repeats=3, latency_models=("vgg11_bn", "mobilenet_v2"),
                 latency_ratios=(0.5,), latency_batches=(1,), latency_rounds=1, search_width=0.0625,
                 search_seeds=(0,), search_epochs=4, limit_train_batches=2, window=2, threshold=0.5,
@@ -159,12 +161,14 @@ class Settings:
 
 @dataclass
 class Section:
-    """What a benchmark hands back: Markdown (tables and notes), the figures it wrote, raw numbers."""
+    """What a benchmark hands back: Markdown (tables and notes), the figures it wrote, the headline numbers
+    (one line each, for the summary and the console) and the raw numbers (for ``results.json``)."""
 
     title: str
     markdown: str
     figures: list[Path] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
+    headline: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -180,8 +184,8 @@ def synchronize(device: torch.device) -> None:
 def timed(fn: Callable[[], Any], repeats: int = 1, warmup: int = 0, device: torch.device | None = None) -> list[float]:
     """Seconds of each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls, device-synchronised.
 
-    This is the suite's one stopwatch: every latency and cost figure comes from it (the training-step
-    times from :class:`StepClock`, which reads the same ``perf_counter`` at batch boundaries).
+    This is the suite's one stopwatch for code it calls; training steps, which Lightning calls, are read
+    with the same ``perf_counter`` at the batch boundaries (``overhead.StepClock``).
     """
     device = device or torch.device("cpu")
     times = []
@@ -276,8 +280,8 @@ def forward_flops(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def count_params(model: nn.Module, nonzero: bool = False) -> int:
-    """Parameters of ``model``; with ``nonzero``, only the entries that are not zero (masked weights
-    made permanent with ``torch.nn.utils.prune.remove`` still count in full without it)."""
+    """Parameters of ``model``; with ``nonzero``, only their non-zero entries (what a mask-only pruning,
+    made permanent with ``torch.nn.utils.prune.remove``, leaves)."""
     return sum(int((p != 0).sum()) if nonzero else p.numel() for p in model.parameters())
 
 
@@ -337,8 +341,17 @@ def datamodule(settings: Settings, seed: int) -> pl.LightningDataModule:
     return DigitsDataModule(batch_size=settings.search_batch, seed=seed)
 
 
-def trainer(settings: Settings, root: Path, callbacks: Sequence[pl.Callback] = (), **kwargs: Any) -> pl.Trainer:
-    """A quiet ``Trainer`` on the settings' accelerator and precision, logging nowhere."""
+@functools.lru_cache(maxsize=None)
+def scratch_dir() -> Path:
+    """A temporary directory for what the fits write (``PruneAndFinetune``'s report), removed at exit."""
+    path = Path(tempfile.mkdtemp(prefix="lightning-worm-bench-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def trainer(settings: Settings, callbacks: Sequence[pl.Callback] = (), **kwargs: Any) -> pl.Trainer:
+    """A quiet ``Trainer`` on the settings' accelerator and precision, writing only into :func:`scratch_dir`."""
+    root = scratch_dir()
     defaults: dict[str, Any] = dict(
         accelerator=settings.accelerator, devices=1, precision=settings.precision, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -418,64 +431,6 @@ class Meter(pl.Callback):
         return next((e["val_acc"] for e in self.epochs if e["epoch"] == epoch), None)
 
 
-@contextlib.contextmanager
-def metrics_compared_by_identity() -> Iterator[None]:
-    """Inside, torchmetrics' ``Metric`` objects compare with ``==`` / ``!=`` by identity.
-
-    Workaround for a bug found by this suite (lightning-worm 0.1.0 with torch-pruning 1.6.1): ``Metric``
-    overloads ``==`` to build a (truthy) ``CompositionalMetric``; once lightning-worm registers its
-    customized pruner, Torch-Pruning tests modules with ``m == layer_type`` and ``m in ignored_layers``,
-    which then holds for *every* layer of a LightningModule that owns a metric (as the example
-    ``ImageClassifier`` does), so ``prune_channels`` / ``PruneAndFinetune`` remove nothing
-    (``kept_unprunable == ticket_pruned``). :func:`prunes_with_metrics` tells whether it is still needed.
-    """
-    from torchmetrics import Metric
-
-    saved = Metric.__dict__["__eq__"], Metric.__dict__["__ne__"]
-    Metric.__eq__ = lambda self, other: self is other  # type: ignore[method-assign,assignment]
-    Metric.__ne__ = lambda self, other: self is not other  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        Metric.__eq__, Metric.__ne__ = saved  # type: ignore[method-assign]
-
-
-@functools.lru_cache(maxsize=None)
-def prunes_with_metrics() -> bool:
-    """Whether ``prune_channels`` removes channels from a module holding a torchmetrics metric, unpatched."""
-    from torchmetrics.classification import MulticlassAccuracy
-
-    from lightning_worm import channel_mask, prune_channels
-
-    class WithMetric(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(36, 2))
-            self.metric = MulticlassAccuracy(2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
-
-    model = randomize_bn(WithMetric(), 0)
-    report = prune_channels(model, channel_mask(model, 0.5), torch.zeros(1, 3, 5, 5), measure_latency=False)
-    return report.pruned_from_ticket > 0
-
-
-def pruning_workaround() -> contextlib.AbstractContextManager:
-    """:func:`metrics_compared_by_identity` while the bug it works around is there, else a no-op."""
-    return contextlib.nullcontext() if prunes_with_metrics() else metrics_compared_by_identity()
-
-
-WORKAROUND_NOTE = (
-    "**Workaround in use:** with this lightning-worm, `prune_channels` removes nothing from a LightningModule "
-    "that owns a torchmetrics metric (torchmetrics overloads `==`, Torch-Pruning compares modules with `==` "
-    "and `in`, so every layer counts as ignored once lightning-worm registers its channel-shuffle pruner). "
-    "The training benchmarks make metrics compare by identity while they run "
-    "(`examples.benchmarks.common.metrics_compared_by_identity`); without that, `PruneAndFinetune` on the "
-    "example `ImageClassifier` is a silent no-op."
-)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader) -> float:
     """Top-1 accuracy of ``model`` over ``loader`` (eval mode, then the mode is restored)."""
@@ -521,18 +476,23 @@ def cpu_model() -> str:
 
 def environment(settings: Settings) -> dict[str, Any]:
     """The stamp printed above every result: machine, versions, threads, date, load."""
-    import lightning
-    import torch_pruning
-    import torchvision
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
 
     env: dict[str, Any] = dict(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         cpu=cpu_model(), cores=os.cpu_count(),
         usable_cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         torch_threads=torch.get_num_threads(), python=platform.python_version(), torch=torch.__version__,
-        torchvision=torchvision.__version__, lightning=lightning.__version__,
-        torch_pruning=getattr(torch_pruning, "__version__", "unknown"), platform=platform.platform(),
-        gpu=torch.cuda.get_device_name(0) if settings.on_gpu else None,
+        torchvision=installed("torchvision"), lightning=installed("lightning"),
+        torch_pruning=installed("torch-pruning"), lightning_worm=installed("lightning-worm"),
+        platform=platform.platform(), gpu=torch.cuda.get_device_name(0) if settings.on_gpu else None,
+        onednn_primitive_cache=os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "default (1024)"),
     )
     if hasattr(os, "getloadavg"):
         env["load_average_1min"] = round(os.getloadavg()[0], 2)
@@ -543,7 +503,10 @@ def environment_markdown(env: Mapping[str, Any]) -> str:
     keys = [("date", "Date"), ("cpu", "CPU"), ("cores", "Cores (logical)"), ("usable_cores", "Cores usable"),
             ("torch_threads", "torch threads"), ("gpu", "GPU"), ("python", "Python"), ("torch", "torch"),
             ("torchvision", "torchvision"), ("lightning", "Lightning"), ("torch_pruning", "Torch-Pruning"),
-            ("platform", "Platform"), ("load_average_1min", "Load average at start (1 min)")]
+            ("lightning_worm", "lightning-worm"), ("platform", "Platform"),
+            ("onednn_primitive_cache", "oneDNN primitive cache capacity"),
+            ("load_average_1min", "Load average at start (1 min)"),
+            ("load_average_1min_end", "Load average at end (1 min)")]
     return markdown_table(["", ""], [(label, env.get(k) if env.get(k) is not None else "none") for k, label in keys])
 
 

@@ -19,8 +19,8 @@ from typing import Any
 from lightning.pytorch import seed_everything
 
 from examples.benchmarks.common import (
-    WORKAROUND_NOTE, Meter, Section, Settings, datamodule, device_name, interleave, log, markdown_table, mean_std, new_figure,
-    prunes_with_metrics, pruning_workaround, save_figure, trainer,
+    Meter, Section, Settings, datamodule, device_name, interleave, log, markdown_table, mean_std,
+    new_figure, save_figure, trainer,
 )
 from examples.module import ImageClassifier
 from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback
@@ -50,7 +50,7 @@ def search_callbacks(settings: Settings, schedule: str | None, prune: bool = Tru
     return [*callbacks, meter], meter
 
 
-def search_fit(settings: Settings, arch: str, width: float, seed: int, schedule: str | None, root: Path,
+def search_fit(settings: Settings, arch: str, width: float, seed: int, schedule: str | None,
                epochs: int) -> dict[str, Any]:
     """One fit with the ticket search, the prune at the ticket and the fine-tuning; what happened, in numbers."""
     seed_everything(seed, verbose=False)
@@ -58,26 +58,30 @@ def search_fit(settings: Settings, arch: str, width: float, seed: int, schedule:
     data = datamodule(settings, seed=0)  # one split for every seed: the seeds vary the training only
     callbacks, meter = search_callbacks(settings, schedule)
     early_bird = callbacks[0]
-    fit = trainer(settings, root, callbacks, max_epochs=epochs)
-    with pruning_workaround():
-        fit.fit(module, datamodule=data)
+    fit = trainer(settings, callbacks, max_epochs=epochs)
+    fit.fit(module, datamodule=data)
     test_acc = float(fit.test(module, datamodule=data, verbose=False)[0]["test/acc"])
     return summarize(meter, early_bird, test_acc, seed)
 
 
 def summarize(meter: Meter, early_bird: EarlyBirdCallback, test_acc: float, seed: int) -> dict[str, Any]:
+    """One fit in numbers: ticket epoch, validation accuracy just before and just after the prune, the epochs
+    after the prune until the accuracy just before it is regained (0 if the prune lost nothing, ``None`` if
+    never), final and test accuracy, wall seconds, training FLOPs and the final FLOPs ratio."""
     pruned = meter.pruned_epoch
     before = meter.acc_at(pruned) if pruned is not None else None
     recovered = None
     if pruned is not None and before is not None:
-        if meter.acc_after_prune is not None and meter.acc_after_prune >= before:
+        if meter.acc_after_prune is not None and meter.acc_after_prune >= before - 1e-6:
             recovered = 0
         else:
             recovered = next((e["epoch"] - pruned for e in meter.epochs if e["epoch"] > pruned
-                              and e["val_acc"] is not None and e["val_acc"] >= before), None)
+                              and e["val_acc"] is not None and e["val_acc"] >= before - 1e-6), None)
+    before = None if before is None else round(before, 4)  # logged in float32
+    after = None if meter.acc_after_prune is None else round(meter.acc_after_prune, 4)
     return dict(
-        seed=seed, ticket_epoch=early_bird.ticket_epoch, pruned_epoch=pruned, acc_before=before,
-        acc_after=meter.acc_after_prune, recovery_epochs=recovered, final_val_acc=meter.epochs[-1]["val_acc"],
+        seed=seed, ticket_epoch=early_bird.ticket_epoch, pruned_epoch=pruned, acc_before=before, acc_after=after,
+        recovery_epochs=recovered, final_val_acc=meter.epochs[-1]["val_acc"],
         test_acc=test_acc, seconds=meter.epochs[-1]["seconds"], train_flops=meter.total_flops,
         flops_ratio=meter.epochs[-1]["flops_per_sample"] / meter.epochs[0]["flops_per_sample"],
         mean_distances=list(early_bird.mean_distances), curve=meter.epochs,
@@ -91,7 +95,6 @@ def run(settings: Settings, out_dir: Path) -> Section:
         A :class:`Section` with the per-method table, the per-seed table and a plot.
     """
     start = time.perf_counter()
-    root = out_dir / "_runs"
     results: dict[str, list[dict[str, Any]]] = {}
     for_method: dict[str, Callable[[], dict[str, Any]]] = {}
     for name, schedule in METHODS.items():
@@ -100,7 +103,7 @@ def run(settings: Settings, out_dir: Path) -> Section:
         def one(schedule: str | None = schedule, seeds: Any = seeds, name: str = name) -> dict[str, Any]:
             seed = next(seeds)
             log(f"ticket search: {name}, seed {seed}")
-            return search_fit(settings, settings.search_arch, settings.search_width, seed, schedule, root,
+            return search_fit(settings, settings.search_arch, settings.search_width, seed, schedule,
                               settings.search_epochs)
 
         for_method[name] = one
@@ -140,7 +143,8 @@ def _section(settings: Settings, results: dict[str, list[dict[str, Any]]], out_d
     md = (
         f"{data_name}, {settings.search_arch} width {settings.search_width:g}, batch {settings.search_batch}, "
         f"{settings.search_epochs} epochs per fit (search, prune at the ticket, fine-tune to the end), "
-        f"{len(settings.search_seeds)} seeds ({', '.join(map(str, settings.search_seeds))}), on {device_name(settings)}. "
+        f"{len(settings.search_seeds)} seeds ({', '.join(map(str, settings.search_seeds))}), "
+        f"on {device_name(settings)}. "
         f"p = {PRUNE_RATIO}, window {settings.window}, threshold {settings.threshold}, sparsity {SPARSITY:g} for "
         f"every method, chi {CHI}, elbow {ELBOW}. Epochs are 0-based (the ticket can emerge at epoch "
         f"{settings.window - 1} at the earliest). Accuracies are on the validation split; "
@@ -148,12 +152,15 @@ def _section(settings: Settings, results: dict[str, list[dict[str, Any]]], out_d
         "epochs after the prune until the validation accuracy is back at its value just before the prune. "
         "Training FLOPs: 3 x forward FLOPs per sample (FlopCounterMode) x samples, with the pruned model's FLOPs "
         "after the prune. Mean ± std over seeds.\n\n"
-        + ("" if prunes_with_metrics() else f"{WORKAROUND_NOTE}\n\n")
         + f"{table}\n\n<details><summary>Per seed</summary>\n\n{seed_table}\n\n</details>\n"
     )
     figure = _plot(results, out_dir / "ticket_search.png", settings)
     data = {name: [{k: v for k, v in r.items() if k != "curve"} for r in runs] for name, runs in results.items()}
-    return Section("Ticket search: Early-Bird vs WORM", md, [figure], data)
+    setup = f"{settings.search_arch} x{settings.search_width:g}, {len(settings.search_seeds)} seeds"
+    headline = [f"Ticket search ({setup}): " + "; ".join(
+        f"{name}: ticket epoch {row[1]}, acc {row[2]} -> {row[3]} at the prune, test acc {row[7]}"
+        for name, row in zip(results, rows)) + "."]
+    return Section("Ticket search: Early-Bird vs WORM", md, [figure], data, headline)
 
 
 def _plot(results: dict[str, list[dict[str, Any]]], path: Path, settings: Settings) -> Path:

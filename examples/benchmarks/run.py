@@ -1,0 +1,197 @@
+"""Run the whole benchmark suite and write ``docs/benchmarks.md`` with its plots under ``docs/benchmarks/``.
+
+Usage::
+
+    python examples/benchmarks/run.py --quick          # < 10 minutes on a 2-core CPU
+    python -m examples.benchmarks.run                  # the full mode (about an hour on a 2-core CPU)
+    python -m examples.benchmarks.run --accelerator gpu    # the GPU rows (batch 128, bf16-mixed)
+    python -m examples.benchmarks.run --only latency,overhead --threads 1
+
+Each accelerator's results (figures, and ``results.json`` with the raw numbers and the section's Markdown)
+are kept apart in ``docs/benchmarks/cpu/`` and ``docs/benchmarks/gpu/``; ``docs/benchmarks.md`` is assembled
+from whichever of the two exist, so a GPU run adds its rows next to the CPU ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script: make `examples` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from examples.benchmarks import BENCHMARKS  # noqa: E402
+from examples.benchmarks.common import Section, Settings, environment, environment_markdown, log  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+ACCELERATORS = ("cpu", "gpu")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_const", const="quick", dest="mode", default=argparse.SUPPRESS,
+                        help="fewer seeds, steps and epochs: the whole suite in under 10 minutes on a 2-core CPU")
+    parser.add_argument("--mode", choices=("tiny", "quick", "full"), default="full",
+                        help="preset (default: full; 'tiny' is what the tests run)")
+    parser.add_argument("--only", default=",".join(BENCHMARKS),
+                        help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="'auto': the GPU when torch sees one")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: the usable cores; use 1 on a busy machine)")
+    parser.add_argument("--data", choices=("digits", "cifar10"), default="digits",
+                        help="data of the training benchmarks (cifar10 needs --data-dir)")
+    parser.add_argument("--data-dir", default="data", help="directory holding cifar-10-batches-py")
+    parser.add_argument("--docs", type=Path, default=REPO / "docs",
+                        help="where benchmarks.md and benchmarks/ are written (default: the repository's docs/)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Section]:
+    """Run the selected benchmarks, print their headlines and write the report.
+
+    Returns:
+        The sections, by benchmark name.
+
+    Raises:
+        ValueError: on an unknown benchmark name.
+    """
+    args = parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"Unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}.")
+    overrides: dict[str, Any] = dict(data=args.data, data_dir=args.data_dir)
+    if args.threads is not None:
+        overrides["threads"] = args.threads
+    settings = Settings.preset(args.mode, args.accelerator, **overrides)
+    torch.set_num_threads(settings.threads)
+    _quiet()
+
+    out = args.docs / "benchmarks" / settings.accelerator
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment(settings)
+    log(f"mode {settings.mode} on {settings.accelerator}, {settings.threads} torch thread(s): {', '.join(names)}")
+    if settings.threads > 1 and _busy(env):
+        log(f"the machine is busy (load {env['load_average_1min']} on {env['usable_cores']} cores): with "
+            f"{settings.threads} threads, OpenMP waits for "
+            "descheduled threads and small kernels slow down by up to 10x here; consider --threads 1")
+    start = time.perf_counter()
+    sections: dict[str, Section] = {}
+    for name in names:
+        sections[name] = BENCHMARKS[name](settings, out)
+        log(f"{name} took {sections[name].seconds:.0f} s")
+        for line in sections[name].headline:
+            print(line, flush=True)
+    seconds = time.perf_counter() - start
+    env["load_average_1min_end"] = environment(settings).get("load_average_1min")
+    _write(args.docs, out, settings, env, sections, seconds)
+    log(f"{settings.mode} mode took {seconds / 60:.1f} min; wrote {args.docs / 'benchmarks.md'}")
+    return sections
+
+
+def _quiet() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (".*does not have many workers.*", ".*LeafSpec.*", ".*validation_step.*", ".*GPU available.*",
+                    ".*Detected call of `lr_scheduler.step\\(\\)`.*", ".*torch.cuda.amp.*"):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def _write(docs: Path, out: Path, settings: Settings, env: dict[str, Any], sections: dict[str, Section],
+           seconds: float) -> None:
+    rel = lambda p: Path(p).relative_to(docs).as_posix()  # noqa: E731
+    lines = [
+        f"## Results on {settings.accelerator.upper()}"
+        + (f": {env['gpu']}" if env.get("gpu") else f": {env['cpu']}"),
+        "",
+        f"Produced by `python -m examples.benchmarks.run --mode {settings.mode} --accelerator {settings.accelerator}` "
+        f"(**{settings.mode} mode**) on {env['date']}; the run took {seconds / 60:.1f} min. "
+        f"Load average (1 min) {env.get('load_average_1min')} at the start and {env.get('load_average_1min_end')} "
+        f"at the end on {env.get('usable_cores')} usable cores"
+        + (": **the machine was shared** with other jobs while this ran, so absolute times are noisy; the "
+           "interleaved ratios are the figures to read." if _busy(env) else "."),
+        "",
+        environment_markdown(env),
+        "",
+        "### Headlines",
+        "",
+        *[f"- {line}" for s in sections.values() for line in s.headline],
+        "",
+    ]
+    for i, (name, section) in enumerate(sections.items(), 1):
+        lines += [f"### {i}. {section.title}", "", f"*`{name}`, {section.seconds:.0f} s.*", "",
+                  section.markdown.strip(), ""]
+        lines += [f"![{section.title}]({rel(f)})" for f in section.figures] + [""]
+    lines += ["<details><summary>Settings of this run</summary>", "", "```json",
+              json.dumps(settings.to_dict(), indent=1), "```", "", "</details>", ""]
+    # The Markdown goes into results.json, not into a page of its own: docs/ is an mkdocs site (strict).
+    (out / "results.json").write_text(json.dumps(
+        {"environment": env, "settings": settings.to_dict(), "seconds": seconds, "markdown": "\n".join(lines),
+         "results": {n: s.data for n, s in sections.items()}}, indent=1, default=_json_default))
+    _assemble(docs)
+
+
+def _busy(env: dict[str, Any]) -> bool:
+    """Whether other jobs kept the machine busy: a 1-minute load above half the usable cores."""
+    return (env.get("load_average_1min") or 0.0) > 0.5 * (env.get("usable_cores") or 1)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) or hasattr(value, "item"):
+        return float(value)
+    if hasattr(value, "__dict__"):
+        return vars(value)
+    return str(value)
+
+
+INTRO = """# Benchmarks
+
+What lightning-worm costs and what it saves, measured side by side in one run by the suite in
+`examples/benchmarks/`: every contender of a comparison runs interleaved with the
+others in one process (ABC, BCA, CAB, ...), and ratios are taken per round, then summarised by their
+median and spread, because the machine this was measured on is shared and its background load drifts.
+
+| benchmark | what it measures |
+|---|---|
+| `overhead` | time per training step and peak memory of a Lightning fit with EarlyBird + WORM (and the sparsity term) against no callback; the tracker's per-epoch mask cost on 100k+ BN channels |
+| `latency` | inference latency, params and FLOPs of dense vs pruned VGG-11-BN, ResNet-18 and MobileNetV2 at p = 0.3 / 0.5 / 0.7: lightning-worm (with and without `round_to=8`), torch-pruning's global BN-scale pruner, `ln_structured` masks (Lightning's `ModelPruning` style) and global `l1_unstructured` masks (the WORM code) |
+| `ticket` | Early-Bird vs WORM (elbow, fixed, greedy) over seeds: ticket epoch, accuracy around the prune, recovery, wall time, training FLOPs |
+| `end_to_end` | time and training FLOPs to a target accuracy: dense, network slimming, EarlyBird + prune + fine-tune, EarlyBird + WORM + prune + fine-tune |
+
+Rerun: `python examples/benchmarks/run.py --quick` (under 10 minutes on a 2-core CPU) or
+`python -m examples.benchmarks.run` (full mode: 5 seeds, 40 epochs, more rounds; roughly an hour on the same
+CPU). `--accelerator gpu` runs the GPU rows (batch 128, bf16-mixed, ResNet-18 and VGG-11 at full width in
+the end-to-end benchmark); `--data cifar10 --data-dir DIR` trains on CIFAR-10 instead of the offline digits;
+`--threads N` sets `torch.set_num_threads`. Raw numbers: `benchmarks/<accelerator>/results.json`.
+"""
+
+
+def _assemble(docs: Path) -> None:
+    parts = [INTRO]
+    for accelerator in ACCELERATORS:
+        results = docs / "benchmarks" / accelerator / "results.json"
+        if results.exists():
+            parts.append(json.loads(results.read_text())["markdown"])
+        elif accelerator == "gpu":
+            parts.append(
+                "## Results on GPU\n\n**Pending a GPU run.** No GPU was available where these numbers were taken. "
+                "`python -m examples.benchmarks.run --accelerator gpu` (or `--quick`) runs the overhead, latency and "
+                "end-to-end rows on the GPU (batch 128, bf16-mixed, CUDA peak memory, the device named in every "
+                "table) and adds them here without touching the CPU results.\n"
+            )
+        else:
+            parts.append(f"## Results on {accelerator.upper()}\n\nNot run yet.\n")
+    (docs / "benchmarks.md").write_text("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
