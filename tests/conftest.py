@@ -23,3 +23,12 @@ def lightning_info(caplog, monkeypatch):
     monkeypatch.setattr(logger, "propagate", True)
     with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
         yield caplog
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread avoids OpenMP oversubscription when jobs share the CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -61,3 +62,36 @@ def trainer(tmp_path=None, **kwargs) -> L.Trainer:
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+def batchnorms(model: nn.Module) -> dict[str, _BatchNorm]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
+
+
+def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Fresh models have every gamma at 1.0; give them distinct ones (and small betas)."""
+    generator = torch.Generator().manual_seed(seed)
+    for bn in batchnorms(model).values():
+        bn.weight.data.uniform_(0.01, 1.0, generator=generator)
+        bn.bias.data.uniform_(-0.1, 0.1, generator=generator)
+    return model.eval()
+
+
+def global_ticket(model: nn.Module, ratio: float = 0.5) -> dict[str, torch.Tensor]:
+    """Prune the ``ratio`` lowest |gamma| over all BatchNorm layers."""
+    layers = batchnorms(model)
+    gammas = torch.cat([bn.weight.detach().abs() for bn in layers.values()])
+    threshold = gammas.kthvalue(int(ratio * gammas.numel())).values
+    return {name: bn.weight.detach().abs() > threshold for name, bn in layers.items()}
+
+
+def silence_removed_channels(dense: nn.Module, report) -> nn.Module:
+    """Zero gamma and beta of the BatchNorm channels the surgery removed: they then output exactly 0."""
+    for name, bn in batchnorms(dense).items():
+        kept = report.kept_indices.get(f"{name}.weight")
+        if kept is not None:
+            removed = torch.ones(bn.num_features, dtype=torch.bool)
+            removed[kept[0]] = False
+            bn.weight.data[removed] = 0.0
+            bn.bias.data[removed] = 0.0
+    return dense

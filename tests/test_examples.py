@@ -20,13 +20,7 @@ TRAINER_KWARGS = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: one thread avoids OpenMP oversubscription when jobs share the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bn_widths(model: nn.Module) -> list[int]:

@@ -17,7 +17,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_worm.callbacks.early_bird import EarlyBirdCallback
-from lightning_worm.callbacks.strategy import check_strategy
+from lightning_worm.callbacks.strategy import check_strategy, check_tracker_in_trainer
 from lightning_worm.core.scores import BatchNormSource
 from lightning_worm.core.surgery import PruningPlan, apply_plan, prune_channels
 
@@ -122,11 +122,7 @@ class PruneAndFinetune(Callback):
         if stage != "fit":
             return
         check_strategy(trainer, type(self).__name__)
-        if not any(c is self.early_bird for c in trainer.callbacks):
-            raise ValueError(
-                "PruneAndFinetune needs its EarlyBirdCallback in the same Trainer: "
-                "`Trainer(callbacks=[early_bird, PruneAndFinetune(early_bird)])`."
-            )
+        check_tracker_in_trainer(trainer, self)
         if sum(isinstance(c, PruneAndFinetune) for c in trainer.callbacks) > 1:
             raise ValueError("One model can be pruned by one PruneAndFinetune: keep one in the Trainer's callbacks.")
         if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):

@@ -41,3 +41,17 @@ def log_prefix(trainer: "pl.Trainer", callback: Any, name: str) -> str:
 
     trackers = [c for c in trainer.callbacks if isinstance(c, EarlyBirdCallback)]
     return name if len(trackers) < 2 else f"{name}_{callback.prune_ratio:g}"
+
+
+def check_tracker_in_trainer(trainer: "pl.Trainer", callback: Any) -> None:
+    """Raise if ``callback.early_bird`` is not among the trainer's callbacks.
+
+    Raises:
+        ValueError: saying how to add it.
+    """
+    if not any(c is callback.early_bird for c in trainer.callbacks):
+        name = type(callback).__name__
+        raise ValueError(
+            f"{name} needs its EarlyBirdCallback in the same Trainer: "
+            f"`Trainer(callbacks=[early_bird, {name}(early_bird)])`."
+        )

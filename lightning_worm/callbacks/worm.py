@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_worm.callbacks.early_bird import EarlyBirdCallback
-from lightning_worm.callbacks.strategy import check_strategy, log_prefix
+from lightning_worm.callbacks.strategy import check_strategy, check_tracker_in_trainer, log_prefix
 from lightning_worm.core.truncation import ChiSchedule, GradientTruncation
 
 
@@ -89,11 +89,7 @@ class WormCallback(Callback):
         if stage != "fit":
             return
         check_strategy(trainer, type(self).__name__)
-        if not any(c is self.early_bird for c in trainer.callbacks):
-            raise ValueError(
-                "WormCallback needs its EarlyBirdCallback in the same Trainer: "
-                "`Trainer(callbacks=[early_bird, WormCallback(early_bird)])`."
-            )
+        check_tracker_in_trainer(trainer, self)
         self.prefix = log_prefix(trainer, self.early_bird, "worm")
         self._truncation = GradientTruncation(pl_module, self.early_bird.source)
 
