@@ -246,3 +246,24 @@ def test_example_input_array_is_the_fallback(tmp_path):
     eb, worm, prune = callbacks()
     trainer(tmp_path, callbacks=[eb, worm, prune], max_epochs=3).fit(DictNet(), data)
     assert prune.plan is not None
+
+
+def test_validate_a_fresh_module_from_a_pruned_checkpoint(tmp_path):
+    t, model, *_ = fit(max_epochs=3, tmp_path=tmp_path)
+    t.save_checkpoint(tmp_path / "pruned.ckpt")
+    eb, worm, prune = callbacks()
+    fresh = TinyNet()
+    v = trainer(tmp_path, callbacks=[eb, worm, prune])
+    metrics = v.validate(fresh, tiny_loader(), ckpt_path=tmp_path / "pruned.ckpt", verbose=False)
+    assert fresh.features[1].num_features == model.features[1].num_features
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    assert metrics[0]["val_loss"] > 0
+
+
+def test_reshaping_hook_is_installed_once_per_module():
+    eb = EarlyBirdCallback()
+    prune, module = PruneAndFinetune(eb), TinyNet()
+    original = module.on_load_checkpoint
+    for stage in ("validate", "test"):
+        prune.setup(trainer(callbacks=[eb, prune]), module, stage)
+    assert module.on_load_checkpoint.__wrapped__ == original

@@ -57,7 +57,8 @@ class PruneAndFinetune(Callback):
         restart_schedule: start the LR schedule afresh instead of continuing it.
         reset_optimizer_state: start the optimizer state (momentum, moments) from zero instead of
             carrying the kept channels' state over.
-        reinit: re-initialise the pruned network's weights (the Early-Bird paper's "re-init" variant).
+        reinit: re-initialise the pruned network's weights (the Early-Bird paper's "re-init" variant); the
+            optimizer state then starts from zero.
         measure_latency: time inference before and after on the example input (rank zero only).
 
     Raises:
@@ -107,6 +108,7 @@ class PruneAndFinetune(Callback):
         self.reinit = reinit
         self.measure_latency = measure_latency
         self.report: dict[str, Any] | None = None
+        self.report_path: str | None = None
         self.plan: PruningPlan | None = None
         self.pruned_epoch: int | None = None
         self.stop_epoch: int | None = None
@@ -119,6 +121,7 @@ class PruneAndFinetune(Callback):
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._reshape_before_weights_load(pl_module)
         if stage != "fit":
             return
         check_strategy(trainer, type(self).__name__)
@@ -127,20 +130,23 @@ class PruneAndFinetune(Callback):
             raise ValueError("One model can be pruned by one PruneAndFinetune: keep one in the Trainer's callbacks.")
         if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
             raise ValueError(
-                f"PruneAndFinetune does not support the {trainer.strategy.launcher._start_method!r} launcher: it copies the "
-                "trained weights back into the main process's unpruned module. Use `strategy='ddp'` (one process "
-                "per device, started as scripts), which supports pruning mid-fit."
+                f"PruneAndFinetune does not support the {trainer.strategy.launcher._start_method!r} launcher: it "
+                "copies the trained weights back into the main process's unpruned module. Use `strategy='ddp'` "
+                "(one process per device, started as scripts), which supports pruning mid-fit."
             )
         if not isinstance(self.early_bird.source, BatchNormSource):
             raise ValueError(
                 f"PruneAndFinetune prunes BatchNorm channels, but the tracker scores "
                 f"{type(self.early_bird.source).__name__}. Use the default source, or prune with your own surgery."
             )
+
+    def _reshape_before_weights_load(self, pl_module: "pl.LightningModule") -> None:
         # Lightning restores the model weights before any callback state, and no callback hook runs in
         # between (checked in 2.5/2.6); the LightningModule's `on_load_checkpoint` is the last hook before
-        # `load_state_dict`, and it sees the whole checkpoint. Wrap it on this instance so that a pruned
-        # checkpoint reshapes the fresh module first.
-        original = pl_module.on_load_checkpoint
+        # `load_state_dict`, and it sees the whole checkpoint. Wrap it on this instance (once, whatever the
+        # number of fits) so that a pruned checkpoint reshapes the fresh module first, in fit, validate,
+        # test and predict alike.
+        original = getattr(pl_module.on_load_checkpoint, "__wrapped__", pl_module.on_load_checkpoint)
 
         def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
             state = checkpoint.get("callbacks", {}).get(self.state_key)
@@ -149,6 +155,7 @@ class PruneAndFinetune(Callback):
                 apply_plan(pl_module, self.plan)
             original(checkpoint)
 
+        on_load_checkpoint.__wrapped__ = original  # type: ignore[attr-defined]
         pl_module.on_load_checkpoint = on_load_checkpoint
 
     @override
@@ -225,7 +232,7 @@ class PruneAndFinetune(Callback):
             if not self.restart_schedule:  # the schedule's current lr (and momentum, ...) go on
                 for old_group, new_group in zip(old.param_groups, new.param_groups):
                     new_group.update({k: v for k, v in old_group.items() if k != "params"})
-            if self.reset_optimizer_state:
+            if self.reset_optimizer_state or self.reinit:  # fresh weights: the old momentum means nothing
                 continue
             for param, state in old.state.items():
                 name = name_of.get(id(param))
