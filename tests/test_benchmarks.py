@@ -4,7 +4,6 @@ only that every benchmark produces its tables, figures and raw results (into tmp
 import json
 
 import pytest
-import torch
 
 from examples.benchmarks import BENCHMARKS
 from examples.benchmarks.common import (

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -87,18 +86,9 @@ def pages() -> list[Path]:
 PAGES_WITH_PYTHON = [p for p in pages() if any(not b.skipped for b in python_blocks(p))]
 
 
-@pytest.fixture
-def _one_thread():
-    """The examples use tiny models: one thread avoids OpenMP oversubscription on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*")  # tiny data sets
 @pytest.mark.parametrize("page", PAGES_WITH_PYTHON, ids=lambda p: str(p.relative_to(DOCS)))
-def test_python_blocks_of_the_page_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _one_thread):
+def test_python_blocks_of_the_page_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(ROOT))  # the examples package lives in the repository, not installed
     for variable in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # set by seed_everything; restored after the page

@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tests.helpers import batchnorms, randomize_batchnorms, global_ticket, silence_removed_channels
+from tests.helpers import randomize_batchnorms, global_ticket, silence_removed_channels
 from lightning_worm.core.surgery import apply_plan, prune_channels
 
 slow = pytest.mark.slow

@@ -7,7 +7,6 @@ Nothing here is a benchmark; each benchmark module imports from here and returns
 from __future__ import annotations
 
 import atexit
-import contextlib
 import datetime
 import functools
 import os
@@ -17,7 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, TypeVar
@@ -27,6 +26,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
+
+from examples.callbacks import evaluate
 
 T = TypeVar("T")
 
@@ -429,21 +430,6 @@ class Meter(pl.Callback):
 
     def acc_at(self, epoch: int) -> Optional[float]:
         return next((e["val_acc"] for e in self.epochs if e["epoch"] == epoch), None)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader) -> float:
-    """Top-1 accuracy of ``model`` over ``loader`` (eval mode, then the mode is restored)."""
-    training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = total = 0
-    for images, targets in loader:
-        logits = model(images.to(device))
-        correct += int((logits.argmax(1).cpu() == targets).sum())
-        total += len(targets)
-    model.train(training)
-    return correct / max(total, 1)
 
 
 # ------------------------------------------------------------------------------------- tables, stamp

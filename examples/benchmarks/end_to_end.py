@@ -25,10 +25,11 @@ import torch
 from lightning.pytorch import seed_everything
 
 from examples.benchmarks.common import (
-    Meter, Section, Settings, datamodule, device_name, evaluate, forward_flops, interleave, log,
+    Meter, Section, Settings, datamodule, device_name, forward_flops, interleave, log,
     markdown_table, mean_std, new_figure, save_figure, trainer,
 )
 from examples.benchmarks.ticket import CHI, ELBOW, PRUNE_RATIO, SPARSITY, search_callbacks
+from examples.callbacks import evaluate
 from examples.module import ImageClassifier
 from lightning_worm import channel_mask, prune_channels
 

@@ -18,6 +18,7 @@ from lightning_worm.core.detector import TicketDetector
 from lightning_worm.core.masks import (
     Mask,
     NonFiniteScoreError,
+    channel_scores,
     flatten_mask,
     mask_from_scores,
     unflatten_mask,
@@ -228,10 +229,8 @@ class EarlyBirdCallback(Callback):
         self._notify(trainer, pl_module)
 
     def _take_mask(self, pl_module: "pl.LightningModule") -> Mask | NonFiniteScoreError:
-        modules = self.source.tracked(pl_module)
         try:
-            result = mask_from_scores({n: self.source.scores(m) for n, m in modules.items()},
-                                      self.prune_ratio, self.min_channels)
+            result = mask_from_scores(channel_scores(pl_module, self.source), self.prune_ratio, self.min_channels)
         except NonFiniteScoreError as err:
             return err
         if result.restored and self.verbose and not self._restored_reported:
@@ -289,3 +288,16 @@ class EarlyBirdCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.detector.load_state_dict(state_dict["detector"])
         self.searching = state_dict["searching"]
+
+
+def check_is_tracker(early_bird: Any, who: str) -> None:
+    """Raise if ``early_bird`` is not an :class:`EarlyBirdCallback` (for the callbacks that follow one).
+
+    Raises:
+        ValueError: saying how to make one.
+    """
+    if not isinstance(early_bird, EarlyBirdCallback):
+        raise ValueError(
+            f"`early_bird` must be an EarlyBirdCallback, got {type(early_bird).__name__}: create one and pass "
+            f"it here, e.g. `{who}(EarlyBirdCallback(prune_ratio=0.5))`."
+        )

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_worm.callbacks.early_bird import EarlyBirdCallback
+from lightning_worm.callbacks.early_bird import EarlyBirdCallback, check_is_tracker
 from lightning_worm.callbacks.strategy import check_strategy, check_tracker_in_trainer
 from lightning_worm.core.scores import BatchNormSource
 from lightning_worm.core.surgery import PruningPlan, apply_plan, prune_channels
@@ -87,11 +87,7 @@ class PruneAndFinetune(Callback):
         measure_latency: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(early_bird, EarlyBirdCallback):
-            raise ValueError(
-                f"`early_bird` must be an EarlyBirdCallback, got {type(early_bird).__name__}: "
-                "`PruneAndFinetune(EarlyBirdCallback(prune_ratio=0.5))`."
-            )
+        check_is_tracker(early_bird, type(self).__name__)
         if coupling not in ("all", "mean_rank"):
             raise ValueError(f"`coupling` must be 'all' or 'mean_rank', got {coupling!r}.")
         if round_to is not None and not (isinstance(round_to, int) and round_to >= 1):

@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_worm.callbacks.early_bird import EarlyBirdCallback
+from lightning_worm.callbacks.early_bird import EarlyBirdCallback, check_is_tracker
 from lightning_worm.callbacks.strategy import check_strategy, check_tracker_in_trainer, log_prefix
 from lightning_worm.core.truncation import ChiSchedule, GradientTruncation
 
@@ -55,11 +55,7 @@ class WormCallback(Callback):
         self, early_bird: EarlyBirdCallback, schedule: str = "elbow", chi: float = 0.003, elbow: float = 0.15
     ) -> None:
         super().__init__()
-        if not isinstance(early_bird, EarlyBirdCallback):
-            raise ValueError(
-                f"`early_bird` must be an EarlyBirdCallback, got {type(early_bird).__name__}: create one and "
-                "pass it here, e.g. `WormCallback(EarlyBirdCallback(prune_ratio=0.5))`."
-            )
+        check_is_tracker(early_bird, type(self).__name__)
         self.early_bird = early_bird
         self.schedule = ChiSchedule(schedule, chi, elbow)
         self.prefix = "worm"
