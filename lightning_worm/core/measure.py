@@ -28,6 +28,7 @@ __all__ = [
     "forward_flops",
     "latency",
     "latency_ms",
+    "timer",
 ]
 
 ExampleInput = Union[Tensor, Sequence[Tensor]]
@@ -102,6 +103,19 @@ def forward_flops(model: nn.Module, example_input: ExampleInput, per_example: bo
     return round(total / batch_size(example_input)) if per_example else total
 
 
+def timer(
+    model: nn.Module, example_input: ExampleInput, *, num_threads: Optional[int] = None, **labels: str
+) -> benchmark.Timer:
+    """A ``torch.utils.benchmark.Timer`` of ``model(*inputs)`` with ``num_threads`` threads (default: now's).
+
+    Call it in eval mode inside ``torch.no_grad()`` (grad mode is per thread; the timer runs in this one).
+    ``labels`` are ``label``, ``sub_label``, ``description`` of the measurement.
+    """
+    threads = num_threads or torch.get_num_threads()
+    return benchmark.Timer(stmt="model(*inputs)", globals={"model": model, "inputs": as_inputs(example_input)},
+                           num_threads=threads, **labels)
+
+
 def latency(
     model: nn.Module,
     example_input: ExampleInput,
@@ -126,15 +140,11 @@ def latency(
     """
     if not (isinstance(repeats, int) and repeats >= 1):
         raise ValueError(f"`repeats` must be an integer >= 1, got {repeats!r}.")
-    inputs = as_inputs(example_input)
-    threads = num_threads or torch.get_num_threads()
-    timer = benchmark.Timer(
-        stmt="model(*inputs)", globals={"model": model, "inputs": inputs}, num_threads=threads, label=label
-    )
+    clock = timer(model, example_input, num_threads=num_threads, label=label)
     with eval_mode(model), torch.no_grad():
         if warmup:
-            timer.timeit(warmup)
-        runs = [timer.timeit(1) for _ in range(repeats)]
+            clock.timeit(warmup)
+        runs = [clock.timeit(1) for _ in range(repeats)]
     return benchmark.Measurement.merge(runs)[0]
 
 
@@ -143,31 +153,54 @@ def latency_ms(model: nn.Module, example_input: ExampleInput, **kwargs: Any) -> 
     return latency(model, example_input, **kwargs).median * 1e3
 
 
-def export_for_inference(model: nn.Module, *, channels_last: bool = True, compile: bool = False) -> nn.Module:
-    """Prepare a (pruned) model for fast inference: eval mode, no grad on parameters, channels-last, optionally compiled.
+def export_for_inference(
+    model: nn.Module, *, channels_last: bool = True, fuse_batchnorm: bool = True, compile: bool = False
+) -> nn.Module:
+    """Prepare a (pruned) model for fast inference: eval mode, BatchNorm folded into the convolutions,
+    channels-last, optionally compiled.
 
-    Channels-last memory format (for models with 4-D convolution weights) lets oneDNN (CPU) and cuDNN use
-    their fastest convolution kernels for any channel count, which is what a pruned model's odd counts
-    need. ``torch.compile`` fuses BatchNorm and activations into the convolutions.
+    A pruned model has odd channel counts; channels-last memory format lets oneDNN (CPU) and cuDNN use
+    their fast convolution kernels for any count, and folding each eval-mode BatchNorm into the
+    convolution before it removes a pass over every activation (``torch.fx.experimental.optimization.fuse``:
+    the model is traced with ``torch.fx``; if it cannot be traced, it is kept unfused with a warning).
+    ``torch.compile`` additionally fuses the activations and removes Python overhead (the first call
+    compiles, tens of seconds on a CPU; needs a working C++ compiler there).
 
     Args:
-        model: the model; changed in place (and returned, compiled if asked).
-        channels_last: convert 4-D parameters and buffers to ``torch.channels_last`` (feed inputs in that
-            format too: ``x.to(memory_format=torch.channels_last)``; others work, with a conversion).
-        compile: return ``torch.compile(model)`` (the first call compiles; needs a working C++ compiler on CPU).
+        model: the model; not changed (a prepared copy is returned).
+        channels_last: convert 4-D parameters and buffers to ``torch.channels_last``. Feed inputs in that
+            format too (``x.contiguous(memory_format=torch.channels_last)``); others work, with a conversion.
+        fuse_batchnorm: fold eval-mode BatchNorm layers into the preceding convolutions.
+        compile: return ``torch.compile`` of the prepared model.
 
     Returns:
-        The model ready for inference (eval mode).
+        A model for inference only (eval mode, no parameter requires grad): a ``torch.fx.GraphModule`` when
+        BatchNorm was folded, compiled if asked. Its outputs equal the model's eval-mode outputs up to
+        float rounding. It exports with ``torch.export`` like any module.
 
     Example::
 
         >>> fast = export_for_inference(pruned_model)
         >>> with torch.inference_mode():
-        ...     logits = fast(images.to(memory_format=torch.channels_last))
+        ...     logits = fast(images.contiguous(memory_format=torch.channels_last))
     """
-    model.eval()
+    import copy
+    import warnings
+
+    model = copy.deepcopy(model).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if fuse_batchnorm:
+        from torch.fx.experimental.optimization import fuse
+
+        try:
+            model = fuse(model, inplace=True).eval()
+        except Exception as error:  # noqa: BLE001 - any tracing failure: keep the model as it is
+            warnings.warn(
+                f"BatchNorm left unfused: the model could not be traced with torch.fx ({type(error).__name__}: "
+                f"{error}). Pass `fuse_batchnorm=False` to silence this.",
+                stacklevel=2,
+            )
     if channels_last and any(p.dim() == 4 for p in model.parameters()):
-        model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
     return torch.compile(model) if compile else model

@@ -2,16 +2,16 @@
 
 Torch-Pruning's ``DependencyGraph`` is the engine. The package holds one concern per module:
 
-* :mod:`~lightning_worm.core.surgery.api`: the public functions :func:`prune_channels` and
+* ``lightning_worm.core.surgery.api``: the public functions :func:`prune_channels` and
   :func:`apply_plan`;
-* :mod:`~lightning_worm.core.surgery.plan`: :class:`PruningPlan` (JSON-serialisable, replayable on a
+* ``lightning_worm.core.surgery.plan``: :class:`PruningPlan` (JSON-serialisable, replayable on a
   freshly built model so that a pruned ``state_dict`` loads), :class:`PruningReport`, and the registry of
   replays by plan ``kind`` (:func:`register_replay`);
-* :mod:`~lightning_worm.core.surgery.decision`: which channels go per unit (coupling, ``round_to``,
+* ``lightning_worm.core.surgery.decision``: which channels go per unit (coupling, ``round_to``,
   layers never emptied);
-* :mod:`~lightning_worm.core.surgery.graph`: the dependency graph extended for channel shuffles and
+* ``lightning_worm.core.surgery.graph``: the dependency graph extended for channel shuffles and
   chunks, and the cut;
-* measuring (parameters, FLOPs per example, latency) lives in :mod:`lightning_worm.core.measure`.
+* measuring (parameters, FLOPs per example, latency) lives in ``lightning_worm.core.measure``.
 """
 
 from lightning_worm.core.surgery.api import DEFAULT_COUPLING, apply_plan, prune_channels

@@ -52,7 +52,7 @@ def prune_channels(
 
     Each pruned channel of a scored module (a BatchNorm layer by default) goes together with the
     conv/linear output channel feeding it and the input channels of every consumer; the model keeps its
-    inputs and output shapes. See :mod:`lightning_worm.core.surgery.decision` for which channels go
+    inputs and output shapes. See ``lightning_worm.core.surgery.decision`` for which channels go
     when layers are coupled. Parameters are replaced by new ``nn.Parameter`` objects (rebuild
     optimizers; ``report.kept_indices`` maps their state). The modules' train/eval flags and
     ``requires_grad`` are restored; everything stays on the model's device.

@@ -6,7 +6,7 @@ depthwise convolutions and a flatten into a linear layer. What it gets wrong on 
 a channel shuffle (``view -> transpose -> view`` or ``F.channel_shuffle``) becomes a node with its own
 index permutation, and ``chunk`` along the channels reads its real sizes and order and keeps its chunks
 the same size. Every Torch-Pruning internal this needs is reached through
-:mod:`lightning_worm._internals.torch_pruning`.
+``lightning_worm._internals.torch_pruning``.
 """
 
 from __future__ import annotations
