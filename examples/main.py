@@ -85,7 +85,8 @@ class WormCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        given: list[pl.Callback] = list(config["trainer"].get("callbacks") or [])
+        given = config["trainer"].get("callbacks") or []
+        given = list(given) if isinstance(given, (list, tuple)) else [given]  # one callback, or a list
         groups = {key: dict(config[key]) for key in GROUPS}
         for key, cls in GROUPS.items():
             if groups[key]["enabled"] and any(isinstance(c, cls) for c in given):
