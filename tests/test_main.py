@@ -111,7 +111,11 @@ def test_help_lists_the_choices(capsys):
         build_cli(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--model.arch {resnet18,vgg11_bn}" in out and "--model.schedule {step,cosine}" in out
+    for choices in ("--model.arch {resnet18,vgg11_bn}", "--model.schedule {step,cosine}",
+                    "--early_bird.first_mask {epoch_end,train_start}",
+                    "--worm.schedule {elbow,fixed,greedy,two_stage}", "--prune.coupling {all,mean_rank}",
+                    "--prune.ticket {early_bird,random}"):
+        assert choices in out, choices
     assert "offline.yaml" in out  # the default config file
     assert "--optimizer" not in out and "--lr_scheduler" not in out  # the model builds its own
 
@@ -119,6 +123,9 @@ def test_help_lists_the_choices(capsys):
 @pytest.mark.parametrize("args, expected", [
     (["--model.arch", "resnet50"], "resnet50"),
     (["--model.schedule", "linear"], "linear"),
+    (["--worm.schedule", "cosine"], "cosine"),
+    (["--prune.coupling", "any"], "any"),
+    (["--early_bird.first_mask", "never"], "never"),
     (["--optimizer", "Adam"], "--optimizer"),
 ])
 def test_a_bad_choice_is_a_usage_error(args, expected, capsys):
@@ -186,3 +193,36 @@ def test_ddp_is_a_flag_away(tmp_path):
     (summary_path,) = (tmp_path / "run").glob("**/summary.json")
     summary = strict_json(summary_path)
     assert summary["pruned_epoch"] == 1 and summary["params"][1] < summary["params"][0]
+
+
+ONE_TINY_EPOCH = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                  "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
+                  "--trainer.default_root_dir", "run"]
+
+
+def test_callbacks_in_yaml_parse_and_fit():
+    """The recipe of examples/configs/callbacks_in_yaml.yaml: the three callbacks as plain trainer.callbacks."""
+    cli = build_cli(["--config", str(CONFIGS / "callbacks_in_yaml.yaml"), *ONE_TINY_EPOCH])
+    ours = [c for c in cli.trainer.callbacks if isinstance(c, (EarlyBirdCallback, WormCallback, PruneAndFinetune))]
+    assert [type(c) for c in ours] == [EarlyBirdCallback, WormCallback, PruneAndFinetune]  # one of each
+    assert (cli.early_bird, cli.worm, cli.prune) == tuple(ours)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.current_epoch == 1 and len(cli.early_bird.distances) == 1
+    assert cli.worm.early_bird is cli.early_bird and cli.prune.early_bird is cli.early_bird
+
+
+def test_callbacks_in_yaml_in_a_plain_lightning_cli():
+    """The same `trainer:` part in a LightningCLI of the user's own (no example-job options)."""
+    import yaml
+    from lightning.pytorch.cli import LightningCLI
+
+    config = yaml.safe_load((CONFIGS / "callbacks_in_yaml.yaml").read_text())
+    for key in ("early_bird", "worm", "prune"):
+        del config[key]
+    config["trainer"].update(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False)
+    cli = LightningCLI(ImageClassifier, subclass_mode_data=True, run=False, args=config,
+                       auto_configure_optimizers=False)
+    early_bird, worm, prune = cli.trainer.callbacks[:3]
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert len(early_bird.distances) == 1 and worm.early_bird is early_bird and prune.early_bird is early_bird
