@@ -111,7 +111,9 @@ def test_help_lists_the_choices(capsys):
         build_cli(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for choices in ("--model.arch {resnet18,vgg11_bn}", "--model.schedule {step,cosine}",
+    from examples.models import MODELS
+
+    for choices in (f"--model.arch {{{','.join(MODELS)}}}", "--model.schedule {step,cosine}",
                     "--early_bird.first_mask {epoch_end,train_start}",
                     "--worm.schedule {elbow,fixed,greedy,two_stage}", "--prune.coupling {all,mean_rank}",
                     "--prune.ticket {early_bird,random}"):
