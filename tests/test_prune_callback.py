@@ -51,7 +51,7 @@ def fit(model_cls=TinyNet, max_epochs=4, tmp_path=None, ckpt_path=None, extra=()
 
 
 def test_prunes_the_ticket_and_trains_on(tmp_path):
-    t, model, eb, worm, prune, spy = fit(tmp_path=tmp_path, max_epochs=4)
+    t, model, eb, worm, prune, spy = fit(tmp_path=tmp_path, max_epochs=4, prune_kwargs={"report_dir": str(tmp_path)})
     kept = {name: int(m.sum()) for name, m in eb.ticket.items()}
     assert model.features[1].num_features == kept["features.1"] == model.features[0].out_channels
     assert model.features[4].num_features == kept["features.4"] == model.classifier.in_features

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Callable, Literal, Mapping
 
@@ -25,10 +26,10 @@ from lightning_worm.callbacks.tracking import TrackerSpec, check_tracker_spec, f
 from lightning_worm.checkpoint import CHECKPOINT_KEY, PLAN_OWNER, find_pruning_plan, raise_for_unloadable_checkpoint
 from lightning_worm.core.masks import Mask
 from lightning_worm.core.sources import ScoreSource
-from lightning_worm.core.surgery import PruningPlan, apply_plan
+from lightning_worm.core.surgery import DEFAULT_COUPLING, PruningPlan, apply_plan
+from lightning_worm.core.surgery.decision import COUPLINGS
 from lightning_worm.core.validation import check_bool, check_choice, check_int
 
-COUPLINGS = ("all", "mean_rank")
 TICKETS = ("early_bird", "random")
 
 
@@ -60,9 +61,11 @@ class PruneAndFinetune(Callback):
             the trainer.
         example_input: a model input used to trace the data flow (a tensor or a tuple of tensors); by
             default the first element of the first training batch, else the module's ``example_input_array``.
-        coupling: ``"all"`` prunes a channel shared by several BN layers (a residual sum) only if the
-            ticket prunes it in every one of them; ``"mean_rank"`` ranks such channels by the group's
-            mean score and prunes as many as the ticket does on average.
+        coupling: how channels shared by several scored layers (a residual sum, grouped convolutions) are
+            decided: ``"vote"`` (default) prunes as many as the ticket does on average, those most of whose
+            layers the ticket prunes first (then by mean score); ``"mean_rank"`` the same count ranked by
+            mean score; ``"all"`` only channels the ticket prunes in every coupled layer (removes far less
+            on ResNets and MobileNets). See ``prune_channels``.
         round_to: keep every coupled group's channel count a multiple of this (faster kernels), by keeping
             the next-best channels; ``None`` honours the ticket exactly.
         finetune_epochs: end the fit this many epochs after the prune; ``None`` trains to ``max_epochs``.
@@ -103,7 +106,7 @@ class PruneAndFinetune(Callback):
         self,
         early_bird: TrackerSpec = None,
         example_input: Tensor | tuple[Tensor, ...] | None = None,
-        coupling: Literal["all", "mean_rank"] = "all",
+        coupling: Literal["vote", "mean_rank", "all"] = DEFAULT_COUPLING,
         round_to: int | None = None,
         finetune_epochs: int | None = None,
         restart_schedule: bool = False,
@@ -343,7 +346,8 @@ class PruneAndFinetune(Callback):
         kwargs: dict[str, Any] = dict(on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
         pl_module.log("pruning/params_ratio", r["params_after"] / r["params_before"], **kwargs)
         pl_module.log("pruning/flops_ratio", r["flops_after"] / r["flops_before"], **kwargs)
-        directory = self.report_dir or trainer.log_dir  # log_dir is a collective under DDP: every rank asks
+        # log_dir is a collective under DDP: every rank asks. Without a logger it would be the working directory.
+        directory = self.report_dir or (trainer.log_dir if trainer.loggers else None)
         if not trainer.is_global_zero:
             return
         self.report_path = None
@@ -354,7 +358,7 @@ class PruneAndFinetune(Callback):
                 os.makedirs(directory, exist_ok=True)
                 path = os.path.join(directory, "pruning_report.json")
                 with open(path, "w") as f:
-                    json.dump(r, f, indent=2, allow_nan=False, default=_json_default)
+                    json.dump(_strict_json(r), f, indent=2, allow_nan=False)
                 self.report_path = where = path
             except (OSError, ValueError) as error:
                 where = "not written"
@@ -431,10 +435,17 @@ def _to_device(example: Any, device: torch.device) -> Any:
     return tuple(_to_device(e, device) for e in example)
 
 
-def _json_default(value: Any) -> Any:
+def _strict_json(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None`` and tensors as lists: valid JSON for strict readers."""
     if isinstance(value, Tensor):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+        value = value.tolist()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 def _slice_like(value: Any, old_param: Tensor, kept: list[Tensor | None] | None) -> Any:
