@@ -82,8 +82,8 @@ def test_cnn1d_shape_and_registry():
     assert isinstance(model, CNN1D) and model.input_shape == (1, 40)
     assert model(torch.randn(3, 1, 40)).shape == (3, 10)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
-    assert [bn.num_features for bn in bns] == [8, 8, 16, 16, 32, 32]
-    assert cnn1d(width=0.5).classifier.in_features == 16
+    assert [bn.num_features for bn in bns] == [16, 16, 32, 32, 64, 64]
+    assert cnn1d(width=0.5).classifier.in_features == 32
     with pytest.raises(ValueError, match="width"):
         cnn1d(width=0)
 
@@ -100,7 +100,7 @@ def test_cnn1d_is_prunable_and_the_plan_replays():
     report = prune_channels(model, ticket, example, measure_latency=False)
     kept = {name: int(m.sum()) for name, m in ticket.items()}
     assert report.channels_after == kept  # a plain chain: the ticket is honoured exactly
-    assert sum(kept.values()) == 56
+    assert sum(kept.values()) == 112
     assert report.flops_after < 0.5 * report.flops_before and report.params_after < report.params_before
     assert model(example).shape == (4, 10)
     fresh = cnn1d()

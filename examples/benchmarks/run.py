@@ -3,9 +3,13 @@
 Usage::
 
     python examples/benchmarks/run.py --quick          # < 10 minutes on a 2-core CPU
-    python -m examples.benchmarks.run                  # the full mode (about an hour on a 2-core CPU)
+    python -m examples.benchmarks.run                  # the full mode
+    python -m examples.benchmarks.run --only ticket,end_to_end   # the claims on MNIST-1D, 5 seeds, both recipes
     python -m examples.benchmarks.run --accelerator gpu    # the GPU rows (batch 128, bf16-mixed)
     python -m examples.benchmarks.run --only latency,overhead --threads 1
+
+The ``ticket`` and ``end_to_end`` benchmarks share one set of training runs (:mod:`examples.benchmarks.claims`),
+made once per process on ``--workers`` processes.
 
 Each accelerator's results (figures, and ``results.json`` with the raw numbers and the section's Markdown)
 are kept apart in ``docs/benchmarks/cpu/`` and ``docs/benchmarks/gpu/``; ``docs/benchmarks.md`` is assembled
@@ -47,8 +51,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="'auto': the GPU when torch sees one")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: the usable cores; use 1 on a busy machine)")
-    parser.add_argument("--data", choices=("digits", "cifar10"), default="digits",
-                        help="data of the training benchmarks (cifar10 needs --data-dir)")
+    parser.add_argument("--data", choices=("mnist1d", "digits", "cifar10"), default="mnist1d",
+                        help="task of the ticket and end-to-end benchmarks (mnist1d: generated offline by the "
+                             "`mnist1d` package; cifar10 needs --data-dir)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="training runs in parallel for the ticket and end-to-end benchmarks, one process and "
+                             "one torch thread each (default: the usable cores, at most 4; 1 on a GPU)")
     parser.add_argument("--data-dir", default="data", help="directory holding cifar-10-batches-py")
     parser.add_argument("--docs", type=Path, default=REPO / "docs",
                         help="where benchmarks.md and benchmarks/ are written (default: the repository's docs/)")
@@ -72,6 +80,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Section]:
     overrides: dict[str, Any] = dict(data=args.data, data_dir=args.data_dir)
     if args.threads is not None:
         overrides["threads"] = args.threads
+    if args.workers is not None:
+        if args.workers < 1:
+            raise ValueError(f"`--workers` must be at least 1, got {args.workers}.")
+        overrides["workers"] = args.workers
     settings = Settings.preset(args.mode, args.accelerator, **overrides)
     torch.set_num_threads(settings.threads)
     _quiet()
@@ -164,14 +176,16 @@ median and spread, because the machine this was measured on is shared and its ba
 |---|---|
 | `overhead` | time per training step and peak memory of a Lightning fit with EarlyBird + WORM (and the sparsity term) against no callback; the tracker's per-epoch mask cost on 100k+ BN channels |
 | `latency` | inference latency, params and FLOPs of dense vs pruned VGG-11-BN, ResNet-18 and MobileNetV2 at p = 0.3 / 0.5 / 0.7: lightning-worm (with and without `round_to=8`), torch-pruning's global BN-scale pruner, `ln_structured` masks (Lightning's `ModelPruning` style) and global `l1_unstructured` masks (the WORM code) |
-| `ticket` | Early-Bird vs WORM (elbow, fixed, greedy) over seeds: ticket epoch, accuracy around the prune, recovery, wall time, training FLOPs |
-| `end_to_end` | time and training FLOPs to a target accuracy: dense, network slimming, EarlyBird + prune + fine-tune, EarlyBird + WORM + prune + fine-tune |
+| `ticket` | on MNIST-1D, over seeds and under two named recipes (the Early-Bird code's and the WORM code's): ticket epoch of Early-Bird vs WORM (elbow, fixed, greedy); validation accuracy just before the prune, right after the surgery and after BatchNorm re-calibration, and epochs to recover the dense accuracy, against a random ticket of the same shape and network slimming; the goals of issue 9, met or not |
+| `end_to_end` | on MNIST-1D: wall time and training FLOPs to reach the dense run's final accuracy minus 0.5 point, for each method against dense training; final test accuracy, params, FLOPs and latency of what is delivered |
 
 Rerun: `python examples/benchmarks/run.py --quick` (under 10 minutes on a 2-core CPU) or
-`python -m examples.benchmarks.run` (full mode: 5 seeds, 40 epochs, more rounds; roughly an hour on the same
-CPU). `--accelerator gpu` runs the GPU rows (batch 128, bf16-mixed, ResNet-18 and VGG-11 at full width in
-the end-to-end benchmark); `--data cifar10 --data-dir DIR` trains on CIFAR-10 instead of the offline digits;
-`--threads N` sets `torch.set_num_threads`. Raw numbers: `benchmarks/<accelerator>/results.json`.
+`python -m examples.benchmarks.run` (full mode: 5 seeds, more rounds). `python -m examples.benchmarks.run --only
+ticket,end_to_end` runs the claims alone (MNIST-1D, 5 seeds, both recipes: under 15 minutes on 2 cores).
+`--accelerator gpu` runs the GPU rows (batch 128, bf16-mixed); `--data digits` or `--data cifar10 --data-dir DIR`
+trains the ticket and end-to-end benchmarks on the digits or CIFAR-10 (VGG-11-BN at width 0.25) instead of
+MNIST-1D; `--threads N` sets `torch.set_num_threads`, `--workers N` the training runs in parallel. Raw numbers:
+`benchmarks/<accelerator>/results.json`.
 """
 
 
