@@ -19,14 +19,12 @@ from lightning_worm.core.masks import (
     Mask,
     NonFiniteScoreError,
     channel_scores,
-    flatten_mask,
     mask_from_scores,
-    unflatten_mask,
     validate_min_channels,
     validate_ratio,
 )
 from lightning_worm.core.regularization import add_sparsity_gradient, validate_sparsity
-from lightning_worm.core.scores import BatchNormSource, ChannelSource
+from lightning_worm.core.sources import ScoreSource, resolve_source
 
 
 class EarlyBirdCallback(Callback):
@@ -81,9 +79,10 @@ class EarlyBirdCallback(Callback):
         min_channels: int = 1,
         every_n_epochs: int = 1,
         stop_on_ticket: bool = False,
-        source: ChannelSource | None = None,
+        source: str | ScoreSource | None = None,
         keep_history: bool = True,
         verbose: bool = True,
+        accept_first_window: bool = True,
     ) -> None:
         super().__init__()
         validate_ratio(prune_ratio)
@@ -96,9 +95,10 @@ class EarlyBirdCallback(Callback):
         self.min_channels = min_channels
         self.every_n_epochs = every_n_epochs
         self.stop_on_ticket = stop_on_ticket
-        self.source = source or BatchNormSource()
+        self.source = resolve_source(source)
         self.verbose = verbose
-        self.detector = TicketDetector(window, threshold, keep_history=keep_history)
+        self.detector = TicketDetector(window, threshold, keep_history=keep_history,
+                                       accept_first_window=accept_first_window)
         self.searching = True
         self.prefix = "earlybird"
         self._restored_reported = False
@@ -172,11 +172,7 @@ class EarlyBirdCallback(Callback):
                 f"{self.source.description}. Candidates left out: {left_out}. Add BatchNorm layers after "
                 "your convolutions, unfreeze their weights, or pass a `source=` that scores your layers."
             )
-        if skipped:
-            rank_zero_info(
-                f"{type(self).__name__}: tracking {sum(m.weight.numel() for m in tracked.values())} channels in "
-                f"{len(tracked)} layers; left out: " + ", ".join(f"{n} ({why})" for n, why in skipped.items())
-            )
+        rank_zero_info(f"{type(self).__name__}: {self.source.summary(pl_module)}")
 
     @override
     def on_before_optimizer_step(
@@ -205,7 +201,8 @@ class EarlyBirdCallback(Callback):
                 f"{type(self).__name__} already holds {self.detector.epoch} epochs but this fit is at epoch "
                 f"{epoch}: starting a new search. Use a new callback per fit, or resume with `ckpt_path`."
             )
-            self.detector = TicketDetector(self.window, self.threshold, self.detector.keep_history)
+            self.detector = TicketDetector(self.window, self.threshold, self.detector.keep_history,
+                                           self.detector.accept_first_window)
         while self.detector.epoch < epoch:  # epochs this callback did not see
             self.detector.skip()
         if (epoch + 1) % self.every_n_epochs:
@@ -246,14 +243,14 @@ class EarlyBirdCallback(Callback):
     def _share_rank_zero_mask(
         trainer: "pl.Trainer", pl_module: "pl.LightningModule", outcome: Mask | NonFiniteScoreError
     ) -> Mask | NonFiniteScoreError:
-        # Rank 0 decides; the broadcast pickles, so send one flat CPU tensor and place it on this rank's device.
+        # Rank 0 decides; the broadcast pickles, so send the packed bits and place them on this rank's device.
         if not isinstance(outcome, NonFiniteScoreError):
-            outcome = (flatten_mask(outcome).cpu(), {n: m.numel() for n, m in outcome.items()})
+            outcome = (outcome.packed(), outcome.layout)
         outcome = decide_on_rank_zero(trainer, outcome)
         if isinstance(outcome, NonFiniteScoreError):
             return outcome
-        flat, layout = outcome
-        return unflatten_mask(flat.to(pl_module.device), layout)
+        packed, layout = outcome
+        return Mask.unpack(packed, layout).to(pl_module.device)
 
     def _log(self, pl_module: "pl.LightningModule", distance: float, mean: float) -> None:
         # Every rank holds the same values; reduce_fx="max" keeps them exact and silences the DDP warning.

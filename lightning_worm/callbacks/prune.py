@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from lightning_worm.callbacks.early_bird import EarlyBirdCallback, check_is_tracker
 from lightning_worm.callbacks.strategy import check_strategy, check_tracker_in_trainer
-from lightning_worm.core.scores import BatchNormSource
+from lightning_worm.core.sources import BatchNormSource
 from lightning_worm.core.surgery import PruningPlan, apply_plan, prune_channels
 
 
