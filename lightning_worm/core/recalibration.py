@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_worm.core.validation import check_int
+
 __all__ = ["random_ticket", "recalibrate_batchnorm"]
 
 
@@ -74,9 +76,7 @@ def recalibrate_batchnorm(
         >>> model.training  # modes are restored
         False
     """
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
-                                    or max_batches < 1):
-        raise ValueError(f"`max_batches` must be None or an integer >= 1, got {max_batches!r}.")
+    check_int("max_batches", max_batches, minimum=1, allow_none=True)
     layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
               and m.running_mean is not None]
     if not layers:
