@@ -135,3 +135,29 @@ def test_presets():
     assert Settings.preset("quick", "cpu", data="digits").arch == "vgg11_bn"
     with pytest.raises(ValueError, match="Unknown mode"):
         Settings.preset("huge", "cpu")
+
+
+def test_run_keeps_the_sections_it_did_not_rerun(tmp_path, monkeypatch):
+    """`--only x` replaces section x and keeps the others with their own mode and date (a full run of one benchmark
+    does not wipe the rest of the report)."""
+    from examples.benchmarks.common import Section
+
+    def fake(title):
+        def run(settings, out_dir):
+            figure = out_dir / f"{title}.png"
+            figure.write_bytes(b"png")
+            return Section(title, f"| {title} |\n|---|\n| {settings.mode} |", [figure], {"mode": settings.mode},
+                           [f"{title} headline ({settings.mode})"])
+        return run
+
+    monkeypatch.setitem(BENCHMARKS, "alpha", fake("Alpha"))
+    monkeypatch.setitem(BENCHMARKS, "beta", fake("Beta"))
+    main(["--mode", "tiny", "--accelerator", "cpu", "--threads", "1", "--only", "alpha,beta", "--docs", str(tmp_path)])
+    main(["--mode", "quick", "--accelerator", "cpu", "--threads", "1", "--only", "beta", "--docs", str(tmp_path)])
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert "Alpha headline (tiny)" in report and "Beta headline (quick)" in report
+    assert "Beta headline (tiny)" not in report and "Kept from earlier runs" in report
+    assert "*`alpha`, tiny mode" in report and "*`beta`, quick mode" in report
+    assert report.index("### 1. Alpha") < report.index("### 2. Beta")
+    results = json.loads((tmp_path / "benchmarks" / "cpu" / "results.json").read_text())
+    assert results["results"] == {"alpha": {"mode": "tiny"}, "beta": {"mode": "quick"}}

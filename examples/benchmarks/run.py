@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 import warnings
@@ -120,36 +121,83 @@ def _quiet() -> None:
 
 def _write(docs: Path, out: Path, settings: Settings, env: dict[str, Any], sections: dict[str, Section],
            seconds: float) -> None:
+    """Write ``results.json`` and the accelerator's part of ``docs/benchmarks.md``.
+
+    Sections of this run replace those of the same name; the sections of earlier runs that this one did not rerun
+    are kept, each with its own mode, date and settings (``--only ticket,end_to_end`` leaves the latency results).
+    """
     rel = lambda p: Path(p).relative_to(docs).as_posix()  # noqa: E731
+    command = f"python -m examples.benchmarks.run --mode {settings.mode} --accelerator {settings.accelerator}"
+    kept, kept_results = _previous_sections(out / "results.json")
+    for name, section in sections.items():
+        kept[name] = dict(title=section.title, markdown=section.markdown, headline=list(section.headline),
+                          figures=[rel(f) for f in section.figures], seconds=section.seconds, mode=settings.mode,
+                          date=env["date"], command=f"{command} --only {name}", settings=settings.to_dict())
+        kept_results[name] = section.data
+    order = [n for n in BENCHMARKS if n in kept] + [n for n in kept if n not in BENCHMARKS]
+    rerun = [n for n in order if n not in sections]
     lines = [
         f"## Results on {settings.accelerator.upper()}"
         + (f": {env['gpu']}" if env.get("gpu") else f": {env['cpu']}"),
         "",
-        f"Produced by `python -m examples.benchmarks.run --mode {settings.mode} --accelerator {settings.accelerator}` "
-        f"(**{settings.mode} mode**) on {env['date']}; the run took {seconds / 60:.1f} min. "
-        f"Load average (1 min) {env.get('load_average_1min')} at the start and {env.get('load_average_1min_end')} "
-        f"at the end on {env.get('usable_cores')} usable cores"
+        f"Last produced by `{command} --only {','.join(sections)}` (**{settings.mode} mode**) on {env['date']}; "
+        f"the run took {seconds / 60:.1f} min. Load average (1 min) {env.get('load_average_1min')} at the start and "
+        f"{env.get('load_average_1min_end')} at the end on {env.get('usable_cores')} usable cores"
         + (": **the machine was shared** with other jobs while this ran, so absolute times are noisy; the "
-           "interleaved ratios are the figures to read." if _busy(env) else "."),
+           "interleaved ratios are the figures to read." if _busy(env) else ".")
+        + (f" Kept from earlier runs (each with its own mode and date below): {', '.join(rerun)}." if rerun else ""),
         "",
         environment_markdown(env),
         "",
         "### Headlines",
         "",
-        *[f"- {line}" for s in sections.values() for line in s.headline],
+        *[f"- {line}" for n in order for line in kept[n]["headline"]],
         "",
     ]
-    for i, (name, section) in enumerate(sections.items(), 1):
-        lines += [f"### {i}. {section.title}", "", f"*`{name}`, {section.seconds:.0f} s.*", "",
-                  section.markdown.strip(), ""]
-        lines += [f"![{section.title}]({rel(f)})" for f in section.figures] + [""]
+    for i, name in enumerate(order, 1):
+        entry = kept[name]
+        lines += [f"### {i}. {entry['title']}", "",
+                  f"*`{name}`, {entry['mode']} mode, {entry['date']}, {entry['seconds']:.0f} s.*", "",
+                  entry["markdown"].strip(), ""]
+        lines += [f"![{entry['title']}]({f})" for f in entry["figures"]] + [""]
     lines += ["<details><summary>Settings of this run</summary>", "", "```json",
               json.dumps(settings.to_dict(), indent=1), "```", "", "</details>", ""]
     # The Markdown goes into results.json, not into a page of its own: docs/ is an mkdocs site (strict).
     (out / "results.json").write_text(json.dumps(
         {"environment": env, "settings": settings.to_dict(), "seconds": seconds, "markdown": "\n".join(lines),
-         "results": {n: s.data for n, s in sections.items()}}, indent=1, default=_json_default))
+         "sections": kept, "results": kept_results}, indent=1, default=_json_default))
     _assemble(docs)
+
+
+def _previous_sections(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The sections (and raw results) of an earlier ``results.json``; ``({}, {})`` if there is none or it cannot be
+    read. A file of the older format (one Markdown for the run) is split at its ``### i. Title`` headings."""
+    if not path.exists():
+        return {}, {}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        log(f"could not read {path}; its sections are not kept")
+        return {}, {}
+    results = dict(old.get("results", {}))
+    if "sections" in old:
+        return dict(old["sections"]), results
+    mode, date = old.get("settings", {}).get("mode", "?"), old.get("environment", {}).get("date", "?")
+    markdown = old.get("markdown", "")
+    headlines = re.findall(r"^- (.+)$", markdown.split("### Headlines", 1)[-1].split("\n### ", 1)[0], re.M)
+    owners = {"Overhead": "overhead", "Tracker cost": "overhead", "Latency": "latency", "Ticket search": "ticket",
+              "End to end": "end_to_end"}
+    sections: dict[str, dict[str, Any]] = {}
+    pattern = re.compile(r"^### \d+\. (?P<title>.+?)\n\n\*`(?P<name>\w+)`, (?P<seconds>[\d.]+) s\.\*\n\n(?P<body>.*?)"
+                         r"(?=^### \d+\. |^<details><summary>Settings of this run|\Z)", re.S | re.M)
+    for m in pattern.finditer(markdown):
+        body = m["body"].strip()
+        figures = re.findall(r"^!\[[^\]]*\]\(([^)]+)\)$", body, re.M)
+        body = re.sub(r"^!\[[^\]]*\]\(([^)]+)\)$", "", body, flags=re.M).strip()
+        mine = [h for h in headlines if any(h.startswith(k) and v == m["name"] for k, v in owners.items())]
+        sections[m["name"]] = dict(title=m["title"], markdown=body, headline=mine, figures=figures,
+                                   seconds=float(m["seconds"]), mode=mode, date=date, command="", settings={})
+    return sections, results
 
 
 def _busy(env: dict[str, Any]) -> bool:
