@@ -282,9 +282,11 @@ def _call(args: tuple[Settings, str, str, int, bool]) -> dict[str, Any]:
     from examples.benchmarks.run import _quiet
 
     _quiet()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = fit_one(settings, recipe, method, seed, to_the_end)
-    log(f"{recipe} recipe, {method}, seed {seed}: {time.perf_counter() - start:.0f} s")
+    result["cpu_seconds"] = time.process_time() - cpu  # the process's CPU time: the run's cost on an idle core
+    log(f"{recipe} recipe, {method}, seed {seed}: {time.perf_counter() - start:.0f} s "
+        f"({result['cpu_seconds']:.0f} s CPU)")
     return result
 
 
@@ -331,7 +333,11 @@ def results(settings: Settings) -> dict[str, Any]:
         runs.setdefault(recipe, {}).setdefault(method, []).append(result)
     for recipe in runs:  # methods in their canonical order
         runs[recipe] = {m: runs[recipe][m] for m in METHODS if m in runs[recipe]}
-    _CACHE[settings] = {"runs": {r: runs[r] for r in settings.recipes}, "seconds": time.perf_counter() - start}
+    cpu = sum(r["cpu_seconds"] for r in done)
+    log(f"claims: {len(todo)} runs took {time.perf_counter() - start:.0f} s ({cpu:.0f} s CPU in all, about "
+        f"{cpu / settings.workers:.0f} s of wall time on {settings.workers} idle core(s))")
+    _CACHE[settings] = {"runs": {r: runs[r] for r in settings.recipes}, "seconds": time.perf_counter() - start,
+                        "cpu_seconds": cpu}
     return _CACHE[settings]
 
 

@@ -138,7 +138,7 @@ class Settings:
         workers = max(1, min(threads, 4)) if accelerator == "cpu" else 1
         base = cls(mode=mode, accelerator=accelerator, threads=threads, workers=workers)
         if mode == "quick":
-            s = replace(base, seeds=(0, 1, 2), epochs=30, slimming_finetune_epochs=15)
+            s = replace(base, seeds=(0, 1, 2), epochs=24, slimming_finetune_epochs=12)
         elif mode == "full":
             s = replace(
                 base, overhead_batch=32, overhead_steps=20, overhead_rounds=5,

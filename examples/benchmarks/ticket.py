@@ -32,7 +32,7 @@ def run(settings: Settings, out_dir: Path) -> Section:
     """
     start = time.perf_counter()
     res = claims.results(settings)
-    section = _section(settings, res["runs"], out_dir, res["seconds"])
+    section = _section(settings, res["runs"], out_dir, res["seconds"], res["cpu_seconds"])
     section.seconds = time.perf_counter() - start
     return section
 
@@ -72,7 +72,7 @@ def verdict(value: Optional[float], goal: float, at_most: bool) -> str:
 
 
 def _section(settings: Settings, runs: dict[str, dict[str, list[dict[str, Any]]]], out_dir: Path,
-             seconds: float) -> Section:
+             seconds: float, cpu_seconds: float) -> Section:
     first = settings.recipes[0]
     dense = runs[first].get("dense", [])
     goal_rows: list[list[Any]] = []
@@ -165,7 +165,8 @@ def _section(settings: Settings, runs: dict[str, dict[str, list[dict[str, Any]]]
         "the re-calibration; \"none\": never within the run). The random ticket keeps exactly the Early-Bird "
         "ticket's channels per layer at random positions, in the same run (same seed, same training up to the "
         "ticket). Medians [min, max] over seeds; accuracies on the validation split except the test column. "
-        f"The runs of this and the end-to-end section took {seconds:.0f} s in all.\n\n"
+        f"The runs of this and the end-to-end section took {seconds:.0f} s in all ({cpu_seconds:.0f} s of CPU time "
+        "over all processes).\n\n"
         + "**Goals vs measured.**\n\n" + goals + "\n\n" + "\n\n".join(tables)
         + f"\n\n<details><summary>Per seed</summary>\n\n{seed_table}\n\n</details>\n"
     )
