@@ -308,6 +308,9 @@ _CACHE: dict[Settings, dict[str, Any]] = {}
 def results(settings: Settings) -> dict[str, Any]:
     """All runs of ``settings`` (computed once per process, then shared by the sections).
 
+    With ``settings.workers > 1`` the runs go to spawned processes, which re-import the calling script: call this
+    under ``if __name__ == "__main__":`` (``python -m examples.benchmarks.run`` does).
+
     Returns:
         ``{"runs": {recipe: {method: [run per seed]}}, "seconds": wall seconds of all runs}``.
 
