@@ -28,6 +28,7 @@ to seed so that every method meets the same background load.
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing
 import time
 from collections.abc import Mapping
@@ -126,6 +127,8 @@ class PruneProbe(PruneAndFinetune):
 
     def __init__(self, early_bird: EarlyBirdCallback, *, control: Optional[str] = None, seed: int = 0,
                  search_cap: Optional[int] = None, recalibrate_batches: int = 10, **kwargs: Any) -> None:
+        if "recalibrate_batches" in inspect.signature(PruneAndFinetune.__init__).parameters:
+            kwargs["recalibrate_batches"] = 0  # the probe re-calibrates itself, after measuring without
         super().__init__(early_bird, measure_latency=False, **kwargs)
         self.control, self.seed, self.search_cap = control, seed, search_cap
         self.recalibrate_batches = recalibrate_batches
