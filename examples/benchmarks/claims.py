@@ -10,15 +10,16 @@ Methods (each one ``fit`` of the example ``ImageClassifier`` on the settings' ta
   that schedule.
 - ``random``: the random-ticket control: the ``earlybird`` run (same seed, so the same training up to the ticket),
   but the pruned ticket keeps exactly as many channels per layer at random positions
-  (:func:`~lightning_worm.core.recalibration.random_ticket`).
+  (``PruneAndFinetune(ticket="random")``).
 - ``slimming``: network slimming: the whole training with the L1 term on the gammas (the recipe's sparsity, or
   1e-4 where the recipe has none), a prune of the global mask at the end, then ``slimming_finetune_epochs`` of
   fine-tuning (a new fit with the recipe from its initial learning rate).
 
-Every prune is measured the same way by :class:`PruneProbe`: validation accuracy just before (the dense network at
-that epoch), right after the surgery, and after re-estimating the BatchNorm statistics on
-``settings.recalibrate_batches`` training batches (:func:`~lightning_worm.core.recalibration.recalibrate_batchnorm`).
-The re-calibrated network is the one that goes on training. A recipe with a search cap (the WORM code's: 20 epochs)
+Every prune is measured the same way: validation accuracy just before (the dense network at that epoch), right
+after the surgery, and after re-estimating the BatchNorm statistics on ``settings.recalibrate_batches`` training
+batches (``PruneAndFinetune(recalibrate_batches=..., evaluate=...)`` in the fits, :func:`measure_prune` with
+:func:`~lightning_worm.core.recalibration.recalibrate_batchnorm` after network slimming's prune). The re-calibrated
+network is the one that goes on training. A recipe with a search cap (the WORM code's: 20 epochs)
 prunes the newest mask at the cap when no ticket emerged by then (counted as "forced").
 
 The first recipe of ``settings.recipes`` runs every method to the end; the others run the ticket search methods up
@@ -28,10 +29,9 @@ to seed so that every method meets the same background load.
 
 from __future__ import annotations
 
-import inspect
 import multiprocessing
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -47,7 +47,7 @@ from examples.benchmarks.common import (
 from examples.callbacks import evaluate
 from examples.module import ImageClassifier
 from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback, channel_mask, prune_channels
-from lightning_worm.core.recalibration import random_ticket, recalibrate_batchnorm
+from lightning_worm.core.recalibration import recalibrate_batchnorm
 
 CHI, ELBOW = 0.003, 0.15
 SLIMMING_SPARSITY = 1e-4  # network slimming's own default, where the recipe has no sparsity term
@@ -107,51 +107,58 @@ class _TicketOf:
 
 
 class PruneProbe(PruneAndFinetune):
-    """``PruneAndFinetune`` that measures its prune, re-calibrates BatchNorm, and can prune the random control.
+    """``PruneAndFinetune`` with its ``evaluate`` timed and read back, and a search cap.
 
-    Until ``PruneAndFinetune`` has these options of its own, the harness adds them here with the core functions.
+    The prune itself is the library's: ``recalibrate_batches``, ``ticket="random"`` (the control) and ``evaluate``
+    (the validation accuracy before the prune, right after the surgery and after the re-calibration) are
+    ``PruneAndFinetune``'s own options. The probe adds what only a benchmark needs: the time of those evaluations
+    (not training time) and the re-calibration's FLOPs, and a search cap: at the end of epoch ``search_cap - 1``
+    with no ticket, the newest mask is pruned (the WORM code's "at most 20 search epochs").
 
     Args:
         early_bird: the tracker.
-        control: ``"random"`` prunes a random ticket with the ticket's channels per layer (seeded by ``seed``).
-        seed: seed of the random ticket and of the re-calibration batches.
-        search_cap: prune the newest mask at the end of epoch ``search_cap - 1`` if no ticket emerged by then.
-        recalibrate_batches: training batches for :func:`recalibrate_batchnorm` right after the surgery (0: none).
+        val_loader: ``() -> DataLoader`` of the validation data for ``evaluate``.
+        search_cap: see above (``None``: no cap).
         **kwargs: passed to ``PruneAndFinetune``.
 
     Attributes:
         acc_after: validation accuracy right after the surgery; ``acc_after_recal`` after the re-calibration.
-        eval_seconds: time of these two evaluations (not training time); ``extra_flops``: re-calibration FLOPs.
+        eval_seconds: time of the evaluations; ``extra_flops``: re-calibration FLOPs.
         forced: whether the prune came from the search cap rather than a ticket.
     """
 
-    def __init__(self, early_bird: EarlyBirdCallback, *, control: Optional[str] = None, seed: int = 0,
-                 search_cap: Optional[int] = None, recalibrate_batches: int = 10, **kwargs: Any) -> None:
-        if "recalibrate_batches" in inspect.signature(PruneAndFinetune.__init__).parameters:
-            kwargs["recalibrate_batches"] = 0  # the probe re-calibrates itself, after measuring without
-        super().__init__(early_bird, measure_latency=False, **kwargs)
-        self.control, self.seed, self.search_cap = control, seed, search_cap
-        self.recalibrate_batches = recalibrate_batches
+    def __init__(self, early_bird: EarlyBirdCallback, val_loader: Callable[[], Any], *,
+                 search_cap: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init__(early_bird, measure_latency=False, evaluate=self._timed_evaluate, **kwargs)
+        self.val_loader, self.search_cap = val_loader, search_cap
+        self.acc_before: Optional[float] = None
         self.acc_after: Optional[float] = None
         self.acc_after_recal: Optional[float] = None
         self.eval_seconds = 0.0
         self.extra_flops = 0.0
         self.forced = False
 
+    def _timed_evaluate(self, module: Any) -> float:
+        start = time.perf_counter()
+        try:
+            return evaluate(module, self.val_loader())
+        finally:
+            self.eval_seconds += time.perf_counter() - start
+
     def prune(self, trainer: Any, pl_module: Any) -> None:
         tracker = self.early_bird
-        ticket = tracker.ticket if tracker.ticket is not None else tracker.mask
-        if self.control == "random":
-            ticket = random_ticket(ticket, torch.Generator().manual_seed(10_000 + self.seed))
-        self.early_bird = _TicketOf(tracker, ticket)  # type: ignore[assignment]
+        if tracker.ticket is None:  # the search cap: the newest mask stands in for the ticket
+            self.early_bird = _TicketOf(tracker, tracker.mask)  # type: ignore[assignment]
         try:
             super().prune(trainer, pl_module)
         finally:
             self.early_bird = tracker
-        numbers = measure_prune(pl_module, trainer.datamodule, self.recalibrate_batches, self.seed)
-        self.acc_after, self.acc_after_recal, seconds, flops = numbers
-        self.eval_seconds += seconds
-        self.extra_flops += flops
+        evaluation = self.report["evaluation"]
+        self.acc_before, self.acc_after = evaluation["before"], evaluation["after_surgery"]
+        self.acc_after_recal = evaluation.get("after_recalibration", self.acc_after)
+        used = self.report.get("recalibration_batches", 0)
+        batch = trainer.datamodule.batch_size
+        self.extra_flops += float(forward_flops(pl_module, example_input(pl_module)) * used * batch)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -255,9 +262,9 @@ def fit_one(settings: Settings, recipe_name: str, method: str, seed: int, to_the
         callbacks: list[Any] = [tracker]
         if schedule is not None:
             callbacks.append(WormCallback(tracker, schedule=schedule, chi=CHI, elbow=ELBOW))
-        probe = PruneProbe(tracker, control="random" if method == "random" else None, seed=seed,
-                           search_cap=recipe.search_cap, recalibrate_batches=settings.recalibrate_batches,
-                           finetune_epochs=None if to_the_end else 0)
+        probe = PruneProbe(tracker, data.val_dataloader, search_cap=recipe.search_cap,
+                           ticket="random" if method == "random" else "early_bird", seed=10_000 + seed,
+                           recalibrate_batches=settings.recalibrate_batches, finetune_epochs=None if to_the_end else 0)
         meter = Meter(probe)
         trainer(settings, [*callbacks, probe, meter], max_epochs=epochs).fit(module, datamodule=data)
         curve = list(meter.epochs)
@@ -270,7 +277,7 @@ def fit_one(settings: Settings, recipe_name: str, method: str, seed: int, to_the
             pruned_point = dict(curve[i], val_acc=probe.acc_after_recal)
             curve = curve[: i + 1] + [pruned_point] + curve[i + 1:]
             final_from = i + 1
-            out.update(acc_before=meter.acc_at(probe.pruned_epoch), acc_after=probe.acc_after,
+            out.update(acc_before=probe.acc_before, acc_after=probe.acc_after,
                        acc_after_recal=probe.acc_after_recal, channels_after=dict(probe.report["channels_after"]))
         out.update(curve=curve, final_from=final_from)
     if to_the_end:
