@@ -22,6 +22,8 @@ from torch.optim import AdamW
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from torchmetrics.classification import MulticlassAccuracy
 
+from examples.module import ImageClassifier
+
 
 class Attention(nn.Module):
     """Multi-head self-attention with separate q/k/v projections; its forward reads ``num_heads``.
@@ -113,12 +115,13 @@ class VisionTransformer(nn.Module):
         return self.head(x[:, 0])
 
 
-class ViTClassifier(LightningModule):
+class ViTClassifier(ImageClassifier):
     """A :class:`VisionTransformer` trained with AdamW and a cosine schedule over ``trainer.max_epochs``.
 
-    Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc`` per epoch
-    (the keys of :class:`~examples.module.ImageClassifier`). :meth:`configure_optimizers` builds a fresh
-    optimizer from ``self.parameters()`` each call, so a pruning callback can rebuild it mid-fit.
+    It shares :class:`~examples.module.ImageClassifier`'s steps and logged keys (``train/loss``,
+    ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc`` per epoch), and is a subclass of
+    it so that the example CLI selects it with ``model.class_path``. :meth:`configure_optimizers` builds a
+    fresh optimizer from ``self.parameters()`` each call, so a pruning callback can rebuild it mid-fit.
 
     Args:
         num_classes: number of classes.
@@ -142,34 +145,13 @@ class ViTClassifier(LightningModule):
         self, num_classes: int = 10, image_size: int = 32, patch_size: int = 8, dim: int = 64, depth: int = 4,
         num_heads: int = 8, mlp_ratio: float = 2.0, lr: float = 3e-3, weight_decay: float = 0.05,
     ) -> None:
-        super().__init__()
+        LightningModule.__init__(self)  # not ImageClassifier's: that one builds a CNN
         self.save_hyperparameters()
         self.model = VisionTransformer(image_size, patch_size, 3, num_classes, dim, depth, num_heads, mlp_ratio)
         self.example_input_array = torch.zeros(1, 3, image_size, image_size)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
-        images, targets = batch
-        logits = self(images)
-        loss = F.cross_entropy(logits, targets)
-        accuracy(logits, targets)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True)
-        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=stage == "val")
-        return loss
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train", self.train_acc)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "val", self.val_acc)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "test", self.test_acc)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
