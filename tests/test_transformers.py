@@ -277,7 +277,8 @@ def test_final_prune_honours_the_ticket():
     source = AttentionQKSource()
     ticket = channel_mask(model, 0.5, source=source)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    report = prune_elementwise(model, ticket, source, measure_latency=False)
+    with pytest.warns(UserWarning, match="saves no time and no memory"):
+        report = prune_elementwise(model, ticket, source, measure_latency=False)
     for name, entry in source.tracked(model).items():
         linear = entry.block.linear(entry.part)
         assert torch.equal(linear.weight == 0, ~ticket[name]), name
@@ -404,7 +405,8 @@ def test_elementwise_ticket_survives_training_and_reloads_through_the_plan(model
     x = torch.randn(2, 5, 16) if model_fn is not vit else torch.randn(2, 3, 32, 32)
     source = AttentionQKSource()
     ticket = channel_mask(model, 0.5, source=source)
-    report = prune_elementwise(model, ticket, source, measure_latency=False)
+    with pytest.warns(UserWarning, match="saves no time"):
+        report = prune_elementwise(model, ticket, source, measure_latency=False)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model(x).sum().backward()

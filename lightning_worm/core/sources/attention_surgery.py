@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional, Union
@@ -46,6 +47,11 @@ except ImportError:  # pragma: no cover - before the registry exists
 KeptIndices = dict[str, list[Optional[Tensor]]]
 ExampleInput = Union[Tensor, Sequence[Tensor], None]
 
+ELEMENTWISE_NOTE = (
+    "The element-wise query/key ticket was applied as fixed zeros (weight = weight_orig * weight_mask): this saves "
+    "no time and no memory, the dense matrix multiplies run as before. Track AttentionHeadSource() to remove "
+    "whole heads instead."
+)
 MHA_REFUSAL = (
     "nn.MultiheadAttention cannot lose heads: its head size is fixed to embed_dim / num_heads, so fewer heads "
     "would change its embedding size. Use AttentionQKSource (element-wise, applied as fixed zeros), or build "
@@ -441,6 +447,7 @@ def prune_elementwise(
     for (module_name, param_name), keep in masks.items():
         module = model.get_submodule(module_name)
         prune.custom_from_mask(module, param_name, keep.to(getattr(module, param_name).device))
+    warnings.warn(ELEMENTWISE_NOTE, UserWarning, stacklevel=2)
     after = {f"{m}:{p}": int(t.sum()) for (m, p), t in masks.items()}
     ticket_pruned = sum(int((~m).sum()) for m in ticket.values())
     plan = _make_plan(
