@@ -122,13 +122,16 @@ def _read_heads(block: AttentionBlock, num_heads: Optional[int]) -> AttentionBlo
         block.num_heads = block.num_kv_heads = module.num_heads
         block.head_dim = module.head_dim
         return block
-    sources = [module, getattr(module, "config", None)]
+    config = getattr(module, "config", None)
     q_rows = block.weight("q").shape[0]
     k_rows = block.weight("k").shape[0]
-    heads = num_heads or _int_attr(sources, _HEAD_ATTRS)
+    # The module's own attributes first: a config is shared by every layer and says nothing of a pruned one.
+    heads = num_heads or _int_attr([module], _HEAD_ATTRS)
     head_dim = _int_attr([module], _HEAD_DIM_ATTRS)
     if heads is None and head_dim is not None and q_rows % head_dim == 0:
         heads = q_rows // head_dim
+    if heads is None:
+        heads = _int_attr([config], _HEAD_ATTRS)
     if heads is None:
         block.problem = "head count not found: pass `num_heads=` to the source"
         return block
@@ -136,7 +139,7 @@ def _read_heads(block: AttentionBlock, num_heads: Optional[int]) -> AttentionBlo
         block.problem = f"{q_rows} query rows do not split into {heads} heads"
         return block
     head_dim = q_rows // heads
-    kv_heads = _int_attr(sources, _KV_HEAD_ATTRS)
+    kv_heads = _int_attr([module, config], _KV_HEAD_ATTRS)
     if kv_heads is None or kv_heads * head_dim != k_rows:
         kv_heads = k_rows // head_dim if k_rows % head_dim == 0 else None
     v_rows = block.weight("v").shape[0]
