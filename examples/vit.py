@@ -145,8 +145,9 @@ class ViTClassifier(ImageClassifier):
         self, num_classes: int = 10, image_size: int = 32, patch_size: int = 8, dim: int = 64, depth: int = 4,
         num_heads: int = 8, mlp_ratio: float = 2.0, lr: float = 3e-3, weight_decay: float = 0.05,
     ) -> None:
+        hparams = {k: v for k, v in locals().items() if k != "self"}
         LightningModule.__init__(self)  # not ImageClassifier's: that one builds a CNN
-        self.save_hyperparameters()
+        self.save_hyperparameters(hparams)
         self.model = VisionTransformer(image_size, patch_size, 3, num_classes, dim, depth, num_heads, mlp_ratio)
         self.example_input_array = torch.zeros(1, 3, image_size, image_size)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -87,3 +87,26 @@ def test_pruned_checkpoint_reloads_bit_identically(tmp_path):
     loaded = load_pruned(ViTClassifier, path)
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_resume_mid_search_equals_the_uninterrupted_fit(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(max_epochs, ckpt_path=None, checkpoint=None):
+        model = tiny_vit()
+        eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=0.0, source="attention_qk",
+                               accept_first_window=False)
+        worm = WormCallback(eb, schedule="two_stage")
+        extra = [checkpoint] if checkpoint else []
+        t = trainer(tmp_path, callbacks=[eb, worm, *extra], max_epochs=max_epochs,
+                    enable_checkpointing=bool(checkpoint))
+        t.fit(model, tiny_loader(), ckpt_path=ckpt_path)
+        return model, eb, worm
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    full, eb_full, worm_full = fit(4, checkpoint=saver)
+    resumed, eb_resumed, worm_resumed = fit(4, ckpt_path=tmp_path / "ckpt" / "epoch=1.ckpt")
+    assert torch.equal(eb_resumed.mask.flat, eb_full.mask.flat)
+    assert eb_resumed.distances[2:] == eb_full.distances[2:] and worm_resumed.chi == worm_full.chi < 1.0
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
