@@ -8,16 +8,25 @@ file (LightningCLI)::
     python -m examples.main --trainer.devices 2 --trainer.strategy ddp  # multi-GPU (or 2 CPU processes)
     python -m examples.main --help                                      # every option
 
-Without ``--config``, ``examples/configs/offline.yaml`` is used. The run directory (the logger's
-``log_dir``) receives the pruned checkpoint, ``pruning_report.json``, ``summary.json`` and the figures.
+``examples/configs/offline.yaml`` is the default config file: a ``--config`` given on the command line
+is read on top of it. The run directory (the logger's ``log_dir``) receives the checkpoint
+(``pruned.ckpt``, or ``final.ckpt`` when nothing was pruned; the only checkpoint the job writes:
+``--trainer.enable_checkpointing true`` adds Lightning's periodic ones, to resume a long run with
+``--ckpt_path``), ``pruning_report.json``, ``summary.json`` (strict JSON: a missing value is ``null``),
+``config.yaml`` and the figures.
+
+The callbacks come from the ``--early_bird.*``, ``--worm.*`` and ``--prune.*`` groups, or from
+``trainer.callbacks`` entries (``class_path``/``init_args``, as in any LightningCLI config) with the
+matching group switched off (``early_bird.enabled: false`` ...): see
+``examples/configs/callbacks_in_yaml.yaml``.
 """
 
 from __future__ import annotations
 
 import json
-import sys
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -32,44 +41,110 @@ from lightning_worm import plotting
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIGS / "offline.yaml"
 
+# group -> the callback class it builds
+GROUPS: dict[str, type[pl.Callback]] = {"early_bird": EarlyBirdCallback, "worm": WormCallback,
+                                        "prune": PruneAndFinetune}
+
 
 class WormCLI(LightningCLI):
-    """LightningCLI with ``--early_bird.*``, ``--worm.*`` and ``--prune.*`` option groups.
+    """LightningCLI with ``--early_bird.*``, ``--worm.*`` and ``--prune.*`` option groups and ``--ckpt_path``.
 
-    ``--worm.enabled false`` runs plain Early-Bird; ``--prune.enabled false`` only searches.
+    Each group builds its callback unless its ``enabled`` is false: ``--worm.enabled false`` runs plain
+    Early-Bird, ``--prune.enabled false`` only searches. A group switched off may instead be given as a
+    ``trainer.callbacks`` entry; the same callback type in both places is refused (two trackers, or two
+    WORMs on one tracker, are not what anyone means). :attr:`early_bird`, :attr:`worm`, :attr:`prune`
+    and :attr:`accuracy` are the callbacks the trainer got (``None`` where there is none).
+
+    Use :func:`build_cli` for the job's defaults (default config file, seed, no optimizer flags).
+
+    Raises:
+        ValueError: if a callback type is both enabled as a group and listed in ``trainer.callbacks``, or
+            if no Early-Bird tracker is configured at all.
     """
 
+    early_bird: EarlyBirdCallback
+    worm: Optional[WormCallback]
+    prune: Optional[PruneAndFinetune]
+    accuracy: Optional[AccuracyAroundPrune]
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                            help="Resume the fit from this checkpoint (Trainer.fit's ckpt_path).")
+        parser.add_argument("--early_bird.enabled", type=bool, default=True,
+                            help="Build the Early-Bird tracker from this group (false: it is in trainer.callbacks).")
         parser.add_class_arguments(EarlyBirdCallback, "early_bird", skip={"source"}, instantiate=False)
-        parser.add_argument("--worm.enabled", type=bool, default=True, help="Use WORM (false: plain Early-Bird).")
+        parser.add_argument("--worm.enabled", type=bool, default=True,
+                            help="Build WormCallback from this group (false: plain Early-Bird, or one in "
+                                 "trainer.callbacks).")
         parser.add_class_arguments(WormCallback, "worm", skip={"early_bird"}, instantiate=False)
-        parser.add_argument("--prune.enabled", type=bool, default=True, help="Prune at the ticket and fine-tune.")
+        parser.add_argument("--prune.enabled", type=bool, default=True,
+                            help="Build PruneAndFinetune from this group (false: search only, or one in "
+                                 "trainer.callbacks).")
         parser.add_class_arguments(PruneAndFinetune, "prune", skip={"early_bird", "example_input"},
                                    instantiate=False)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        config = self.config_init
-        self.early_bird = EarlyBirdCallback(**config["early_bird"])
-        callbacks: list[pl.Callback] = [self.early_bird]
-        worm_config, prune_config = dict(config["worm"]), dict(config["prune"])
-        self.worm = WormCallback(self.early_bird, **worm_config) if worm_config.pop("enabled") else None
-        self.prune = PruneAndFinetune(self.early_bird, **prune_config) if prune_config.pop("enabled") else None
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        given = config["trainer"].get("callbacks") or []
+        given = list(given) if isinstance(given, (list, tuple)) else [given]  # one callback, or a list
+        groups = {key: dict(config[key]) for key in GROUPS}
+        for key, cls in GROUPS.items():
+            if groups[key]["enabled"] and any(isinstance(c, cls) for c in given):
+                raise ValueError(
+                    f"`{key}.enabled` is true and `trainer.callbacks` also lists {cls.__name__}: set "
+                    f"`{key}.enabled: false` to use the one in `trainer.callbacks`, or remove it from there."
+                )
+
+        def find(cls: type[pl.Callback]) -> Any:
+            return next((c for c in given if isinstance(c, cls)), None)
+
+        ours: list[pl.Callback] = []
+        early_bird_args = groups["early_bird"]
+        if early_bird_args.pop("enabled"):
+            ours.append(EarlyBirdCallback(**early_bird_args))
+            self.early_bird = ours[-1]
+        else:
+            self.early_bird = find(EarlyBirdCallback)
+            if self.early_bird is None:
+                raise ValueError("No Early-Bird tracker: `early_bird.enabled` is false and `trainer.callbacks` "
+                                 "holds no EarlyBirdCallback. Enable the group or list the callback.")
+        for key in ("worm", "prune"):
+            args = groups[key]
+            callback = GROUPS[key](self.early_bird, **args) if args.pop("enabled") else find(GROUPS[key])
+            if callback is not None and callback not in given:
+                ours.append(callback)
+            setattr(self, key, callback)
         self.accuracy = AccuracyAroundPrune(self.prune) if self.prune else None
-        callbacks += [c for c in (self.worm, self.prune, self.accuracy) if c is not None]
-        extra = [self._get(config, key) for key in self._parser(self.subcommand).callback_keys]
-        trainer_config = {**self._get(config, "trainer", default={}), **kwargs}
-        return self._instantiate_trainer(trainer_config, extra + callbacks)
+        ours += [self.accuracy] if self.accuracy else []
+        return super().instantiate_trainer(**{**kwargs, "callbacks": given + ours})
+
+
+def build_cli(args: list[str] | None = None) -> WormCLI:
+    """The job's :class:`WormCLI`: ``offline.yaml`` as the default config file, seed 0, no optimizer flags.
+
+    ``args=None`` reads ``sys.argv`` (the command line); a list is parsed instead of it.
+    """
+    return WormCLI(
+        ImageClassifier,
+        subclass_mode_data=True,
+        run=False,
+        args=args,
+        parser_kwargs={"default_config_files": [str(DEFAULT_CONFIG)]},
+        trainer_defaults={"enable_checkpointing": False},  # the job writes its one checkpoint itself
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        auto_configure_optimizers=False,  # ImageClassifier builds its own optimizer and schedule
+    )
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Run the job; returns the summary (also written to ``summary.json`` in the run directory)."""
-    args = list(sys.argv[1:] if args is None else args)
-    if not any(a == "--config" or a.startswith("--config=") for a in args) and not {"-h", "--help"} & set(args):
-        args = ["--config", str(DEFAULT_CONFIG), *args]
-    cli = WormCLI(ImageClassifier, subclass_mode_data=True, run=False, args=args,
-                  save_config_kwargs={"overwrite": True}, seed_everything_default=0)
+    """Run the job; returns the summary (also written to ``summary.json`` in the run directory).
+
+    ``args=None`` reads the command line; a list is parsed instead (for tests and notebooks).
+    """
+    cli = build_cli(args)
     trainer, model = cli.trainer, cli.model
-    trainer.fit(model, datamodule=cli.datamodule)
+    trainer.fit(model, datamodule=cli.datamodule, ckpt_path=cli.config["ckpt_path"])
     test_acc = trainer.test(model, datamodule=cli.datamodule, verbose=False)[0].get("test/acc")
     run_dir = Path(trainer.log_dir or trainer.default_root_dir)
     checkpoint = run_dir / ("pruned.ckpt" if cli.prune and cli.prune.plan else "final.ckpt")
@@ -80,9 +155,14 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
 
 
 def summarize(cli: WormCLI, test_acc: float | None, checkpoint: Path) -> dict[str, Any]:
+    """The run's summary as plain JSON types; a value that is not known (or not finite) is ``None``.
+
+    FLOPs are per example (as Lightning's model summary counts them: the pruning report's); the latency
+    is of one forward of the ``example_batch`` inputs the pruning was measured on.
+    """
     eb, prune, accuracy = cli.early_bird, cli.prune, cli.accuracy
     report = prune.report if prune and prune.report else {}
-    return {
+    return _strict_json({
         "model": {k: v for k, v in cli.model.hparams.items() if not k.startswith("_")},
         "data": type(cli.datamodule).__name__,
         "epochs": cli.trainer.current_epoch,
@@ -95,7 +175,8 @@ def summarize(cli: WormCLI, test_acc: float | None, checkpoint: Path) -> dict[st
         "channels_before": report.get("channels_before"),
         "channels_after": report.get("channels_after"),
         "params": [report.get("params_before"), report.get("params_after")],
-        "flops": [report.get("flops_before"), report.get("flops_after")],
+        "flops_per_example": [report.get("flops_before"), report.get("flops_after")],
+        "example_batch": report.get("flops_batch"),
         "latency_ms": [report.get("latency_before_ms"), report.get("latency_after_ms")],
         "accuracy": {
             "before_prune": accuracy.before_prune if accuracy else None,
@@ -103,7 +184,19 @@ def summarize(cli: WormCLI, test_acc: float | None, checkpoint: Path) -> dict[st
             "test_end": None if test_acc is None else float(test_acc),
         },
         "checkpoint": str(checkpoint),
-    }
+    })
+
+
+def _strict_json(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None`` and tuples as lists: what ``json.dumps(allow_nan=False)``
+    accepts and every JSON reader parses."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 @rank_zero_only
@@ -125,7 +218,13 @@ def _write_artefacts(cli: WormCLI, summary: dict[str, Any], run_dir: Path) -> No
     if isinstance(cli.trainer.logger, TensorBoardLogger):
         for name, figure in figures.items():
             cli.trainer.logger.experiment.add_figure(f"lightning_worm/{name}", figure, cli.trainer.global_step)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        cli.trainer.logger.finalize("success")  # close the writer that add_figure reopened after the test
+    # every file of the run directory that this run wrote, and only those
+    report = Path(cli.prune.report_path) if cli.prune and cli.prune.report_path else None
+    written = [Path(summary["checkpoint"]), report, *map(Path, summary["figures"]), run_dir / "config.yaml"]
+    summary["files"] = sorted({p.name for p in written if p is not None and p.parent == run_dir and p.is_file()}
+                              | {"summary.json"})
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
     print(format_summary(summary, run_dir))
 
 
@@ -152,14 +251,14 @@ def format_summary(s: dict[str, Any], run_dir: Path) -> str:
         kept = ", ".join(f"{n} {s['channels_after'][n]}/{c}" for n, c in s["channels_before"].items())
         lines.append(f"channels kept per layer: {kept}")
     lines += [
-        f"parameters: {ratio(s['params'])}",
-        f"FLOPs:      {ratio(s['flops'])}",
-        f"latency:    {ratio(s['latency_ms'])} ms per example batch",
+        f"parameters:        {ratio(s['params'])}",
+        f"FLOPs per example: {ratio(s['flops_per_example'])}",
+        f"latency (ms):      {ratio(s['latency_ms'])}"
+        + (f", one forward of a batch of {s['example_batch']}" if s["example_batch"] else ""),
         f"accuracy:   before pruning {pct(s['accuracy']['before_prune'])} (val) | right after pruning "
         f"{pct(s['accuracy']['after_prune'])} (val) | end {pct(s['accuracy']['test_end'])} (test)",
         f"run directory: {run_dir}",
-        "  " + ", ".join(Path(p).name for p in [s["checkpoint"], *s.get("figures", [])])
-        + ", pruning_report.json, summary.json",
+        "  " + ", ".join(s.get("files", [])),
         "=" * 72,
     ]
     return "\n".join(lines)

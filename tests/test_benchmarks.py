@@ -1,15 +1,18 @@
 """The benchmark suite runs end to end on a tiny setting. Nothing here is timed: the numbers are not checked,
 only that every benchmark produces its tables, figures and raw results (into tmp_path, never into docs/)."""
 
+import dataclasses
 import json
 
 import pytest
 
-from examples.benchmarks import BENCHMARKS
-from examples.benchmarks.common import (
+pytest.importorskip("mnist1d")
+
+from examples.benchmarks import BENCHMARKS, claims, ticket  # noqa: E402
+from examples.benchmarks.common import (  # noqa: E402
     Settings, Spread, interleave, markdown_table, paired_ratios,
 )
-from examples.benchmarks.run import main
+from examples.benchmarks.run import main  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,11 +32,64 @@ def test_benchmark_runs_on_a_tiny_setting(name, tiny, tmp_path):
     json.dumps(section.data, default=lambda v: vars(v) if hasattr(v, "__dict__") else str(v))
 
 
-def test_ticket_benchmark_prunes_the_example_module(tiny, tmp_path):
-    """The ticket is found and PruneAndFinetune really shrinks the ImageClassifier (FLOPs ratio below 1)."""
-    section = BENCHMARKS["ticket"](tiny, tmp_path)
-    for runs in section.data.values():
-        assert all(r["ticket_epoch"] is not None and r["flops_ratio"] < 0.9 for r in runs)
+def test_claims_measure_every_method_under_both_recipes(tiny):
+    """Every method runs; each prune is measured before, after the surgery and after re-calibration; the pruned
+    network is really smaller; the random control prunes as many channels per layer as Early-Bird's ticket."""
+    runs = claims.results(tiny)["runs"]
+    assert list(runs) == ["earlybird", "worm"]
+    assert list(runs["earlybird"]) == list(claims.METHODS)
+    assert list(runs["worm"]) == list(claims.SEARCH_METHODS)  # the second recipe: up to the prune only
+    dense = runs["earlybird"]["dense"][0]
+    for recipe, per in runs.items():
+        for method, (r,) in per.items():
+            if method == "dense":
+                continue
+            assert r["pruned_epoch"] is not None, (recipe, method)
+            assert all(0.0 <= r[k] <= 1.0 for k in ("acc_before", "acc_after", "acc_after_recal"))
+            assert r["curve"][r["final_from"]]["val_acc"] == r["acc_after_recal"]
+            if recipe == "earlybird":
+                assert r["inference_flops"] < 0.9 * dense["inference_flops"] and r["params"] < dense["params"]
+                assert 0.0 <= r["test_acc"] <= 1.0 and r["latency_ms"] > 0
+            else:
+                assert "test_acc" not in r and r["curve"][-1]["epoch"] == r["pruned_epoch"]
+        eb, rnd = per["earlybird"][0], per["random"][0]
+        assert rnd["ticket_epoch"] == eb["ticket_epoch"] and rnd["channels_after"] == eb["channels_after"]
+        assert rnd["acc_before"] == eb["acc_before"]  # same seed: the same training up to the ticket
+
+
+def test_search_cap_forces_the_prune(tiny, monkeypatch):
+    """A recipe with a search cap prunes the newest mask at the cap when no ticket emerged (the WORM code's 20)."""
+    capped = dataclasses.replace(claims.RECIPES["worm"], name="capped", search_cap=2)
+    monkeypatch.setitem(claims.RECIPES, "capped", capped)
+    never = dataclasses.replace(tiny, threshold=0.0, window=3, epochs=3)  # no ticket can emerge by epoch 1
+    r = claims.fit_one(never, "capped", "earlybird", seed=0, to_the_end=False)
+    assert r["ticket_epoch"] is None and r["forced"] and r["pruned_epoch"] == 1
+    assert r["acc_after_recal"] is not None
+
+
+def test_reach_recovery_and_verdicts():
+    curve = [dict(epoch=0, val_acc=0.5, seconds=1, train_flops=10), dict(epoch=1, val_acc=0.9, seconds=2,
+             train_flops=20), dict(epoch=1, val_acc=0.2, seconds=2, train_flops=20),
+             dict(epoch=2, val_acc=0.7, seconds=3, train_flops=25), dict(epoch=3, val_acc=0.85, seconds=4,
+             train_flops=30)]
+    run = dict(curve=curve, final_from=2, pruned_epoch=1)
+    assert claims.reach(run, 0.8)["epoch"] == 3  # the dense point before the prune does not count
+    assert claims.recovery_epochs(run, 0.8) == 2 and claims.recovery_epochs(run, 0.2) == 0
+    assert claims.recovery_epochs(run, 0.95) is None
+    assert claims.target(Settings(target_drop=0.005), dict(curve=curve)) == pytest.approx(0.845)
+    assert ticket.verdict(0.7, 0.8, at_most=True) == "met"
+    assert "NOT MET" in ticket.verdict(0.9, 0.8, at_most=True)
+    assert "NOT MET" in ticket.verdict(None, 0.8, at_most=False)
+    assert ticket.fmt([1.0, None, 3.0], 1) == "2.0 [1.0, 3.0] (1 of 3 none)"
+
+
+@pytest.mark.slow
+def test_claims_run_in_worker_processes(tiny):
+    """The full mode's path: runs in spawned processes give the same structure as in-process runs."""
+    settings = dataclasses.replace(tiny, workers=2, recipes=("worm",), epochs=2, window=2)
+    runs = claims.results(settings)["runs"]["worm"]
+    assert list(runs) == list(claims.METHODS)
+    assert all(len(rs) == 1 and rs[0]["curve"] for rs in runs.values())
 
 
 def test_run_writes_the_report_with_the_gpu_rows_pending(tmp_path):
@@ -74,6 +130,34 @@ def test_markdown_table():
 
 def test_presets():
     assert Settings.preset("quick", "cpu").mode == "quick"
-    assert len(Settings.preset("full", "cpu").search_seeds) >= 5
+    full = Settings.preset("full", "cpu")
+    assert len(full.seeds) >= 5 and full.data == "mnist1d" and full.recipes == ("earlybird", "worm")
+    assert Settings.preset("quick", "cpu", data="digits").arch == "vgg11_bn"
     with pytest.raises(ValueError, match="Unknown mode"):
         Settings.preset("huge", "cpu")
+
+
+def test_run_keeps_the_sections_it_did_not_rerun(tmp_path, monkeypatch):
+    """`--only x` replaces section x and keeps the others with their own mode and date (a full run of one benchmark
+    does not wipe the rest of the report)."""
+    from examples.benchmarks.common import Section
+
+    def fake(title):
+        def run(settings, out_dir):
+            figure = out_dir / f"{title}.png"
+            figure.write_bytes(b"png")
+            return Section(title, f"| {title} |\n|---|\n| {settings.mode} |", [figure], {"mode": settings.mode},
+                           [f"{title} headline ({settings.mode})"])
+        return run
+
+    monkeypatch.setitem(BENCHMARKS, "alpha", fake("Alpha"))
+    monkeypatch.setitem(BENCHMARKS, "beta", fake("Beta"))
+    main(["--mode", "tiny", "--accelerator", "cpu", "--threads", "1", "--only", "alpha,beta", "--docs", str(tmp_path)])
+    main(["--mode", "quick", "--accelerator", "cpu", "--threads", "1", "--only", "beta", "--docs", str(tmp_path)])
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert "Alpha headline (tiny)" in report and "Beta headline (quick)" in report
+    assert "Beta headline (tiny)" not in report and "Kept from earlier runs" in report
+    assert "*`alpha`, tiny mode" in report and "*`beta`, quick mode" in report
+    assert report.index("### 1. Alpha") < report.index("### 2. Beta")
+    results = json.loads((tmp_path / "benchmarks" / "cpu" / "results.json").read_text())
+    assert results["results"] == {"alpha": {"mode": "tiny"}, "beta": {"mode": "quick"}}

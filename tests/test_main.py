@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.utilities.model_summary import ModelSummary
 
-from examples.main import CONFIGS, WormCLI, main
+from examples.main import CONFIGS, build_cli, main
 from examples.module import ImageClassifier
 from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback, load_pruned
 
@@ -21,6 +23,19 @@ TINY = ["--trainer.max_epochs", "4", "--trainer.limit_train_batches", "4", "--tr
         "--trainer.default_root_dir", "run"]
 
 
+@pytest.fixture(autouse=True)
+def _bare_command_line(monkeypatch):
+    """A command line of the job's own (not pytest's), so that passing `args` is not "args and command line"."""
+    monkeypatch.setattr(sys, "argv", ["examples.main"])
+
+
+def strict_json(path: Path) -> dict:
+    """The file parsed by a strict JSON reader: NaN and Infinity are not JSON."""
+    def refuse(constant: str):
+        raise ValueError(f"{path.name} holds {constant}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
 def assert_artefacts(summary: dict) -> Path:
     run_dir = Path(summary["checkpoint"]).parent
     for name in ("pruning_report.json", "summary.json", "pruned.ckpt"):
@@ -28,18 +43,38 @@ def assert_artefacts(summary: dict) -> Path:
     for name in ("mask_distances.png", "distance_matrix.png", "channels.png"):
         data = (run_dir / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 1000, name
-    assert summary["params"][1] < summary["params"][0] and summary["flops"][1] < summary["flops"][0]
+    flops = summary["flops_per_example"]
+    assert summary["params"][1] < summary["params"][0] and flops[1] < flops[0]
     assert all(v is not None for v in summary["accuracy"].values())
+    assert strict_json(run_dir / "summary.json") == summary
+    assert sorted(p.name for p in run_dir.iterdir() if p.name in summary["files"]) == summary["files"]
     return run_dir
 
 
-def test_tiny_run_writes_every_artefact(capsys):
-    summary = main(TINY)
+def test_strict_json_refuses_nan(tmp_path):
+    (tmp_path / "nan.json").write_text(json.dumps({"d": [float("nan")]}))
+    with pytest.raises(ValueError, match="NaN"):
+        strict_json(tmp_path / "nan.json")
+
+
+def test_tiny_run_from_the_command_line_writes_every_artefact(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["examples.main", *TINY])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = main()
+    assert not [w for w in caught if "args" in str(w.message) and "command line" in str(w.message)]
     run_dir = assert_artefacts(summary)
     assert summary["ticket_epoch"] == 1 and summary["pruned_epoch"] == 1
+    assert summary["distances"][0] is None  # NaN in memory (no window yet), null in the JSON
     out = capsys.readouterr().out
     assert "lightning-worm: summary" in out and "Early-Bird ticket: epoch 1" in out and "channels kept" in out
-    assert json.loads((run_dir / "summary.json").read_text())["ticket_epoch"] == 1
+    assert "pruning_report.json" in out and "FLOPs per example" in out
+    # one checkpoint, written once: no second copy from Lightning's default ModelCheckpoint
+    assert [p.relative_to(run_dir) for p in Path("run").rglob("*.ckpt")] == [Path("pruned.ckpt")]
+    # FLOPs per example, as Lightning's own model summary counts them for the dense model
+    dense = ImageClassifier(**{k: v for k, v in summary["model"].items()})
+    assert summary["flops_per_example"][0] == ModelSummary(dense).total_flops
+    assert summary["example_batch"] == 2
     assert list(run_dir.glob("events.out.tfevents.*")), "TensorBoard got nothing"
     # the pruned checkpoint reloads into the example module with identical outputs
     model = load_pruned(ImageClassifier, run_dir / "pruned.ckpt")
@@ -54,9 +89,78 @@ def test_without_worm_and_without_pruning():
     assert Path(summary["checkpoint"]).name == "final.ckpt"
 
 
+def test_fast_dev_run_lists_only_files_it_wrote(capsys):
+    summary = main(["--trainer.fast_dev_run", "true", "--trainer.enable_progress_bar", "false",
+                    "--trainer.default_root_dir", "run"])
+    run_dir = Path(summary["checkpoint"]).parent
+    assert summary["pruned_epoch"] is None and "pruning_report.json" not in summary["files"]
+    assert summary["files"] == sorted(p.name for p in run_dir.iterdir() if p.is_file())
+    assert ", ".join(summary["files"]) in capsys.readouterr().out
+    strict_json(run_dir / "summary.json")
+
+
+def cli_error(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(args)
+    assert exit_info.value.code == 2  # a usage error, before anything is built
+    return capsys.readouterr().err
+
+
+def literal_options() -> dict[str, tuple]:
+    """``--group.name`` -> the allowed values, for every ``Literal`` argument of the model and the callbacks."""
+    from typing import Literal, get_args, get_origin, get_type_hints
+
+    groups = {"model": ImageClassifier, "early_bird": EarlyBirdCallback, "worm": WormCallback,
+              "prune": PruneAndFinetune}
+    return {f"--{group}.{name}": get_args(hint) for group, cls in groups.items()
+            for name, hint in get_type_hints(cls.__init__).items() if get_origin(hint) is Literal}
+
+
+def test_help_lists_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    options = literal_options()
+    assert {"--model.arch", "--model.schedule", "--worm.schedule", "--prune.coupling"} <= set(options)
+    for option, values in options.items():
+        assert f"{option} {{{','.join(values)}}}" in out, option
+    assert "offline.yaml" in out  # the default config file
+    assert "--optimizer" not in out and "--lr_scheduler" not in out  # the model builds its own
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--model.arch", "resnet50"], "resnet50"),
+    (["--model.schedule", "linear"], "linear"),
+    (["--worm.schedule", "cosine"], "cosine"),
+    (["--prune.coupling", "any"], "any"),
+    (["--early_bird.first_mask", "never"], "never"),
+    (["--optimizer", "Adam"], "--optimizer"),
+])
+def test_a_bad_choice_is_a_usage_error(args, expected, capsys):
+    assert expected in cli_error(args, capsys)
+
+
+def test_module_choices_are_the_models():
+    from typing import get_args
+
+    from examples.models import MODELS
+    from examples.module import Arch
+
+    assert set(get_args(Arch)) == set(MODELS)
+
+
+def test_one_callback_type_in_a_group_and_in_trainer_callbacks_is_refused():
+    callbacks = '--trainer.callbacks=[{"class_path": "lightning_worm.EarlyBirdCallback"}]'
+    with pytest.raises(ValueError, match=r"early_bird.enabled.*also lists EarlyBirdCallback"):
+        build_cli([callbacks])
+    with pytest.raises(ValueError, match="No Early-Bird tracker"):
+        build_cli(["--early_bird.enabled", "false"])
+
+
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_config_parses_and_builds(config):
-    cli = WormCLI(ImageClassifier, subclass_mode_data=True, run=False, args=["--config", str(CONFIGS / config)])
+    cli = build_cli(["--config", str(CONFIGS / config)])
     kinds = {type(c) for c in cli.trainer.callbacks}
     assert EarlyBirdCallback in kinds and PruneAndFinetune in kinds
     assert (WormCallback in kinds) == (config != "plain_earlybird.yaml")
@@ -91,8 +195,43 @@ def test_ddp_is_a_flag_away(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "examples.main", *TINY[:-1], str(tmp_path / "run"),
             "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # in a temporary folder: nothing lands in the checkout
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "args parameter" not in proc.stderr
     (summary_path,) = (tmp_path / "run").glob("**/summary.json")
-    summary = json.loads(summary_path.read_text())
+    summary = strict_json(summary_path)
     assert summary["pruned_epoch"] == 1 and summary["params"][1] < summary["params"][0]
+
+
+ONE_TINY_EPOCH = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+                  "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
+                  "--trainer.default_root_dir", "run"]
+
+
+def test_callbacks_in_yaml_parse_and_fit():
+    """The recipe of examples/configs/callbacks_in_yaml.yaml: the three callbacks as plain trainer.callbacks."""
+    cli = build_cli(["--config", str(CONFIGS / "callbacks_in_yaml.yaml"), *ONE_TINY_EPOCH])
+    ours = [c for c in cli.trainer.callbacks if isinstance(c, (EarlyBirdCallback, WormCallback, PruneAndFinetune))]
+    assert [type(c) for c in ours] == [EarlyBirdCallback, WormCallback, PruneAndFinetune]  # one of each
+    assert (cli.early_bird, cli.worm, cli.prune) == tuple(ours)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.current_epoch == 1 and len(cli.early_bird.distances) == 1
+    assert cli.worm.early_bird is cli.early_bird and cli.prune.early_bird is cli.early_bird
+
+
+def test_callbacks_in_yaml_in_a_plain_lightning_cli():
+    """The same `trainer:` part in a LightningCLI of the user's own (no example-job options)."""
+    import yaml
+    from lightning.pytorch.cli import LightningCLI
+
+    config = yaml.safe_load((CONFIGS / "callbacks_in_yaml.yaml").read_text())
+    for key in ("early_bird", "worm", "prune"):
+        del config[key]
+    config["trainer"].update(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False)
+    cli = LightningCLI(ImageClassifier, subclass_mode_data=True, run=False, args=config,
+                       auto_configure_optimizers=False)
+    early_bird, worm, prune = cli.trainer.callbacks[:3]
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert len(early_bird.distances) == 1 and worm.early_bird is early_bird and prune.early_bird is early_bird

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from tests.helpers import batchnorms, randomize_batchnorms, global_ticket, silence_removed_channels
+from lightning_worm.core.scores import BatchNormSource
 from lightning_worm.core.surgery import PruningPlan, apply_plan, prune_channels
 
 # ----------------------------------------------------------------------------------------- models
@@ -213,7 +214,7 @@ def test_residual_coupling_prunes_only_channels_pruned_everywhere():
     ticket["block1.bn2"][[2, 3, 4]] = False
     ticket["block1.bn1"] = torch.tensor([0, 1] * 4, dtype=torch.bool)  # uncoupled: exact
     x = torch.randn(2, 3, 8, 8)
-    pruned, report = pruned_copy(model, ticket, x)
+    pruned, report = pruned_copy(model, ticket, x, coupling="all")
 
     assert report.channels_after["stem.1"] == report.channels_after["block1.bn2"] == 6  # channels 2 and 3 go
     assert torch.equal(report.kept_indices["stem.1.weight"][0], torch.tensor([0, 1, 4, 5, 6, 7]))
@@ -337,7 +338,7 @@ def test_grouped_conv_prunes_the_same_positions_in_every_group():
     model = randomize_batchnorms(GroupedNet())
     ticket = {"features.1": torch.tensor([1, 0, 1, 0, 1, 0, 0, 1], dtype=torch.bool)}  # groups of 2 input channels
     x = torch.randn(2, 3, 8, 8)
-    pruned, report = pruned_copy(model, ticket, x)
+    pruned, report = pruned_copy(model, ticket, x, coupling="all")
 
     # Position 1 is pruned in groups 0, 1, 2 but not 3: coupled, so it stays under "all".
     assert report.channels_after["features.1"] == 8 and report.kept_for_coupling == 4
@@ -448,8 +449,8 @@ def test_latency_is_measured_on_request():
     [
         ({}, "ticket is empty"),
         ({"stem.9": torch.ones(8, dtype=torch.bool), "fc": torch.ones(1, dtype=torch.bool)}, "layers.*'stem.9', 'fc'"),
-        ({"stem.0": torch.ones(8, dtype=torch.bool)}, "not BatchNorm layers.*'stem.0'"),
-        ({"stem.1": torch.ones(16, dtype=torch.bool)}, "16 channels but the layer has num_features=8.*another model"),
+        ({"stem.0": torch.ones(8, dtype=torch.bool)}, "not tracked BatchNorm channels.*'stem.0'"),
+        ({"stem.1": torch.ones(16, dtype=torch.bool)}, "16 channels but the layer has 8.*another model"),
         ({"stem.1": torch.ones(8)}, "1-D torch.bool tensor.*torch.float32.*mask.bool"),
         ({"stem.1": torch.ones(2, 4, dtype=torch.bool)}, "1-D torch.bool tensor"),
         ({"stem.1": [True] * 8}, "1-D torch.bool tensor.*list"),
@@ -481,3 +482,287 @@ def test_failing_forward_is_reported_with_its_cause():
         prune_channels(model, ticket, torch.randn(2, 5, 8, 8))
     assert isinstance(info.value.__cause__, RuntimeError)
     assert model.training
+
+
+# ------------------------------------------------------------------------------- coupling "vote"
+
+
+def test_vote_removes_the_channels_pruned_in_most_coupled_layers_first():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallResNet(width=8))
+    ticket = {"stem.1": torch.ones(8, dtype=torch.bool), "block1.bn2": torch.ones(8, dtype=torch.bool)}
+    ticket["stem.1"][[0, 1, 2, 3]] = False
+    ticket["block1.bn2"][[2, 3, 4]] = False  # 3.5 on average, 3 go: 2 and 3 (pruned in both), then 0, 1 or 4
+    x = torch.randn(2, 3, 8, 8)
+    pruned, report = pruned_copy(model, ticket, x)  # the default coupling
+
+    assert report.coupling == "vote"
+    kept = report.kept_indices["stem.1.weight"][0].tolist()
+    removed = sorted(set(range(8)) - set(kept))
+    assert {2, 3} <= set(removed) and len(removed) == 3 and set(removed) <= {0, 1, 2, 3, 4}
+    gammas = (batchnorms(model)["stem.1"].weight + batchnorms(model)["block1.bn2"].weight).detach() / 2
+    others = [c for c in removed if c not in (2, 3)]
+    assert others == [min([0, 1, 4], key=lambda c: float(gammas[c]))]  # ties by mean gamma
+    assert report.ticket_agreement == report.pruned_from_ticket / report.ticket_pruned
+    assert report.to_dict()["ticket_agreement"] == report.ticket_agreement
+    assert_surgery_is_exact(model, pruned, report, x)
+
+
+def test_vote_keeps_an_arbitrary_ticket_where_nothing_is_coupled():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallVGG(width=8))
+    ticket = {name: torch.arange(bn.num_features) % 2 == 0 for name, bn in batchnorms(model).items()}
+    _, report = pruned_copy(model, ticket, torch.randn(2, 3, 16, 16))
+    assert report.ticket_agreement == 1.0 and report.pruned_outside_ticket == 0
+    assert report.removed_fraction == 0.5
+
+
+# ------------------------------------------------------------------------------------ score source
+
+
+class NegatedBatchNormSource(BatchNormSource):
+    """Scores BatchNorm channels by -|gamma| and tracks only the stem: the surgery must follow both."""
+
+    key = "negated_batchnorm_test"
+
+    def candidates(self, model):
+        yield from ((n, m) for n, m in super().candidates(model) if n.startswith("stem"))
+
+    def scores(self, module):
+        return -super().scores(module)
+
+
+def test_the_score_source_names_the_modules_and_scores_the_channels():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallResNet(width=8))
+    gamma = batchnorms(model)["stem.1"].weight.detach().abs()
+    ticket = {"stem.1": torch.arange(8) >= 4}  # 4 pruned, coupled with block1.bn2 (untracked here)
+    with pytest.raises(ValueError, match="not tracked.*'block1.bn2'"):
+        prune_channels(copy.deepcopy(model), {"block1.bn2": torch.ones(8, dtype=torch.bool)}, torch.randn(2, 3, 8, 8),
+                       source=NegatedBatchNormSource())
+    pruned, report = pruned_copy(model, ticket, torch.randn(2, 3, 8, 8), source=NegatedBatchNormSource(),
+                                 coupling="mean_rank")
+    assert list(report.channels_before) == ["stem.1"]
+    removed = sorted(set(range(8)) - set(report.kept_indices["stem.1.weight"][0].tolist()))
+    assert removed == sorted(torch.argsort(gamma, descending=True)[:4].tolist())  # lowest -|gamma| first
+    assert report.plan.source == "negated_batchnorm_test"
+    fresh = SmallResNet(width=8)
+    apply_plan(fresh, report.plan, source=NegatedBatchNormSource())
+    fresh.load_state_dict(pruned.state_dict())
+    with pytest.raises(ValueError, match="negated_batchnorm_test.*source="):
+        apply_plan(SmallResNet(width=8), report.plan)
+
+
+def test_a_source_whose_entries_are_not_modules_is_refused():
+    class Parts(BatchNormSource):
+        def candidates(self, model):
+            yield from ((f"{n}:half", (m, "half")) for n, m in super().candidates(model))
+
+        def skip_reason(self, handle):
+            return None
+
+    with pytest.raises(ValueError, match="removes output channels of modules.*'stem.1:half' as a tuple"):
+        prune_channels(SmallResNet(), {"stem.1:half": torch.ones(8, dtype=torch.bool)}, torch.randn(2, 3, 8, 8),
+                       source=Parts())
+
+
+# ------------------------------------------------------------------------------- measuring, report
+
+
+def test_flops_are_per_example_whatever_the_batch():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallVGG(width=8))
+    ticket = global_ticket(model)
+    _, one = pruned_copy(model, ticket, torch.randn(1, 3, 16, 16))
+    _, four = pruned_copy(model, ticket, torch.randn(4, 3, 16, 16))
+    assert (one.flops_before, one.flops_after) == (four.flops_before, four.flops_after)
+    assert (one.flops_batch, four.flops_batch) == (1, 4)
+    # Lightning's convention: FlopCounterMode, a multiply-add counts 2; first conv: 2 * 3*3*3 * 8 * 16*16
+    assert one.flops_before > 2 * 27 * 8 * 256
+
+
+# ----------------------------------------------------------------------------------- plan replay
+
+
+def test_plan_kind_dispatches_and_old_plans_load():
+    from lightning_worm.core.surgery import register_replay
+
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallVGG(width=8))
+    pruned, report = pruned_copy(model, global_ticket(model), torch.randn(2, 3, 16, 16))
+    old = report.plan.to_dict()
+    for key in ("kind", "source", "options"):
+        old.pop(key)
+    plan = PruningPlan.from_dict(old)
+    assert (plan.kind, plan.source) == ("channels", "batchnorm")
+    fresh = SmallVGG(width=8)
+    apply_plan(fresh, old)
+    fresh.load_state_dict(pruned.state_dict())
+
+    calls = []
+    register_replay("test_kind")(lambda m, p, **o: calls.append((m, p.options)) or {})
+    apply_plan(fresh, {**old, "kind": "test_kind", "options": {"heads": [1]}})
+    assert calls == [(fresh, {"heads": [1]})]
+    with pytest.raises(ValueError, match="kind 'nope' has no registered replay.*register_replay"):
+        apply_plan(SmallVGG(width=8), {**old, "kind": "nope"})
+
+
+def _bad_plan(plan: dict, case: str) -> dict:
+    plan = copy.deepcopy(plan)
+    plan["pruned_groups"].sort(key=lambda group: group[0])  # features.0 first: the order does not matter
+    name, idxs = plan["pruned_groups"][0]
+    if case == "negative":
+        plan["pruned_groups"][0][1] = [-1, *idxs[1:]]
+    elif case == "out_of_range":
+        plan["pruned_groups"][0][1] = [*idxs[:-1], 999]
+    elif case == "duplicate_index":
+        plan["pruned_groups"][0][1] = [idxs[0], idxs[0], *idxs[2:]]
+    elif case == "float_index":
+        plan["pruned_groups"][0][1] = [float(idxs[0]), *idxs[1:]]
+    elif case == "bool_index":
+        plan["pruned_groups"][0][1] = [True, *idxs[1:]]
+    elif case == "unknown_module":
+        plan["pruned_groups"][0][0] = "features.99"
+    elif case == "not_a_layer":
+        plan["pruned_groups"][0][0] = "features.2"  # a ReLU
+    elif case == "duplicate_group":
+        plan["pruned_groups"].append(list(plan["pruned_groups"][0]))
+    elif case == "all_channels":
+        plan["pruned_groups"][0][1] = list(range(8))
+    elif case == "wrong_after":
+        first = next(iter(plan["channels_after"]))
+        plan["channels_after"][first] -= 1
+    elif case == "after_exceeds_before":
+        first = next(iter(plan["channels_after"]))
+        plan["channels_after"][first] = plan["channels_before"][first] + 1
+    elif case == "count_type":
+        first = next(iter(plan["channels_after"]))
+        plan["channels_after"][first] = "4"
+    elif case == "group_shape":
+        plan["pruned_groups"][0] = name
+    elif case == "bad_dtype":
+        plan["input_specs"][0]["dtype"] = "float33"
+    elif case == "bad_shape":
+        plan["input_specs"][0]["shape"] = [2, -3, 16, 16]
+    elif case == "unknown_field":
+        plan["extra"] = 1
+    elif case == "missing_field":
+        del plan["pruned_groups"]
+    elif case == "not_a_dict":
+        plan = ["not", "a", "plan"]
+    return plan
+
+
+BAD_PLANS = [
+    ("negative", r"pruned_groups\[0\] \('features.0'\) holds the negative index -1.*re-create"),
+    ("out_of_range", r"pruned_groups\[0\] \('features.0'\) holds channel 999, but the layer has 8 output channels"),
+    ("duplicate_index", r"pruned_groups\[0\] \('features.0'\) lists channel \d+ twice"),
+    ("float_index", r"pruned_groups\[0\] \('features.0'\) holds \d+\.0, not a channel index"),
+    ("bool_index", r"pruned_groups\[0\] \('features.0'\) holds True, not a channel index"),
+    ("unknown_module", r"names modules this model lacks: 'features.99'.*same arguments"),
+    ("not_a_layer", r"pruned_groups\[0\] names 'features.2', a ReLU whose output channels cannot be pruned"),
+    ("duplicate_group", r"pruned_groups\[\d\] names 'features.0' a second time"),
+    ("all_channels", r"pruned_groups\[0\] \('features.0'\) removes all 8 output channels"),
+    ("wrong_after", r"inconsistent: its pruned_groups would leave features.1: \d+ instead of \d+"),
+    ("after_exceeds_before", r"channels_after\['features.1'\] = 9 exceeds channels_before \(8\)"),
+    ("count_type", r"channels_after must map module names to non-negative integers"),
+    ("group_shape", r"pruned_groups\[0\] must be \[module name, list of channel indices\], got 'features.0'"),
+    ("bad_dtype", r"input_specs\[0\] has dtype 'float33', not a torch dtype name"),
+    ("bad_shape", r"input_specs\[0\] needs a 'shape' list of non-negative integers"),
+    ("unknown_field", r"Not a pruning plan: unknown fields \['extra'\]"),
+    ("missing_field", r"Not a pruning plan: missing fields \['pruned_groups'\]"),
+    ("not_a_dict", r"must be a PruningPlan or the dict of its `to_dict\(\)`, got list"),
+]
+
+
+@pytest.mark.parametrize(("case", "match"), BAD_PLANS, ids=[case for case, _ in BAD_PLANS])
+def test_a_bad_plan_is_refused_before_the_model_changes(case, match):
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallVGG(width=8))
+    ticket = {"features.1": torch.arange(8) % 2 == 0, "features.4": torch.arange(8) < 6}
+    _, report = pruned_copy(model, ticket, torch.randn(2, 3, 16, 16))
+    assert sorted(name for name, _ in report.plan.pruned_groups) == ["features.0", "features.3"]
+    fresh = SmallVGG(width=8)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        apply_plan(fresh, _bad_plan(report.plan.to_dict(), case))
+    after = fresh.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.requires_grad for p in fresh.parameters()) and fresh.training
+
+
+def test_bf16_true_model_replays_on_float32_and_on_bf16_modules():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallResNet(width=8)).to(torch.bfloat16)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    pruned, report = pruned_copy(model, global_ticket(model), x)
+    assert report.plan.input_specs[0]["dtype"] == "bfloat16"
+    plan = json.loads(json.dumps(report.plan.to_dict()))
+
+    fresh32 = SmallResNet(width=8)
+    apply_plan(fresh32, plan)
+    fresh32.load_state_dict(pruned.state_dict())  # loading casts bf16 weights into the float32 module
+    fresh16 = SmallResNet(width=8).to(torch.bfloat16)
+    apply_plan(fresh16, plan)
+    fresh16.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh16.eval()(x), pruned.eval()(x))
+        torch.testing.assert_close(fresh32.eval()(x.float()), pruned(x).float(), rtol=0.05, atol=0.05)
+
+
+def test_integer_inputs_stay_integer_on_replay():
+    class Embedded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 6)
+            self.body = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+        def forward(self, tokens):
+            return self.body(self.embed(tokens).mean(1))
+
+    torch.manual_seed(0)
+    model = randomize_batchnorms(Embedded()).to(torch.bfloat16)
+    tokens = torch.randint(0, 10, (4, 5))
+    pruned, report = pruned_copy(model, {"body.1": torch.arange(8) < 4}, tokens)
+    assert report.plan.input_specs[0]["dtype"] == "int64"
+    fresh = Embedded()
+    apply_plan(fresh, report.plan)
+    fresh.load_state_dict(pruned.state_dict())
+    assert fresh.body[0].out_features == 4
+
+
+# ------------------------------------------------------------------------- the torch-pruning patch
+
+
+def test_torch_pruning_is_patched_only_inside_the_library_calls():
+    import threading
+
+    import torch_pruning as tp
+
+    from lightning_worm._internals import torch_pruning as tpi
+
+    assert not tpi.patch_active()
+    seen_inside, other_thread = [], []
+
+    def prune_elsewhere():
+        other_thread.append(tpi.patch_active())
+        conv = nn.Conv2d(2, 4, 1)
+        tp.pruner.function.ConvPruner().prune_out_channels(conv, [0])  # not recorded by the block below
+
+    with tpi.recorded_parameter_slices(lambda old, new, keep, dim: seen_inside.append(tuple(new.shape))):
+        assert tpi.patch_active()
+        thread = threading.Thread(target=prune_elsewhere)
+        thread.start()
+        thread.join()
+        tp.pruner.function.ConvPruner().prune_out_channels(nn.Conv2d(2, 6, 1), [0, 1])
+    assert not tpi.patch_active()
+    assert seen_inside == [(4, 2, 1, 1), (4,)]  # only this context's calls: weight and bias of the 6-channel conv
+    assert other_thread == [True]  # installed process-wide while the block is open, but inert for others
+
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallVGG(width=8))
+    pruned_copy(model, global_ticket(model), torch.randn(2, 3, 16, 16))
+    assert not tpi.patch_active()
+    with pytest.raises(ValueError):
+        prune_channels(model, {}, torch.randn(2, 3, 16, 16))
+    assert not tpi.patch_active()

@@ -2,7 +2,9 @@
 
 For every model: the forward still works with the same output shape, parameters drop, the pruned model
 computes exactly what the dense one computes with the removed channels silenced, and ``apply_plan`` on a
-fresh instance followed by ``load_state_dict`` reproduces the outputs bit for bit.
+fresh instance followed by ``load_state_dict`` reproduces the outputs bit for bit. With the default
+coupling, the fraction of the prunable channels removed is within 5 % of the ticket's ratio on every family
+(``examples/benchmarks/coupling.py`` prints the table for every rule).
 """
 
 import copy
@@ -13,7 +15,7 @@ import torchvision
 from torch import nn
 
 from tests.helpers import randomize_batchnorms, global_ticket, silence_removed_channels
-from lightning_worm.core.surgery import apply_plan, prune_channels
+from lightning_worm.core.surgery import DEFAULT_COUPLING, apply_plan, prune_channels
 
 slow = pytest.mark.slow
 
@@ -46,7 +48,13 @@ def check_surgery(name: str, kwargs: dict, **options) -> None:
     model = randomize_batchnorms(build(name, kwargs))
     dense = copy.deepcopy(model)
     x = torch.randn(1, 3, 64, 64)
-    report = prune_channels(model, global_ticket(model), x, measure_latency=False, **options)
+    ticket = global_ticket(model)
+    report = prune_channels(model, ticket, x, measure_latency=False, **options)
+    if not options:  # the default coupling removes what the ticket asks, within 5 % of the ratio
+        requested = sum(int((~mask).sum()) for mask in ticket.values()) / sum(mask.numel() for mask in ticket.values())
+        assert report.coupling == DEFAULT_COUPLING
+        assert abs(report.removed_fraction - requested) <= 0.05 * requested, (report.removed_fraction, requested)
+        assert report.ticket_agreement > 0.5
 
     with torch.no_grad():
         out = model.eval()(x)

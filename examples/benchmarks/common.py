@@ -27,7 +27,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from examples.callbacks import evaluate
 
 T = TypeVar("T")
 
@@ -42,7 +41,8 @@ class Settings:
         mode: the preset's name, printed next to every number.
         accelerator: ``"cpu"`` or ``"gpu"`` (``"auto"`` is resolved by :meth:`preset`).
         threads: ``torch.set_num_threads`` for the whole run.
-        data: ``"digits"`` (offline) or ``"cifar10"`` (needs the data in ``data_dir``).
+        data: ``"mnist1d"`` (offline, generated; the default), ``"digits"`` (offline) or ``"cifar10"`` (needs the
+            data in ``data_dir``): the task of the ticket-search and end-to-end benchmarks.
         data_dir: where ``cifar-10-batches-py`` lies.
         overhead_archs: models of the overhead benchmark (full width).
         overhead_batch: batch size of the overhead fits.
@@ -58,24 +58,28 @@ class Settings:
         latency_batches: batch sizes timed.
         latency_rounds: interleaved rounds; each contender runs ``latency_repeats`` forwards per round.
         latency_repeats: forwards per contender per round (their median is the round's time).
-        search_arch: model of the ticket-search and end-to-end benchmarks.
-        search_width: its width multiplier.
-        search_seeds: seeds of the ticket search.
-        search_epochs: epochs of each ticket-search fit (search + prune + fine-tune).
-        search_batch: batch size of the training benchmarks.
+        arch: model of the ticket-search and end-to-end benchmarks (``"cnn1d"`` for MNIST-1D; ``vgg11_bn`` at
+            width 0.25 is used for the image tasks unless given).
+        width: its width multiplier.
+        batch: batch size of the training benchmarks.
+        epochs: epochs of every training (dense, and search + prune + fine-tune in one fit).
+        seeds: training seeds (the data split is the same for all).
+        recipes: training recipes (:data:`examples.benchmarks.claims.RECIPES`); the first one runs every method to
+            the end (recovery and end to end), the others the ticket search and the prune only.
+        prune_ratio: the fraction of BN channels pruned (p).
+        slimming_finetune_epochs: fine-tuning epochs after network slimming's prune.
+        recalibrate_batches: training batches of the BatchNorm re-calibration right after each prune.
+        target_drop: the target accuracy is the dense run's final validation accuracy minus this.
         limit_train_batches: Lightning's ``limit_train_batches`` of the training benchmarks.
         window: Early-Bird window (the paper's 5; ``tiny`` shortens it so the tests find a ticket).
         threshold: Early-Bird threshold.
-        e2e_seeds: seeds of the end-to-end benchmark.
-        e2e_epochs: epochs of the dense, Early-Bird and slimming trainings.
-        e2e_finetune_epochs: fine-tuning epochs after network slimming's prune.
-        e2e_target_drop: the target accuracy is the dense run's best validation accuracy minus this.
+        workers: training runs in parallel, one process each with one torch thread (1: in this process).
     """
 
     mode: str = "quick"
     accelerator: str = "cpu"
     threads: int = 2
-    data: str = "digits"
+    data: str = "mnist1d"
     data_dir: str = "data"
     overhead_archs: tuple[str, ...] = ("resnet18", "vgg11_bn")
     overhead_batch: int = 8
@@ -89,18 +93,20 @@ class Settings:
     latency_batches: tuple[int, ...] = (1, 64)
     latency_rounds: int = 5
     latency_repeats: int = 1
-    search_arch: str = "vgg11_bn"
-    search_width: float = 0.25
-    search_seeds: tuple[int, ...] = (0, 1, 2)
-    search_epochs: int = 12
-    search_batch: int = 64
+    arch: str = "cnn1d"
+    width: float = 1.0
+    batch: int = 128
+    epochs: int = 40
+    seeds: tuple[int, ...] = (0, 1, 2)
+    recipes: tuple[str, ...] = ("earlybird", "worm")
+    prune_ratio: float = 0.5
+    slimming_finetune_epochs: int = 20
+    recalibrate_batches: int = 10
+    target_drop: float = 0.005
     limit_train_batches: Optional[int] = None
     window: int = 5
     threshold: float = 0.1
-    e2e_seeds: tuple[int, ...] = (0,)
-    e2e_epochs: int = 12
-    e2e_finetune_epochs: int = 4
-    e2e_target_drop: float = 0.01
+    workers: int = 1
 
     @property
     def device(self) -> torch.device:
@@ -129,28 +135,31 @@ class Settings:
         if accelerator == "gpu" and not torch.cuda.is_available():
             raise ValueError("`accelerator='gpu'` but torch sees no CUDA device.")
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        base = cls(mode=mode, accelerator=accelerator, threads=threads)
+        workers = max(1, min(threads, 4)) if accelerator == "cpu" else 1
+        base = cls(mode=mode, accelerator=accelerator, threads=threads, workers=workers)
         if mode == "quick":
-            s = base
+            s = replace(base, seeds=(0, 1, 2), epochs=24, slimming_finetune_epochs=12)
         elif mode == "full":
             s = replace(
                 base, overhead_batch=32, overhead_steps=20, overhead_rounds=5,
                 mask_repeats=51, latency_masked_ratios=(0.3, 0.5, 0.7), latency_rounds=7, latency_repeats=3,
-                search_seeds=(0, 1, 2, 3, 4), search_epochs=40, e2e_seeds=(0, 1, 2), e2e_epochs=40,
-                e2e_finetune_epochs=10,
+                seeds=(0, 1, 2, 3, 4), epochs=40, slimming_finetune_epochs=20,
             )
         elif mode == "tiny":
             s = replace(
                 base, overhead_batch=4, overhead_steps=2, overhead_rounds=1,
                 mask_channels=4096, mask_repeats=3, latency_models=("vgg11_bn", "mobilenet_v2"),
-                latency_ratios=(0.5,), latency_batches=(1,), latency_rounds=1, search_width=0.0625,
-                search_seeds=(0,), search_epochs=4, limit_train_batches=2, window=2, threshold=0.5,
-                e2e_epochs=4, e2e_finetune_epochs=1,
+                latency_ratios=(0.5,), latency_batches=(1,), latency_rounds=1, width=0.5,
+                seeds=(0,), epochs=3, limit_train_batches=2, window=2, threshold=0.5, slimming_finetune_epochs=1,
+                recalibrate_batches=2, workers=1,
             )
         else:
             raise ValueError(f"Unknown mode {mode!r}; choose 'tiny', 'quick' or 'full'.")
         if accelerator == "gpu":  # the GPU rows: CIFAR-shaped batch 128, bf16-mixed
-            s = replace(s, overhead_batch=128, search_batch=128)
+            s = replace(s, overhead_batch=128)
+        data = overrides.get("data", s.data)
+        if data != "mnist1d" and "arch" not in overrides:  # the image tasks: the narrow CIFAR VGG-11
+            s = replace(s, arch="vgg11_bn", width=0.0625 if mode == "tiny" else 0.25, batch=64)
         return replace(s, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -333,13 +342,50 @@ def synthetic_loader(n: int, batch_size: int, seed: int = 0) -> DataLoader:
     return DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=True)
 
 
-def datamodule(settings: Settings, seed: int) -> pl.LightningDataModule:
-    """The data of the training benchmarks: offline digits, or CIFAR-10 from ``settings.data_dir``."""
-    from examples.data import CIFAR10DataModule, DigitsDataModule
+DATA_NAMES = {"mnist1d": "MNIST-1D (generated offline by `mnist1d`, 3000 train / 1000 val / 1000 test)",
+              "digits": "scikit-learn digits (offline, 32x32)", "cifar10": "CIFAR-10"}
 
+
+def datamodule(settings: Settings, seed: int) -> pl.LightningDataModule:
+    """The data of the training benchmarks: MNIST-1D (generated offline), the offline digits, or CIFAR-10 from
+    ``settings.data_dir``.
+
+    Raises:
+        ValueError: on an unknown ``settings.data``.
+    """
+    from examples.data import CIFAR10DataModule, DigitsDataModule, MNIST1DDataModule
+
+    if settings.data == "mnist1d":
+        return MNIST1DDataModule(batch_size=settings.batch, seed=seed)
     if settings.data == "cifar10":
-        return CIFAR10DataModule(data_dir=settings.data_dir, batch_size=settings.search_batch, num_workers=2, seed=seed)
-    return DigitsDataModule(batch_size=settings.search_batch, seed=seed)
+        return CIFAR10DataModule(data_dir=settings.data_dir, batch_size=settings.batch, num_workers=2, seed=seed)
+    if settings.data == "digits":
+        return DigitsDataModule(batch_size=settings.batch, seed=seed)
+    raise ValueError(f"Unknown data {settings.data!r}; choose one of: {', '.join(DATA_NAMES)}.")
+
+
+def example_input(module: nn.Module, batch: int = 1) -> torch.Tensor:
+    """Zeros of one example's shape (the model's ``input_shape``, else a CIFAR image) on the module's device."""
+    model = getattr(module, "model", module)
+    shape = tuple(getattr(model, "input_shape", (3, 32, 32)))
+    device = next(module.parameters()).device
+    return torch.zeros(batch, *shape, device=device)
+
+
+def latency_ms(model: nn.Module, example: torch.Tensor, min_run_time: float = 0.3) -> float:
+    """Median milliseconds of one eval forward on ``example`` (``torch.utils.benchmark``, the current thread count),
+    mode restored."""
+    from torch.utils import benchmark
+
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": example},
+                                    num_threads=torch.get_num_threads())
+            return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+    finally:
+        model.train(training)
 
 
 @functools.lru_cache(maxsize=None)
@@ -365,33 +411,31 @@ def trainer(settings: Settings, callbacks: Sequence[pl.Callback] = (), **kwargs:
 
 
 class Meter(pl.Callback):
-    """Meters a fit epoch by epoch: wall time, validation accuracy, training FLOPs, and the prune.
+    """Meters a fit epoch by epoch: wall time, validation accuracy and training FLOPs.
 
     Training FLOPs of an epoch are ``3 x`` (forward + backward) the forward FLOPs per sample of the model
-    as it is during that epoch (counted once per architecture with ``FlopCounterMode`` on one sample)
-    times the samples seen. Put it *after* a :class:`~lightning_worm.PruneAndFinetune` in the callbacks:
-    then, in the epoch of the prune, it also evaluates the freshly pruned model on the validation set
-    (the accuracy "just after pruning", before any fine-tuning).
+    as it is during that epoch (counted once per architecture with ``FlopCounterMode`` on one example of the
+    model's ``input_shape``) times the samples seen. Put it *after* a pruning callback that has the attributes
+    ``pruned_epoch``, ``eval_seconds`` and ``extra_flops`` (:class:`examples.benchmarks.claims.PruneProbe`): in
+    the epoch of the prune, the time of the probe's extra evaluations is taken out of the wall time and its
+    re-calibration FLOPs are added.
 
     Attributes:
         epochs: one dict per epoch: ``epoch``, ``seconds`` (cumulative since fit start, after validation),
             ``val_acc``, ``train_flops`` (cumulative), ``flops_per_sample``.
-        acc_after_prune: validation accuracy right after the prune (``None`` without prune).
-        pruned_epoch: the epoch at whose end the model was pruned.
     """
 
-    def __init__(self, pruner: Any = None, offset_seconds: float = 0.0, offset_flops: float = 0.0) -> None:
+    def __init__(self, probe: Any = None, offset_seconds: float = 0.0, offset_flops: float = 0.0) -> None:
         super().__init__()
-        self.pruner = pruner
+        self.probe = probe
         self.offset_seconds, self.offset_flops = offset_seconds, offset_flops
         self.epochs: list[dict[str, Any]] = []
-        self.acc_after_prune: Optional[float] = None
-        self.pruned_epoch: Optional[int] = None
         self._flops_cache: dict[int, int] = {}
         self._start = 0.0
         self._samples = 0
         self._flops = offset_flops
         self._epoch_flops = 0
+        self._probe_counted = False
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._start = time.perf_counter() - self.offset_seconds
@@ -399,8 +443,7 @@ class Meter(pl.Callback):
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         key = count_params(pl_module)
         if key not in self._flops_cache:
-            example = torch.zeros(1, 3, 32, 32, device=pl_module.device)
-            self._flops_cache[key] = forward_flops(pl_module, example)
+            self._flops_cache[key] = forward_flops(pl_module, example_input(pl_module))
         self._epoch_flops = self._flops_cache[key]
         self._samples = 0
 
@@ -410,14 +453,12 @@ class Meter(pl.Callback):
 
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._flops += 3 * self._epoch_flops * self._samples
-        pruner = self.pruner
-        if pruner is not None and pruner.pruned_epoch == trainer.current_epoch and self.pruned_epoch is None:
-            self.pruned_epoch = trainer.current_epoch
-            start = time.perf_counter()
-            self.acc_after_prune = evaluate(pl_module, trainer.datamodule.val_dataloader())
-            self._start += time.perf_counter() - start  # the extra evaluation is not training time
-        metrics = trainer.callback_metrics
-        acc = metrics.get("val/acc")
+        probe = self.probe
+        if probe is not None and probe.pruned_epoch is not None and not self._probe_counted:
+            self._probe_counted = True
+            self._start += probe.eval_seconds  # the probe's evaluations are not training time
+            self._flops += probe.extra_flops
+        acc = trainer.callback_metrics.get("val/acc")
         self.epochs.append(dict(
             epoch=trainer.current_epoch, seconds=time.perf_counter() - self._start,
             val_acc=None if acc is None else float(acc), train_flops=self._flops,

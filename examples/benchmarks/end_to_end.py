@@ -1,183 +1,133 @@
-"""Benchmark 4: wall time and training FLOPs to reach a target accuracy, end to end.
+"""Benchmark 4: end to end, wall time and training FLOPs to reach the dense accuracy, and what is delivered.
 
-Four ways to a model, on the same data, seed and recipe (the example ``ImageClassifier``):
-
-- **dense**: plain training for ``e2e_epochs``;
-- **network slimming**: training for ``e2e_epochs`` with the L1 term on the BN gammas (sparsity 1e-4, applied by
-  an ``EarlyBirdCallback`` that prunes nothing), ``prune_channels`` of the global mask at p = 0.5 at the end,
-  then ``e2e_finetune_epochs`` of fine-tuning (a new fit with the same recipe);
-- **EarlyBird + prune + fine-tune**: one fit of ``e2e_epochs`` that prunes at the ticket and fine-tunes to the end;
-- **EarlyBird + WORM + prune + fine-tune**: the same with ``WormCallback`` (elbow schedule).
-
-The target accuracy is the dense run's best validation accuracy (same seed) minus ``e2e_target_drop``. A
-pruning method reaches it when its *pruned* model does (from the evaluation just after the prune on), so
-the time and FLOPs to target include the whole search; the dense run reaches it on its own.
+Each method of :mod:`examples.benchmarks.claims` under the first recipe of the settings (the runs are shared with
+the ticket section): dense training, Early-Bird and WORM (prune at the ticket, fine-tune to the end), the
+random-ticket control, and network slimming (train with the L1 term, prune at the end, fine-tune). The target is
+the dense run's final validation accuracy (same seed) minus ``target_drop``; a pruning method reaches it only once
+its *pruned* model does (from the re-calibrated network right after the prune on), so its time and FLOPs to the
+target include the whole search. The dense run reaches it on its own curve. Then the final test accuracy and the
+delivered network's parameters, inference FLOPs and latency.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-import torch
-from lightning.pytorch import seed_everything
-
+from examples.benchmarks import claims
 from examples.benchmarks.common import (
-    Meter, Section, Settings, datamodule, device_name, forward_flops, interleave, log,
-    markdown_table, mean_std, new_figure, save_figure, trainer,
+    DATA_NAMES, Section, Settings, device_name, markdown_table, new_figure, save_figure,
 )
-from examples.benchmarks.ticket import CHI, ELBOW, PRUNE_RATIO, SPARSITY, search_callbacks
-from examples.callbacks import evaluate
-from examples.module import ImageClassifier
-from lightning_worm import channel_mask, prune_channels
+from examples.benchmarks.ticket import fmt, median, verdict
 
-CONTENDERS: dict[str, str] = {
-    "dense": "dense",
-    "network slimming (L1, prune at end, fine-tune)": "slimming",
-    "EarlyBird + prune + fine-tune": "earlybird",
-    "EarlyBird + WORM + prune + fine-tune": "worm",
-}
-
-
-def train(settings: Settings, arch: str, width: float, seed: int, kind: str) -> dict[str, Any]:
-    """One contender's whole training; returns its per-epoch curve, from which epoch it is final, and the totals.
-
-    ``curve`` holds dicts of ``epoch``, ``seconds`` and ``train_flops`` (cumulative) and ``val_acc``; ``final_from``
-    is the first curve index whose model is the delivered one (pruned, for the pruning methods).
-    """
-    seed_everything(seed, verbose=False)
-    module = ImageClassifier(arch=arch, width=width)
-    data = datamodule(settings, seed=0)
-    epochs = settings.e2e_epochs
-    if kind == "dense":
-        meter = Meter()
-        trainer(settings, [meter], max_epochs=epochs).fit(module, datamodule=data)
-        curve, final_from = meter.epochs, 0
-    elif kind == "slimming":
-        callbacks, meter = search_callbacks(settings, None, prune=False)
-        # The tracker only applies the L1 term here; its ticket is not used.
-        trainer(settings, callbacks, max_epochs=epochs).fit(module, datamodule=data)
-        start = time.perf_counter()
-        example = torch.zeros(2, 3, 32, 32, device=module.device)
-        prune_channels(module, channel_mask(module, PRUNE_RATIO), example, measure_latency=False)
-        after = evaluate(module, data.val_dataloader())
-        prune_seconds = time.perf_counter() - start
-        seconds, flops = meter.epochs[-1]["seconds"] + prune_seconds, meter.total_flops
-        finetune = Meter(offset_seconds=seconds, offset_flops=flops)
-        trainer(settings, [finetune], max_epochs=settings.e2e_finetune_epochs).fit(module, datamodule=data)
-        pruned_point = dict(epoch=epochs - 1, seconds=seconds, train_flops=flops, val_acc=after)
-        curve = meter.epochs + [pruned_point] + [dict(e, epoch=e["epoch"] + epochs) for e in finetune.epochs]
-        final_from = len(meter.epochs)
-    else:
-        callbacks, meter = search_callbacks(settings, "elbow" if kind == "worm" else None)
-        trainer(settings, callbacks, max_epochs=epochs).fit(module, datamodule=data)
-        curve = list(meter.epochs)
-        if meter.pruned_epoch is None:
-            final_from = len(curve)  # no ticket, nothing pruned: never delivers a pruned model
-        else:
-            i = next(i for i, e in enumerate(curve) if e["epoch"] == meter.pruned_epoch)
-            pruned_point = dict(curve[i], val_acc=meter.acc_after_prune)
-            curve = curve[: i + 1] + [pruned_point] + curve[i + 1:]
-            final_from = i + 1
-    test_acc = evaluate(module, data.test_dataloader())
-    example = torch.zeros(1, 3, 32, 32, device=module.device)
-    return dict(seed=seed, curve=curve, final_from=final_from, test_acc=test_acc,
-                inference_flops=forward_flops(module, example), seconds=curve[-1]["seconds"],
-                train_flops=curve[-1]["train_flops"])
-
-
-def reach(result: dict[str, Any], target: float) -> dict[str, Any] | None:
-    """The first point of the delivered model at or above ``target``, or ``None``."""
-    return next((e for e in result["curve"][result["final_from"]:] if e["val_acc"] is not None
-                 and e["val_acc"] >= target), None)
+GOAL_FLOPS = 0.6  # end to end at most 0.6x dense training's FLOPs at equal accuracy
 
 
 def run(settings: Settings, out_dir: Path) -> Section:
-    """Every contender on every seed, interleaved (order rotated per seed), for each architecture.
+    """Time and FLOPs to the target, per method and seed; medians and ranges over seeds.
 
     Returns:
-        A :class:`Section` with the table and accuracy-vs-FLOPs curves.
+        A :class:`Section` with the table, the goal measured and the accuracy-vs-FLOPs curves.
     """
     start = time.perf_counter()
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    archs = settings.overhead_archs if settings.on_gpu else (settings.search_arch,)
-    width = 1.0 if settings.on_gpu else settings.search_width
-    for arch in archs:
-        contenders: dict[str, Callable[[], dict[str, Any]]] = {}
-        for name, kind in CONTENDERS.items():
-            seeds = iter(settings.e2e_seeds)
-
-            def one(kind: str = kind, seeds: Any = seeds, name: str = name, arch: str = arch) -> dict[str, Any]:
-                seed = next(seeds)
-                log(f"end to end: {arch}: {name}, seed {seed}")
-                return train(settings, arch, width, seed, kind)
-
-            contenders[name] = one
-        results[arch] = interleave(contenders, rounds=len(settings.e2e_seeds))
-    section = _section(settings, results, width, out_dir)
+    res = claims.results(settings)
+    recipe = settings.recipes[0]
+    section = _section(settings, recipe, res["runs"][recipe], out_dir)
     section.seconds = time.perf_counter() - start
     return section
 
 
-def _section(settings: Settings, results: dict[str, Any], width: float, out_dir: Path) -> Section:
-    rows, data = [], {}
-    device = device_name(settings)
-    for arch, per in results.items():
-        dense_runs = per["dense"]
-        targets = [max(e["val_acc"] for e in r["curve"]) - settings.e2e_target_drop for r in dense_runs]
-        dense_flops = dense_runs[0]["inference_flops"]
-        for name, runs in per.items():
-            hits = [reach(r, t) for r, t in zip(runs, targets)]
-            reached = [h for h in hits if h is not None]
-            note = "" if len(reached) == len(hits) else f" ({len(hits) - len(reached)} of {len(hits)} never)"
-            rows.append([
-                arch, name, mean_std(targets), mean_std([h["seconds"] for h in reached]) + note,
-                mean_std([h["train_flops"] / 1e12 for h in reached]) + note,
-                mean_std([r["seconds"] for r in runs]), mean_std([r["train_flops"] / 1e12 for r in runs]),
-                mean_std([r["curve"][-1]["val_acc"] for r in runs]), mean_std([r["test_acc"] for r in runs]),
-                mean_std([r["inference_flops"] / dense_flops for r in runs]), device,
-            ])
-            data.setdefault(arch, {})[name] = [
-                dict({k: v for k, v in r.items() if k != "curve"}, target=t, reached=h, curve=r["curve"])
-                for r, t, h in zip(runs, targets, hits)]
+def to_target(settings: Settings, per: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """Per method and seed: the target, the point that reaches it (or ``None``), and the ratios to dense."""
+    dense = claims.by_seed(per["dense"])
+    out: dict[str, list[dict[str, Any]]] = {}
+    for method, rs in per.items():
+        rows = []
+        for r in rs:
+            d = dense[r["seed"]]
+            goal = claims.target(settings, d)
+            hit, dense_hit = claims.reach(r, goal), claims.reach(d, goal)
+            rows.append(dict(
+                seed=r["seed"], target=goal, reached=hit,
+                flops_ratio=None if hit is None or dense_hit is None else hit["train_flops"] / dense_hit["train_flops"],
+                time_ratio=None if hit is None or dense_hit is None else hit["seconds"] / dense_hit["seconds"],
+                total_flops_ratio=r["train_flops"] / d["train_flops"],
+                inference_flops_ratio=r["inference_flops"] / d["inference_flops"],
+                params_ratio=r["params"] / d["params"], latency_ratio=r["latency_ms"] / d["latency_ms"],
+            ))
+        out[method] = rows
+    return out
+
+
+def _section(settings: Settings, recipe_name: str, per: dict[str, list[dict[str, Any]]], out_dir: Path) -> Section:
+    recipe = claims.RECIPES[recipe_name]
+    reached = to_target(settings, per)
+    rows, goal_rows = [], []
+    for method, rs in per.items():
+        hits = reached[method]
+        pts: list[Optional[dict[str, Any]]] = [h["reached"] for h in hits]
+        never = sum(p is None for p in pts)
+        note = f" ({never} of {len(pts)} never)" if never else ""
+        rows.append([
+            claims.LABELS[method], fmt([h["target"] for h in hits], 1, 100),
+            fmt([None if p is None else p["epoch"] + 1 for p in pts], 0) + note,
+            fmt([None if p is None else p["train_flops"] / 1e9 for p in pts], 2),
+            fmt([h["flops_ratio"] for h in hits], 2), fmt([None if p is None else p["seconds"] for p in pts], 1),
+            fmt([h["time_ratio"] for h in hits], 2), fmt([h["total_flops_ratio"] for h in hits], 2),
+            fmt([r["test_acc"] for r in rs], 1, 100), fmt([r["params"] for r in rs], 0),
+            fmt([h["inference_flops_ratio"] for h in hits], 2), fmt([r["latency_ms"] for r in rs], 3),
+            fmt([h["latency_ratio"] for h in hits], 2),
+        ])
+        if method != "dense":
+            # A seed that never reaches the target counts as missing the goal.
+            values = [float("inf") if h["flops_ratio"] is None else h["flops_ratio"] for h in hits]
+            m = median(values)
+            shown = "n/a" if m is None else ("never (median)" if m == float("inf") else f"{m:.2f}x (median)")
+            goal_rows.append([f"training FLOPs to the target <= {GOAL_FLOPS}x dense's", claims.LABELS[method],
+                              shown + note, verdict(None if m == float("inf") else m, GOAL_FLOPS, at_most=True)])
     table = markdown_table(
-        ["model", "method", "target val acc", "wall s to target", "training TFLOPs to target", "total wall s",
-         "total training TFLOPs", "final val acc", "test acc", "inference FLOPs ratio", "device"], rows)
-    data_name = "CIFAR-10" if settings.data == "cifar10" else "scikit-learn digits (offline, 32x32)"
+        ["method", "target val acc %", "epochs to target", "training GFLOPs to target", "vs dense",
+         "wall s to target", "vs dense", "total training FLOPs vs dense", "final test acc %", "params",
+         "inference FLOPs vs dense", "latency ms (batch 64)", "vs dense"], rows)
+    goals = markdown_table(["goal (issue 9)", "method", "measured", "verdict"], goal_rows)
     md = (
-        f"{data_name}, width {width:g}, batch {settings.search_batch}, precision {settings.precision}, "
-        f"{settings.e2e_epochs} epochs (network slimming: + {settings.e2e_finetune_epochs} fine-tuning epochs "
-        f"after its prune), p = {PRUNE_RATIO}, sparsity {SPARSITY:g} for every method with an L1 term, chi {CHI}, "
-        f"elbow {ELBOW}, seeds {', '.join(map(str, settings.e2e_seeds))}, contenders interleaved. Target: the dense "
-        f"run's best validation accuracy minus {settings.e2e_target_drop:g}; a pruning method counts only once its "
-        "pruned model reaches it. Wall time includes validation and the prune; FLOPs are training FLOPs "
-        "(3 x forward x samples). Mean ± std over seeds.\n\n"
-        + f"{table}\n"
+        f"{DATA_NAMES[settings.data]}; {settings.arch} width {settings.width:g}, batch {settings.batch}, "
+        f"{recipe.describe()} ({recipe.source}); {settings.epochs} epochs (network slimming: + "
+        f"{settings.slimming_finetune_epochs} fine-tuning epochs after its prune), p = {settings.prune_ratio}, seeds "
+        f"{', '.join(map(str, settings.seeds))}, {settings.workers} run(s) in parallel on {device_name(settings)} "
+        f"(one torch thread each). Target: the dense run's final validation accuracy minus "
+        f"{100 * settings.target_drop:g} point (same seed); a pruning method counts only once its pruned model "
+        "reaches it. Wall time includes validation, the prune and the re-calibration (not the extra evaluations of "
+        "the measurement); training FLOPs are 3 x forward FLOPs per example (FlopCounterMode) x examples, with the "
+        "pruned model's FLOPs after the prune, plus the re-calibration's forward passes. \"vs dense\": median of "
+        "per-seed ratios to the dense run of the same seed. Latency: the final model, eval mode, batch 64, "
+        "`torch.utils.benchmark` on one thread (median; runs in parallel share the machine). Medians [min, max] "
+        "over seeds.\n\n**Goals vs measured.**\n\n" + goals + "\n\n" + table + "\n"
     )
-    figure = _plot(results, out_dir / "end_to_end.png", device, settings.e2e_target_drop)
-    headline = [f"End to end ({row[0]}, target val acc {row[2]}): " + "; ".join(
-        f"{r[1]}: {r[3]} s and {r[4]} TFLOPs to target, inference FLOPs ratio {r[9]}"
-        for r in rows if r[0] == row[0]) + "."
-        for row in rows if row[1] == "dense"]
-    return Section("End to end: time and FLOPs to a target accuracy", md, [figure], data, headline)
+    figure = _plot(per, out_dir / "end_to_end.png", settings)
+    data = {m: [dict({k: v for k, v in r.items() if k != "curve"}, **{k: v for k, v in h.items() if k != "reached"},
+                     curve=r["curve"]) for r, h in zip(rs, reached[m])] for m, rs in per.items()}
+    headline = [f"End to end ({settings.data}, {recipe.label}, {len(settings.seeds)} seeds, target: dense final "
+                f"val acc - {100 * settings.target_drop:g} pt): " + "; ".join(
+                    f"{row[0]}: training FLOPs to the target {row[4]} (x dense's), test acc {row[8]} %, inference "
+                    f"FLOPs {row[10]} (x dense's)" for row in rows if row[0] != "dense") + "."]
+    return Section("End to end: time and training FLOPs to the dense accuracy", md, [figure], data, headline)
 
 
-def _plot(results: dict[str, Any], path: Path, device: str, drop: float) -> Path:
-    fig, axes = new_figure(ncols=len(results), width=6.5 * len(results), height=4.2)
-    for ax, (arch, per) in zip(axes, results.items()):
-        for i, (name, runs) in enumerate(per.items()):
-            for r in runs:
-                xs = [e["train_flops"] / 1e12 for e in r["curve"]]
-                ys = [e["val_acc"] for e in r["curve"]]
-                ax.plot(xs, ys, "-", color=f"C{i}", alpha=0.7, lw=1.2, label=name if r is runs[0] else None)
-                f = r["final_from"]
-                if 0 < f < len(xs):
-                    ax.plot(xs[f], ys[f], "v", color=f"C{i}", ms=7)
-        target = max(e["val_acc"] for e in per["dense"][0]["curve"]) - drop
-        ax.axhline(target, ls=":", color="gray", lw=1, label="target (first seed)")
-        ax.set(xlabel="cumulative training TFLOPs", ylabel="validation accuracy", ylim=(0, 1.02),
-               title=f"{arch} ({device}); v: just after the prune")
-        ax.legend(fontsize=7, loc="lower left")
+def _plot(per: dict[str, list[dict[str, Any]]], path: Path, settings: Settings) -> Path:
+    fig, (ax,) = new_figure(ncols=1, width=8.0, height=4.5)
+    for i, (method, rs) in enumerate(per.items()):
+        for r in rs:
+            xs = [e["train_flops"] / 1e9 for e in r["curve"]]
+            ys = [e["val_acc"] for e in r["curve"]]
+            ax.plot(xs, ys, "-", color=f"C{i}", alpha=0.6, lw=1, label=claims.LABELS[method] if r is rs[0] else None)
+            f = r["final_from"]
+            if 0 < f < len(xs):
+                ax.plot(xs[f], ys[f], "v", color=f"C{i}", ms=5)
+    dense = per["dense"][0]
+    ax.axhline(claims.target(settings, dense), ls=":", color="gray", lw=1, label="target (first seed)")
+    ax.set(xlabel="cumulative training GFLOPs", ylabel="validation accuracy", ylim=(0, 1.02),
+           title=f"{settings.data}, {device_name(settings)}; v: right after the prune (re-calibrated)")
+    ax.legend(fontsize=7, loc="lower right")
     return save_figure(fig, path)

@@ -1,28 +1,45 @@
-"""Benchmark 2: the real speed of the pruned network against its FLOPs.
+"""Benchmark 2: the real speed of the pruned network against its FLOPs, and the fastest way to export it.
 
-For each model, BN gammas are randomised (fixed seed) and the model is pruned at each ratio by:
+Two measurements, both timed with ``torch.utils.benchmark`` (fixed threads), eval mode, no grad, through
+:mod:`lightning_worm.core.measure` (FLOPs per example, as Lightning's model summary counts them):
 
-- ``lightning-worm``: ``channel_mask`` + ``prune_channels`` (coupling ``"all"``), with and without ``round_to=8``,
-  and with coupling ``"mean_rank"`` (coupled channels ranked by their mean ``|gamma|``, as torch-pruning does);
+**Export paths** (:func:`export_paths`, also ``python -m examples.benchmarks.latency``): dense vs pruned at
+p = 0.5 (``channel_mask`` + ``prune_channels`` with the default coupling), with and without ``round_to=8``,
+each run in eager mode (contiguous), channels-last, channels-last with BatchNorm folded into the
+convolutions (``export_for_inference(model)``), and that compiled (``export_for_inference(model, compile=True)``),
+batch 64 on the CPU. Every pruned variant's latency is
+divided by the dense model's in the same path, per interleaved round; the goal is a latency ratio of at
+most 1.25x the FLOPs ratio. The full measurement (estimated 5-6 minutes on 2 quiet cores, half of it
+compiling; it prints its duration)::
+
+    OMP_NUM_THREADS=2 python -m examples.benchmarks.latency --threads 2 --rounds 5 --repeats 2
+
+``--rounds 2 --repeats 1 --no-compile`` is a quick look (about a minute).
+
+**Methods** (:func:`run`, in the benchmark suite): for each model, BN gammas are randomised (fixed seed)
+and the model is pruned at each ratio by:
+
+- ``lightning-worm``: ``channel_mask`` + ``prune_channels`` (default coupling ``"vote"``), with and without
+  ``round_to=8``, and with coupling ``"all"`` (a coupled channel goes only if the ticket prunes it everywhere);
 - ``torch-pruning``: its global BN-scale pruner (``BNScalePruner``, ``global_pruning=True``), the method
   behind the "number to beat" measured before this project existed;
 - ``ln_structured`` masks on every convolution (what Lightning's ``ModelPruning`` does with
   ``pruning_fn="ln_structured"``), made permanent: zeros in dense tensors;
 - global ``l1_unstructured`` masks on every convolution (what the WORM reference code does).
 
-Dense and pruned models are timed interleaved (eval mode, no grad), and every ratio is the per-round
-ratio to dense: median and interquartile range over rounds.
+Dense and pruned models are timed interleaved, and every ratio is the per-round ratio to dense: median and
+interquartile range over rounds.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 import torch_pruning as tp
@@ -30,11 +47,12 @@ from torch import nn
 from torch.nn.utils import prune
 
 from examples.benchmarks.common import (
-    Section, Settings, Spread, count_params, device_name, forward_flops, interleave, log, markdown_table,
-    new_figure, paired_ratios, randomize_bn, save_figure, timed,
+    Section, Settings, Spread, device_name, interleave, log, markdown_table, new_figure, paired_ratios,
+    randomize_bn, save_figure,
 )
 from examples.models import resnet18, vgg11_bn
 from lightning_worm import channel_mask, prune_channels
+from lightning_worm.core import measure
 
 SEED = 0
 #: Measured on this project's 2-core CPU before it existed (batch 64, 32x32, torch-pruning global BN-scale, 0.5).
@@ -60,9 +78,12 @@ def _convs(model: nn.Module) -> list[nn.Conv2d]:
     return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
 
 
-def prune_lightning_worm(model: nn.Module, ratio: float, round_to: int | None, coupling: str = "all") -> dict[str, Any]:
-    report = prune_channels(model, channel_mask(model, ratio), torch.zeros(1, 3, 32, 32), coupling=coupling,
-                            round_to=round_to, measure_latency=False)
+def prune_lightning_worm(
+    model: nn.Module, ratio: float, round_to: int | None, coupling: str | None = None
+) -> dict[str, Any]:
+    options = {} if coupling is None else {"coupling": coupling}
+    report = prune_channels(model, channel_mask(model, ratio), torch.zeros(1, 3, 32, 32), round_to=round_to,
+                            measure_latency=False, **options)
     return {"channels_pruned": report.pruned_from_ticket + report.pruned_outside_ticket,
             "ticket_pruned": report.ticket_pruned}
 
@@ -95,7 +116,7 @@ METHODS: dict[str, tuple[Callable[[nn.Module, float], dict[str, Any]], bool]] = 
     # name: (prune in place, structural?)
     "lightning-worm": (lambda m, r: prune_lightning_worm(m, r, None), True),
     "lightning-worm round_to=8": (lambda m, r: prune_lightning_worm(m, r, 8), True),
-    "lightning-worm coupling=mean_rank": (lambda m, r: prune_lightning_worm(m, r, None, "mean_rank"), True),
+    "lightning-worm coupling=all": (lambda m, r: prune_lightning_worm(m, r, None, "all"), True),
     "torch-pruning BN-scale (global)": (prune_torch_pruning, True),
     "ln_structured mask (ModelPruning-style)": (mask_ln_structured, False),
     "l1_unstructured mask (global, WORM code)": (mask_l1_unstructured, False),
@@ -114,7 +135,7 @@ def run(settings: Settings, out_dir: Path) -> Section:
     for model_name in settings.latency_models:
         dense = build(model_name)
         example = torch.zeros(1, 3, 32, 32)
-        flops_dense, params_dense = forward_flops(dense, example), count_params(dense)
+        flops_dense, params_dense = measure.forward_flops(dense, example), measure.count_params(dense)
         variants: dict[str, nn.Module] = {"dense": dense}
         info: dict[str, dict[str, Any]] = {"dense": dict(method="dense", ratio=0.0, params=params_dense,
                                                          flops=flops_dense)}
@@ -126,22 +147,22 @@ def run(settings: Settings, out_dir: Path) -> Section:
                 extra = apply(model, ratio)
                 key = f"{method} p={ratio:g}"
                 variants[key] = model.eval()
-                info[key] = dict(method=method, ratio=ratio, params=count_params(model, nonzero=not structural),
-                                 flops=forward_flops(model, example), prune_seconds=time.perf_counter() - t0, **extra)
+                info[key] = dict(method=method, ratio=ratio,
+                                 params=measure.count_params(model, nonzero=not structural),
+                                 flops=measure.forward_flops(model, example), prune_seconds=time.perf_counter() - t0,
+                                 **extra)
         for model in variants.values():
             model.to(device)
         log(f"latency: {model_name}: {len(variants)} variants pruned, timing on {device_name(settings)}")
         for batch in settings.latency_batches:
             x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(SEED)).to(device)
 
-            def contender(model: nn.Module, x: torch.Tensor = x) -> Callable[[], float]:
-                repeats = settings.latency_repeats
-                return lambda: statistics.median(timed(lambda: model(x), repeats=repeats, device=device))
-
+            contenders = {k: _seconds(measure.timer(m, x, num_threads=settings.threads), settings.latency_repeats)
+                          for k, m in variants.items()}
             with torch.no_grad():
                 for model in variants.values():  # one untimed warm-up each
-                    timed(contender(model), repeats=1, device=device)
-                samples = interleave({k: contender(m) for k, m in variants.items()}, settings.latency_rounds)
+                    model(x)
+                samples = interleave(contenders, settings.latency_rounds)
             ratios = paired_ratios(samples, "dense")
             for key in variants:
                 info[key][f"ms_b{batch}"] = Spread.of(samples[key]).median * 1e3
@@ -150,6 +171,20 @@ def run(settings: Settings, out_dir: Path) -> Section:
             rows.append(dict(model=model_name, name=key, params_ratio=i["params"] / params_dense,
                              flops_ratio=i["flops"] / flops_dense, **i))
     section = _section(settings, rows, out_dir)
+    if not settings.on_gpu:
+        # The compiled path only in the full mode: compiling takes minutes on a small CPU.
+        paths = PATHS if settings.mode == "full" else tuple(p for p in PATHS if p != "compile")
+        export_rows = export_paths(settings.latency_models, batch=max(settings.latency_batches),
+                                   rounds=settings.latency_rounds, repeats=settings.latency_repeats,
+                                   threads=settings.threads, paths=paths, echo=log)
+        section.markdown += (
+            f"\n**Export paths** (dense vs pruned at p = 0.5, default coupling, batch {max(settings.latency_batches)}, "
+            f"{settings.threads} thread(s); `export` is `export_for_inference(model)`: channels-last with BatchNorm "
+            "folded into the convolutions; `compile` is `export_for_inference(model, compile=True)`"
+            + ("" if "compile" in paths else ", timed in the full mode only") + "):\n\n"
+            + export_table(export_rows) + "\n"
+        )
+        section.data["export_paths"] = [_jsonable(r) for r in export_rows]
     section.seconds = time.perf_counter() - start
     return section
 
@@ -169,7 +204,7 @@ def _section(settings: Settings, rows: list[dict[str, Any]], out_dir: Path) -> S
     for model_name in settings.latency_models:
         at = {r["method"]: r for r in rows if r["model"] == model_name and r["ratio"] == 0.5}
         flops_beat, latency_beat = NUMBER_TO_BEAT.get(model_name, (float("nan"), float("nan")))
-        for method in ("lightning-worm", "lightning-worm round_to=8", "lightning-worm coupling=mean_rank",
+        for method in ("lightning-worm", "lightning-worm round_to=8", "lightning-worm coupling=all",
                        "torch-pruning BN-scale (global)"):
             r = at.get(method)
             if r is None:
@@ -188,10 +223,11 @@ def _section(settings: Settings, rows: list[dict[str, Any]], out_dir: Path) -> S
         "`params` of the mask-only methods counts the non-zero weights; their FLOPs are dense (masks do not "
         "skip work). The mask-only methods are timed at p = "
         f"{', '.join(f'{r:g}' for r in settings.latency_masked_ratios)}. "
-        "Coupling `all` (lightning-worm's default) removes a channel shared by several BN layers (a residual sum, "
-        "MobileNetV2's expand and depthwise pair) only if the ticket prunes it in all of them: with independent "
-        "random gammas that is rare, so it removes fewer FLOPs than torch-pruning, which ranks such groups by their "
-        "mean score, as `mean_rank` does. oneDNN's primitive cache is raised to "
+        "Coupling `all` removes a channel shared by several BN layers (a residual sum, MobileNetV2's expand and "
+        "depthwise pair) only if the ticket prunes it in all of them: with independent random gammas that is rare, "
+        "so it removes fewer FLOPs than the default `vote`, which removes as many as the ticket asks on average "
+        "(those the ticket prunes in most coupled layers first). Timed with `torch.utils.benchmark`, "
+        f"{settings.threads} thread(s). oneDNN's primitive cache is raised to "
         f"{os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY', 'its default')} entries: with the default 1024, "
         "timing a dozen variants interleaved evicts the kernels at every forward and made pruned MobileNetV2s "
         "look 1.4-1.8x slower than dense.\n\n"
@@ -232,3 +268,142 @@ def _plot(settings: Settings, rows: list[dict[str, Any]], path: Path, batch: int
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (vars(v) if isinstance(v, Spread) else v) for k, v in row.items()}
+
+
+
+def _seconds(timer: Any, repeats: int) -> Callable[[], float]:
+    """One round of a contender: the mean seconds per forward over ``repeats`` forwards."""
+    return lambda: timer.timeit(repeats).mean
+
+
+# ------------------------------------------------------------------------------------- export paths
+
+#: eager: as built; channels_last: only the memory format; export: ``export_for_inference(model)`` (channels-last,
+#: BatchNorm folded); compile: ``export_for_inference(model, compile=True)``.
+PATHS = ("eager", "channels_last", "export", "compile")
+VARIANTS = {"dense": None, "pruned": 0, "pruned round_to=8": 8}
+
+
+def _prepared(model: nn.Module, path: str) -> nn.Module:
+    if path == "eager":
+        return copy.deepcopy(model).eval()
+    if path == "channels_last":
+        return measure.export_for_inference(model, fuse_batchnorm=False)
+    return measure.export_for_inference(model, compile=path == "compile")
+
+
+def export_paths(
+    models: Sequence[str] = ("vgg11_bn", "resnet18", "mobilenet_v2"),
+    *,
+    ratio: float = 0.5,
+    batch: int = 64,
+    rounds: int = 5,
+    repeats: int = 2,
+    threads: int = 2,
+    paths: Sequence[str] = PATHS,
+    echo: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Dense vs pruned (with and without ``round_to=8``) in every export path, timed interleaved per model.
+
+    Returns:
+        One row per (model, variant, path): ``flops_ratio``, ``ms`` (median), ``ratio`` (latency / dense in the
+        same path, a :class:`Spread` over rounds), ``vs_eager`` (latency / dense eager), ``compile_seconds``.
+        A path that fails (``torch.compile`` without a working compiler, say) gets an ``error`` instead.
+    """
+    torch.set_num_threads(threads)
+    rows = []
+    for name in models:
+        dense = build(name)
+        example = torch.zeros(1, 3, 32, 32)
+        variants = {"dense": dense}
+        for variant, round_to in VARIANTS.items():
+            if round_to is not None:
+                variants[variant] = copy.deepcopy(dense)
+                prune_lightning_worm(variants[variant], ratio, round_to or None)
+        flops = {k: measure.forward_flops(m, example) for k, m in variants.items()}
+        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(SEED))
+        contenders: dict[tuple[str, str], Callable[[], float]] = {}
+        errors: dict[str, str] = {}
+        compile_seconds: dict[tuple[str, str], float] = {}
+        for path in paths:
+            inputs = x if path == "eager" else x.contiguous(memory_format=torch.channels_last)
+            for variant, model in variants.items():
+                t0 = time.perf_counter()
+                try:
+                    ready = _prepared(model, path)
+                    with torch.no_grad():
+                        expected = model.eval()(x)
+                        for _ in range(2):  # warm-up; compiles the compiled path
+                            out = ready(inputs)
+                    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+                except Exception as error:  # noqa: BLE001 - reported in the table
+                    errors[path] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                    break
+                compile_seconds[(variant, path)] = time.perf_counter() - t0
+                contenders[(variant, path)] = _seconds(measure.timer(ready, inputs, num_threads=threads), repeats)
+        echo(f"{name}: {len(contenders)} contenders ready, timing {rounds} rounds x {repeats} forwards, batch {batch}")
+        with torch.no_grad():
+            samples = interleave(contenders, rounds)
+        for path in paths:
+            if path in errors:
+                rows.append(dict(model=name, variant="all", path=path, error=errors[path]))
+                continue
+            dense_key = ("dense", path)
+            for variant in variants:
+                per_round = [v / d for v, d in zip(samples[(variant, path)], samples[dense_key])]
+                vs_eager = [v / d for v, d in zip(samples[(variant, path)], samples[("dense", "eager")])] \
+                    if ("dense", "eager") in samples else []
+                rows.append(dict(
+                    model=name, variant=variant, path=path, flops_ratio=flops[variant] / flops["dense"],
+                    ms=Spread.of(samples[(variant, path)]).median * 1e3, ratio=Spread.of(per_round),
+                    vs_eager=Spread.of(vs_eager) if vs_eager else None,
+                    compile_seconds=compile_seconds[(variant, path)],
+                ))
+    return rows
+
+
+def export_table(rows: list[dict[str, Any]]) -> str:
+    """The rows of :func:`export_paths` as a Markdown table, a failing path with its reason."""
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append([r["model"], r["variant"], r["path"], "n/a", "n/a", "n/a", "n/a", "n/a", r["error"]])
+            continue
+        goal = "" if r["variant"] == "dense" else ("yes" if r["ratio"].median <= 1.25 * r["flops_ratio"] else "no")
+        lines.append([
+            r["model"], r["variant"], r["path"], f"{r['flops_ratio']:.2f}", f"{r['ms']:.1f}", r["ratio"].fmt(2),
+            "" if r["vs_eager"] is None else r["vs_eager"].fmt(2),
+            "" if r["variant"] == "dense" else f"{r['ratio'].median / r['flops_ratio']:.2f}", goal,
+        ])
+    return markdown_table(["model", "variant", "path", "FLOPs ratio", "ms", "latency ratio (same path)",
+                           "latency / dense eager", "latency / FLOPs", "<= 1.25"], lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
+    """Print the export-path table (see the module docstring for the full command)."""
+    parser = argparse.ArgumentParser(description="Dense vs pruned latency in eager, channels-last and compiled form.")
+    parser.add_argument("--models", nargs="+", default=["vgg11_bn", "resnet18", "mobilenet_v2"],
+                        choices=["vgg11_bn", "resnet18", "mobilenet_v2"])
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (ratios are per round)")
+    parser.add_argument("--repeats", type=int, default=2, help="forwards per contender per round")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile path")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    paths = [p for p in PATHS if not (args.no_compile and p == "compile")]
+    rows = export_paths(args.models, ratio=args.ratio, batch=args.batch, rounds=args.rounds, repeats=args.repeats,
+                        threads=args.threads, paths=paths)
+    print(f"\nCPU, batch {args.batch}, 32x32, {args.threads} thread(s), p = {args.ratio} (default coupling), "
+          f"{args.rounds} rounds x {args.repeats} forwards; ratios: pruned / dense, median [IQR] over rounds\n")
+    print(export_table(rows))
+    compiled = [r["compile_seconds"] for r in rows if r.get("path") == "compile" and "error" not in r]
+    if compiled:
+        print(f"\ncompiling took {sum(compiled):.0f} s in all")
+    print(f"{time.perf_counter() - start:.0f} s")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

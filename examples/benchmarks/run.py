@@ -3,9 +3,13 @@
 Usage::
 
     python examples/benchmarks/run.py --quick          # < 10 minutes on a 2-core CPU
-    python -m examples.benchmarks.run                  # the full mode (about an hour on a 2-core CPU)
+    python -m examples.benchmarks.run                  # the full mode
+    python -m examples.benchmarks.run --only ticket,end_to_end   # the claims on MNIST-1D, 5 seeds, both recipes
     python -m examples.benchmarks.run --accelerator gpu    # the GPU rows (batch 128, bf16-mixed)
     python -m examples.benchmarks.run --only latency,overhead --threads 1
+
+The ``ticket`` and ``end_to_end`` benchmarks share one set of training runs (:mod:`examples.benchmarks.claims`),
+made once per process on ``--workers`` processes.
 
 Each accelerator's results (figures, and ``results.json`` with the raw numbers and the section's Markdown)
 are kept apart in ``docs/benchmarks/cpu/`` and ``docs/benchmarks/gpu/``; ``docs/benchmarks.md`` is assembled
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 import warnings
@@ -47,8 +52,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="'auto': the GPU when torch sees one")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: the usable cores; use 1 on a busy machine)")
-    parser.add_argument("--data", choices=("digits", "cifar10"), default="digits",
-                        help="data of the training benchmarks (cifar10 needs --data-dir)")
+    parser.add_argument("--data", choices=("mnist1d", "digits", "cifar10"), default="mnist1d",
+                        help="task of the ticket and end-to-end benchmarks (mnist1d: generated offline by the "
+                             "`mnist1d` package; cifar10 needs --data-dir)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="training runs in parallel for the ticket and end-to-end benchmarks, one process and "
+                             "one torch thread each (default: the usable cores, at most 4; 1 on a GPU)")
     parser.add_argument("--data-dir", default="data", help="directory holding cifar-10-batches-py")
     parser.add_argument("--docs", type=Path, default=REPO / "docs",
                         help="where benchmarks.md and benchmarks/ are written (default: the repository's docs/)")
@@ -72,6 +81,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Section]:
     overrides: dict[str, Any] = dict(data=args.data, data_dir=args.data_dir)
     if args.threads is not None:
         overrides["threads"] = args.threads
+    if args.workers is not None:
+        if args.workers < 1:
+            raise ValueError(f"`--workers` must be at least 1, got {args.workers}.")
+        overrides["workers"] = args.workers
     settings = Settings.preset(args.mode, args.accelerator, **overrides)
     torch.set_num_threads(settings.threads)
     _quiet()
@@ -108,36 +121,83 @@ def _quiet() -> None:
 
 def _write(docs: Path, out: Path, settings: Settings, env: dict[str, Any], sections: dict[str, Section],
            seconds: float) -> None:
+    """Write ``results.json`` and the accelerator's part of ``docs/benchmarks.md``.
+
+    Sections of this run replace those of the same name; the sections of earlier runs that this one did not rerun
+    are kept, each with its own mode, date and settings (``--only ticket,end_to_end`` leaves the latency results).
+    """
     rel = lambda p: Path(p).relative_to(docs).as_posix()  # noqa: E731
+    command = f"python -m examples.benchmarks.run --mode {settings.mode} --accelerator {settings.accelerator}"
+    kept, kept_results = _previous_sections(out / "results.json")
+    for name, section in sections.items():
+        kept[name] = dict(title=section.title, markdown=section.markdown, headline=list(section.headline),
+                          figures=[rel(f) for f in section.figures], seconds=section.seconds, mode=settings.mode,
+                          date=env["date"], command=f"{command} --only {name}", settings=settings.to_dict())
+        kept_results[name] = section.data
+    order = [n for n in BENCHMARKS if n in kept] + [n for n in kept if n not in BENCHMARKS]
+    rerun = [n for n in order if n not in sections]
     lines = [
         f"## Results on {settings.accelerator.upper()}"
         + (f": {env['gpu']}" if env.get("gpu") else f": {env['cpu']}"),
         "",
-        f"Produced by `python -m examples.benchmarks.run --mode {settings.mode} --accelerator {settings.accelerator}` "
-        f"(**{settings.mode} mode**) on {env['date']}; the run took {seconds / 60:.1f} min. "
-        f"Load average (1 min) {env.get('load_average_1min')} at the start and {env.get('load_average_1min_end')} "
-        f"at the end on {env.get('usable_cores')} usable cores"
+        f"Last produced by `{command} --only {','.join(sections)}` (**{settings.mode} mode**) on {env['date']}; "
+        f"the run took {seconds / 60:.1f} min. Load average (1 min) {env.get('load_average_1min')} at the start and "
+        f"{env.get('load_average_1min_end')} at the end on {env.get('usable_cores')} usable cores"
         + (": **the machine was shared** with other jobs while this ran, so absolute times are noisy; the "
-           "interleaved ratios are the figures to read." if _busy(env) else "."),
+           "interleaved ratios are the figures to read." if _busy(env) else ".")
+        + (f" Kept from earlier runs (each with its own mode and date below): {', '.join(rerun)}." if rerun else ""),
         "",
         environment_markdown(env),
         "",
         "### Headlines",
         "",
-        *[f"- {line}" for s in sections.values() for line in s.headline],
+        *[f"- {line}" for n in order for line in kept[n]["headline"]],
         "",
     ]
-    for i, (name, section) in enumerate(sections.items(), 1):
-        lines += [f"### {i}. {section.title}", "", f"*`{name}`, {section.seconds:.0f} s.*", "",
-                  section.markdown.strip(), ""]
-        lines += [f"![{section.title}]({rel(f)})" for f in section.figures] + [""]
+    for i, name in enumerate(order, 1):
+        entry = kept[name]
+        lines += [f"### {i}. {entry['title']}", "",
+                  f"*`{name}`, {entry['mode']} mode, {entry['date']}, {entry['seconds']:.0f} s.*", "",
+                  entry["markdown"].strip(), ""]
+        lines += [f"![{entry['title']}]({f})" for f in entry["figures"]] + [""]
     lines += ["<details><summary>Settings of this run</summary>", "", "```json",
               json.dumps(settings.to_dict(), indent=1), "```", "", "</details>", ""]
     # The Markdown goes into results.json, not into a page of its own: docs/ is an mkdocs site (strict).
     (out / "results.json").write_text(json.dumps(
         {"environment": env, "settings": settings.to_dict(), "seconds": seconds, "markdown": "\n".join(lines),
-         "results": {n: s.data for n, s in sections.items()}}, indent=1, default=_json_default))
+         "sections": kept, "results": kept_results}, indent=1, default=_json_default))
     _assemble(docs)
+
+
+def _previous_sections(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The sections (and raw results) of an earlier ``results.json``; ``({}, {})`` if there is none or it cannot be
+    read. A file of the older format (one Markdown for the run) is split at its ``### i. Title`` headings."""
+    if not path.exists():
+        return {}, {}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        log(f"could not read {path}; its sections are not kept")
+        return {}, {}
+    results = dict(old.get("results", {}))
+    if "sections" in old:
+        return dict(old["sections"]), results
+    mode, date = old.get("settings", {}).get("mode", "?"), old.get("environment", {}).get("date", "?")
+    markdown = old.get("markdown", "")
+    headlines = re.findall(r"^- (.+)$", markdown.split("### Headlines", 1)[-1].split("\n### ", 1)[0], re.M)
+    owners = {"Overhead": "overhead", "Tracker cost": "overhead", "Latency": "latency", "Ticket search": "ticket",
+              "End to end": "end_to_end"}
+    sections: dict[str, dict[str, Any]] = {}
+    pattern = re.compile(r"^### \d+\. (?P<title>.+?)\n\n\*`(?P<name>\w+)`, (?P<seconds>[\d.]+) s\.\*\n\n(?P<body>.*?)"
+                         r"(?=^### \d+\. |^<details><summary>Settings of this run|\Z)", re.S | re.M)
+    for m in pattern.finditer(markdown):
+        body = m["body"].strip()
+        figures = re.findall(r"^!\[[^\]]*\]\(([^)]+)\)$", body, re.M)
+        body = re.sub(r"^!\[[^\]]*\]\(([^)]+)\)$", "", body, flags=re.M).strip()
+        mine = [h for h in headlines if any(h.startswith(k) and v == m["name"] for k, v in owners.items())]
+        sections[m["name"]] = dict(title=m["title"], markdown=body, headline=mine, figures=figures,
+                                   seconds=float(m["seconds"]), mode=mode, date=date, command="", settings={})
+    return sections, results
 
 
 def _busy(env: dict[str, Any]) -> bool:
@@ -164,14 +224,16 @@ median and spread, because the machine this was measured on is shared and its ba
 |---|---|
 | `overhead` | time per training step and peak memory of a Lightning fit with EarlyBird + WORM (and the sparsity term) against no callback; the tracker's per-epoch mask cost on 100k+ BN channels |
 | `latency` | inference latency, params and FLOPs of dense vs pruned VGG-11-BN, ResNet-18 and MobileNetV2 at p = 0.3 / 0.5 / 0.7: lightning-worm (with and without `round_to=8`), torch-pruning's global BN-scale pruner, `ln_structured` masks (Lightning's `ModelPruning` style) and global `l1_unstructured` masks (the WORM code) |
-| `ticket` | Early-Bird vs WORM (elbow, fixed, greedy) over seeds: ticket epoch, accuracy around the prune, recovery, wall time, training FLOPs |
-| `end_to_end` | time and training FLOPs to a target accuracy: dense, network slimming, EarlyBird + prune + fine-tune, EarlyBird + WORM + prune + fine-tune |
+| `ticket` | on MNIST-1D, over seeds and under two named recipes (the Early-Bird code's and the WORM code's): ticket epoch of Early-Bird vs WORM (elbow, fixed, greedy); validation accuracy just before the prune, right after the surgery and after BatchNorm re-calibration, and epochs to recover the dense accuracy, against a random ticket of the same shape and network slimming; the goals of issue 9, met or not |
+| `end_to_end` | on MNIST-1D: wall time and training FLOPs to reach the dense run's final accuracy minus 0.5 point, for each method against dense training; final test accuracy, params, FLOPs and latency of what is delivered |
 
 Rerun: `python examples/benchmarks/run.py --quick` (under 10 minutes on a 2-core CPU) or
-`python -m examples.benchmarks.run` (full mode: 5 seeds, 40 epochs, more rounds; roughly an hour on the same
-CPU). `--accelerator gpu` runs the GPU rows (batch 128, bf16-mixed, ResNet-18 and VGG-11 at full width in
-the end-to-end benchmark); `--data cifar10 --data-dir DIR` trains on CIFAR-10 instead of the offline digits;
-`--threads N` sets `torch.set_num_threads`. Raw numbers: `benchmarks/<accelerator>/results.json`.
+`python -m examples.benchmarks.run` (full mode: 5 seeds, more rounds). `python -m examples.benchmarks.run --only
+ticket,end_to_end` runs the claims alone (MNIST-1D, 5 seeds, both recipes: under 15 minutes on 2 cores).
+`--accelerator gpu` runs the GPU rows (batch 128, bf16-mixed); `--data digits` or `--data cifar10 --data-dir DIR`
+trains the ticket and end-to-end benchmarks on the digits or CIFAR-10 (VGG-11-BN at width 0.25) instead of
+MNIST-1D; `--threads N` sets `torch.set_num_threads`, `--workers N` the training runs in parallel. Raw numbers:
+`benchmarks/<accelerator>/results.json`.
 """
 
 

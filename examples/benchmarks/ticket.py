@@ -1,191 +1,209 @@
-"""Benchmark 3: the ticket search, Early-Bird against WORM and its schedules, over seeds.
+"""Benchmark 3: the ticket search and the prune, over seeds, under named recipes.
 
-Every method is one ``fit`` of the example ``ImageClassifier`` (SGD, lr 0.1, step schedule over the whole
-fit) with an ``EarlyBirdCallback`` (p = 0.5, window 5, threshold 0.1, sparsity 1e-4 as in the Early-Bird
-code), a ``PruneAndFinetune`` that prunes the ticket the epoch it emerges and fine-tunes to the end, and,
-for WORM, a ``WormCallback`` (chi 0.003; elbow 0.15) with the ``elbow`` (the paper's), ``fixed`` or
-``greedy`` schedule. The settings are the papers' for every method; nothing is tuned per method. The
-methods run interleaved, their order rotated from seed to seed.
+Early-Bird vs WORM (elbow, fixed, greedy) vs the random-ticket control vs network slimming, on the settings' task
+(MNIST-1D by default): the epoch at which the ticket emerges, the validation accuracy just before the prune, right
+after the surgery and after BatchNorm re-calibration, and the epochs until the pruned network is back at the dense
+run's final accuracy minus ``target_drop``. The runs are those of :mod:`examples.benchmarks.claims` (shared with the
+end-to-end section); each number says which recipe it used.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from lightning.pytorch import seed_everything
-
+from examples.benchmarks import claims
 from examples.benchmarks.common import (
-    Meter, Section, Settings, datamodule, device_name, interleave, log, markdown_table, mean_std,
-    new_figure, save_figure, trainer,
+    DATA_NAMES, Section, Settings, Spread, device_name, markdown_table, new_figure, save_figure,
 )
-from examples.module import ImageClassifier
-from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback
 
-SPARSITY, CHI, ELBOW, PRUNE_RATIO = 1e-4, 0.003, 0.15, 0.5
-
-#: method name -> WORM schedule (None: Early-Bird alone)
-METHODS: dict[str, str | None] = {
-    "EarlyBird": None,
-    "WORM (elbow)": "elbow",
-    "WORM (fixed)": "fixed",
-    "WORM (greedy)": "greedy",
-}
-
-
-def search_callbacks(settings: Settings, schedule: str | None, prune: bool = True) -> tuple[list[Any], Meter]:
-    """The tracker, WORM if ``schedule``, ``PruneAndFinetune`` if ``prune``, and a :class:`Meter` last."""
-    early_bird = EarlyBirdCallback(prune_ratio=PRUNE_RATIO, window=settings.window, threshold=settings.threshold,
-                                   sparsity=SPARSITY, verbose=False)
-    callbacks: list[Any] = [early_bird]
-    if schedule is not None:
-        callbacks.append(WormCallback(early_bird, schedule=schedule, chi=CHI, elbow=ELBOW))
-    pruner = PruneAndFinetune(early_bird, measure_latency=False) if prune else None
-    if pruner is not None:
-        callbacks.append(pruner)
-    meter = Meter(pruner)
-    return [*callbacks, meter], meter
-
-
-def search_fit(settings: Settings, arch: str, width: float, seed: int, schedule: str | None,
-               epochs: int) -> dict[str, Any]:
-    """One fit with the ticket search, the prune at the ticket and the fine-tuning; what happened, in numbers."""
-    seed_everything(seed, verbose=False)
-    module = ImageClassifier(arch=arch, width=width)
-    data = datamodule(settings, seed=0)  # one split for every seed: the seeds vary the training only
-    callbacks, meter = search_callbacks(settings, schedule)
-    early_bird = callbacks[0]
-    fit = trainer(settings, callbacks, max_epochs=epochs)
-    fit.fit(module, datamodule=data)
-    test_acc = float(fit.test(module, datamodule=data, verbose=False)[0]["test/acc"])
-    return summarize(meter, early_bird, test_acc, seed)
-
-
-def summarize(meter: Meter, early_bird: EarlyBirdCallback, test_acc: float, seed: int) -> dict[str, Any]:
-    """One fit in numbers: ticket epoch, validation accuracy just before and just after the prune, the epochs
-    after the prune until the accuracy just before it is regained (0 if the prune lost nothing, ``None`` if
-    never), final and test accuracy, wall seconds, training FLOPs and the final FLOPs ratio."""
-    pruned = meter.pruned_epoch
-    before = meter.acc_at(pruned) if pruned is not None else None
-    recovered = None
-    if pruned is not None and before is not None:
-        if meter.acc_after_prune is not None and meter.acc_after_prune >= before - 1e-6:
-            recovered = 0
-        else:
-            recovered = next((e["epoch"] - pruned for e in meter.epochs if e["epoch"] > pruned
-                              and e["val_acc"] is not None and e["val_acc"] >= before - 1e-6), None)
-    before = None if before is None else round(before, 4)  # logged in float32
-    after = None if meter.acc_after_prune is None else round(meter.acc_after_prune, 4)
-    return dict(
-        seed=seed, ticket_epoch=early_bird.ticket_epoch, pruned_epoch=pruned, acc_before=before, acc_after=after,
-        recovery_epochs=recovered, final_val_acc=meter.epochs[-1]["val_acc"],
-        test_acc=test_acc, seconds=meter.epochs[-1]["seconds"], train_flops=meter.total_flops,
-        flops_ratio=meter.epochs[-1]["flops_per_sample"] / meter.epochs[0]["flops_per_sample"],
-        mean_distances=list(early_bird.mean_distances), curve=meter.epochs,
-    )
+#: The goals of issue 9 that this section measures.
+GOAL_TICKET = 0.8  # WORM's ticket at most 0.8x Early-Bird's (search epochs)
+GOAL_RECAL = 0.8  # accuracy right after the prune (re-calibrated) at least 0.8x the dense accuracy
 
 
 def run(settings: Settings, out_dir: Path) -> Section:
-    """Every method on every seed; per method the mean and spread of what :func:`summarize` reports.
+    """Every method on every seed (see :mod:`examples.benchmarks.claims`); per method the median and range.
 
     Returns:
-        A :class:`Section` with the per-method table, the per-seed table and a plot.
+        A :class:`Section` with a table per recipe, the goals measured, the per-seed numbers and a plot.
     """
     start = time.perf_counter()
-    results: dict[str, list[dict[str, Any]]] = {}
-    for_method: dict[str, Callable[[], dict[str, Any]]] = {}
-    for name, schedule in METHODS.items():
-        seeds = iter(settings.search_seeds)
-
-        def one(schedule: str | None = schedule, seeds: Any = seeds, name: str = name) -> dict[str, Any]:
-            seed = next(seeds)
-            log(f"ticket search: {name}, seed {seed}")
-            return search_fit(settings, settings.search_arch, settings.search_width, seed, schedule,
-                              settings.search_epochs)
-
-        for_method[name] = one
-    results = interleave(for_method, rounds=len(settings.search_seeds))
-    section = _section(settings, results, out_dir)
+    res = claims.results(settings)
+    section = _section(settings, res["runs"], out_dir, res["seconds"], res["cpu_seconds"])
     section.seconds = time.perf_counter() - start
     return section
 
 
-def _fmt_count(values: list[Any]) -> str:
+def search_epochs(run: dict[str, Any]) -> Optional[int]:
+    """Epochs trained until the prune (the ticket's 0-based epoch + 1; the cap for a forced prune)."""
+    return None if run["pruned_epoch"] is None else run["pruned_epoch"] + 1
+
+
+def fmt(values: list[Optional[float]], digits: int = 3, scale: float = 1.0) -> str:
+    """``median [min, max]`` of the values that exist, with ``(k of n none)`` when some do not."""
     found = [v for v in values if v is not None]
-    text = mean_std(found)
+    text = Spread.of(found).fmt(digits, scale=scale, spread="range")
     return text if len(found) == len(values) else f"{text} ({len(values) - len(found)} of {len(values)} none)"
 
 
-def _section(settings: Settings, results: dict[str, list[dict[str, Any]]], out_dir: Path) -> Section:
-    rows = []
-    for name, runs in results.items():
-        rows.append([
-            name, _fmt_count([r["ticket_epoch"] for r in runs]), _fmt_count([r["acc_before"] for r in runs]),
-            _fmt_count([r["acc_after"] for r in runs]),
-            _fmt_count([None if r["acc_after"] is None else r["acc_before"] - r["acc_after"] for r in runs]),
-            _fmt_count([r["recovery_epochs"] for r in runs]), mean_std([r["final_val_acc"] for r in runs]),
-            mean_std([r["test_acc"] for r in runs]), mean_std([r["seconds"] for r in runs]),
-            mean_std([r["train_flops"] / 1e12 for r in runs]), mean_std([r["flops_ratio"] for r in runs]),
-        ])
-    table = markdown_table(
-        ["method", "ticket epoch", "val acc before prune", "val acc just after prune", "drop at prune",
-         "epochs to regain acc before prune", "final val acc", "test acc", "wall s", "training TFLOPs",
-         "final FLOPs ratio"], rows)
-    seed_rows = [[name, r["seed"], r["ticket_epoch"], r["acc_before"], r["acc_after"], r["recovery_epochs"],
-                  r["test_acc"], f"{r['seconds']:.1f}", f"{r['train_flops'] / 1e12:.3f}"]
-                 for name, runs in results.items() for r in runs]
-    seed_table = markdown_table(["method", "seed", "ticket epoch", "acc before", "acc after", "recovery epochs",
-                                 "test acc", "wall s", "TFLOPs"], seed_rows)
-    data_name = "CIFAR-10" if settings.data == "cifar10" else "scikit-learn digits (offline, 32x32)"
+def ratios(runs: list[dict[str, Any]], reference: list[dict[str, Any]], value: Any) -> list[Optional[float]]:
+    """Per seed, ``value(run) / value(reference run of the same seed)`` (``None`` where either is missing)."""
+    ref = claims.by_seed(reference)
+    out: list[Optional[float]] = []
+    for r in runs:
+        a, b = value(r), value(ref[r["seed"]]) if r["seed"] in ref else None
+        out.append(None if a is None or not b else a / b)
+    return out
+
+
+def median(values: list[Optional[float]]) -> Optional[float]:
+    found = [v for v in values if v is not None]
+    return statistics.median(found) if found else None
+
+
+def verdict(value: Optional[float], goal: float, at_most: bool) -> str:
+    if value is None:
+        return "**NOT MET** (not measured: no value)"
+    met = value <= goal if at_most else value >= goal
+    return "met" if met else "**NOT MET**"
+
+
+def _section(settings: Settings, runs: dict[str, dict[str, list[dict[str, Any]]]], out_dir: Path,
+             seconds: float, cpu_seconds: float) -> Section:
+    first = settings.recipes[0]
+    dense = runs[first].get("dense", [])
+    goal_rows: list[list[Any]] = []
+    tables, seed_rows, headline = [], [], []
+    for recipe_name, per in runs.items():
+        recipe = claims.RECIPES[recipe_name]
+        full = recipe_name == first
+        rows = []
+        eb = per.get("earlybird", [])
+        for method, rs in per.items():
+            if method == "dense":
+                continue
+            targets = {d["seed"]: claims.target(settings, d) for d in dense} if full else {}
+            recov = [claims.recovery_epochs(r, targets[r["seed"]]) if r["seed"] in targets else None for r in rs]
+            vs_dense: list[Optional[float]] = [None] * len(rs)
+            if full:  # the denominator is the dense run's final validation accuracy
+                dense_final = {d["seed"]: d["curve"][-1]["val_acc"] for d in dense}
+                vs_dense = [None if r["acc_after_recal"] is None else r["acc_after_recal"] / dense_final[r["seed"]]
+                            for r in rs]
+            ticket_ratio = (ratios(rs, eb, search_epochs)
+                            if method.startswith("worm") else [None] * len(rs))
+            forced = sum(r["forced"] for r in rs)
+            never = sum(r["pruned_epoch"] is None for r in rs)
+            rows.append([
+                claims.LABELS[method],
+                fmt([search_epochs(r) for r in rs], 1) + (f" ({forced} forced at the cap)" if forced else ""),
+                fmt(ticket_ratio, 2) if method.startswith("worm") else "",
+                fmt([r["acc_before"] for r in rs], 1, 100), fmt([r["acc_after"] for r in rs], 1, 100),
+                fmt([r["acc_after_recal"] for r in rs], 1, 100),
+                fmt(vs_dense, 2) if full else "",
+                (fmt(recov, 0) if full else ""),
+                fmt([r.get("test_acc") for r in rs], 1, 100) if full else "",
+            ])
+            if method.startswith("worm"):
+                m = median(ticket_ratio)
+                goal_rows.append([f"WORM ticket <= {GOAL_TICKET}x Early-Bird's (search epochs)",
+                                  f"{claims.LABELS[method]}, {recipe.label}",
+                                  "n/a" if m is None else f"{m:.2f}x (median of per-seed ratios)",
+                                  verdict(m, GOAL_TICKET, at_most=True)])
+            if full and method != "random":
+                m = median(vs_dense)
+                goal_rows.append([f"re-calibrated accuracy right after the prune >= {GOAL_RECAL}x dense",
+                                  f"{claims.LABELS[method]}, {recipe.label}",
+                                  "n/a" if m is None else f"{m:.2f}x the dense final val acc (median)",
+                                  verdict(m, GOAL_RECAL, at_most=False)])
+            for r, rec in zip(rs, recov):
+                seed_rows.append([recipe_name, claims.LABELS[method], r["seed"], r["ticket_epoch"], r["pruned_epoch"],
+                                  "yes" if r["forced"] else "", _pct(r["acc_before"]), _pct(r["acc_after"]),
+                                  _pct(r["acc_after_recal"]), "" if rec is None else rec, _pct(r.get("test_acc"))])
+            if never:
+                rows[-1][1] += f" ({never} of {len(rs)} never pruned)"
+        header = ["method", "epochs to the prune", "vs Early-Bird", "val acc before prune %",
+                  "right after surgery %", "after BN re-calibration %"]
+        if full:
+            header += ["re-calibrated / dense final", "epochs to recover", "final test acc %"]
+            dense_row = ["dense (no prune)", "", "", "", "", "", "",
+                         "", fmt([d.get("test_acc") for d in dense], 1, 100)]
+            body = markdown_table(header, [dense_row, *rows])
+        else:
+            body = markdown_table(header, [row[:6] for row in rows])
+        scope = ("every method to the end of training" if full else
+                 "the search methods up to the prune only (no fine-tuning)")
+        tables.append(f"#### {recipe.label[0].upper() + recipe.label[1:]}\n\n{recipe.describe(label=False)} "
+                      f"({recipe.source}); {scope}.\n\n{body}")
+        by_method = {row[0]: row for row in rows}
+        headline.append(
+            f"Ticket search ({DATA_NAMES[settings.data].split(' (')[0]}, {recipe.label}, {len(settings.seeds)} seeds): "
+            + "; ".join(f"{name}: prune after {row[1]} epochs, val acc {row[3]} % -> {row[4]} % -> {row[5]} % "
+                        "(before -> after surgery -> re-calibrated)"
+                        for name, row in by_method.items() if name in ("Early-Bird", "WORM (elbow)")) + ".")
+
+    goal_rows.sort(key=lambda row: row[0], reverse=True)  # grouped by goal, the ticket goal first
+    goals = markdown_table(["goal (issue 9)", "method, recipe", "measured", "verdict"], goal_rows)
+    seed_table = markdown_table(["recipe", "method", "seed", "ticket epoch", "pruned epoch", "forced",
+                                 "acc before %", "after %", "re-calibrated %", "epochs to recover", "test acc %"],
+                                seed_rows)
     md = (
-        f"{data_name}, {settings.search_arch} width {settings.search_width:g}, batch {settings.search_batch}, "
-        f"{settings.search_epochs} epochs per fit (search, prune at the ticket, fine-tune to the end), "
-        f"{len(settings.search_seeds)} seeds ({', '.join(map(str, settings.search_seeds))}), "
-        f"on {device_name(settings)}. "
-        f"p = {PRUNE_RATIO}, window {settings.window}, threshold {settings.threshold}, sparsity {SPARSITY:g} for "
-        f"every method, chi {CHI}, elbow {ELBOW}. Epochs are 0-based (the ticket can emerge at epoch "
-        f"{settings.window - 1} at the earliest). Accuracies are on the validation split; "
-        "\"just after prune\" evaluates the pruned model before any fine-tuning; \"epochs to regain\" counts "
-        "epochs after the prune until the validation accuracy is back at its value just before the prune. "
-        "Training FLOPs: 3 x forward FLOPs per sample (FlopCounterMode) x samples, with the pruned model's FLOPs "
-        "after the prune. Mean ± std over seeds.\n\n"
-        + f"{table}\n\n<details><summary>Per seed</summary>\n\n{seed_table}\n\n</details>\n"
+        f"{DATA_NAMES[settings.data]}; {settings.arch} width {settings.width:g}, batch {settings.batch}, "
+        f"{settings.epochs} epochs per run, seeds {', '.join(map(str, settings.seeds))} (the data split is the "
+        f"same for all), on {device_name(settings)}, {settings.workers} run(s) in parallel (one torch thread each). "
+        f"p = {settings.prune_ratio}, window {settings.window}, threshold {settings.threshold}, chi {claims.CHI}, "
+        f"elbow {claims.ELBOW}; the recipe's sparsity for the search (network slimming: the recipe's, or "
+        f"{claims.SLIMMING_SPARSITY:g} where it has none). \"Epochs to the prune\" counts the epochs trained before "
+        "the prune (the ticket's 0-based epoch + 1; network slimming trains them all). \"Vs Early-Bird\" is the "
+        "median of per-seed ratios to the Early-Bird run of the same seed. \"Right after surgery\" evaluates the "
+        "pruned network with the dense network's BatchNorm statistics; \"after BN re-calibration\" after "
+        f"re-estimating them on {settings.recalibrate_batches} training batches (the network then trains on from "
+        "there). \"Epochs to recover\": epochs after the prune until the validation accuracy is at the dense run's "
+        f"final validation accuracy minus {100 * settings.target_drop:g} point (same seed; 0: already right after "
+        "the re-calibration; \"none\": never within the run). The random ticket keeps exactly the Early-Bird "
+        "ticket's channels per layer at random positions, in the same run (same seed, same training up to the "
+        "ticket). Medians [min, max] over seeds; accuracies on the validation split except the test column. "
+        f"The runs of this and the end-to-end section took {seconds:.0f} s in all ({cpu_seconds:.0f} s of CPU time "
+        "over all processes).\n\n"
+        + "**Goals vs measured.**\n\n" + goals + "\n\n" + "\n\n".join(tables)
+        + f"\n\n<details><summary>Per seed</summary>\n\n{seed_table}\n\n</details>\n"
     )
-    figure = _plot(results, out_dir / "ticket_search.png", settings)
-    data = {name: [{k: v for k, v in r.items() if k != "curve"} for r in runs] for name, runs in results.items()}
-    setup = f"{settings.search_arch} x{settings.search_width:g}, {len(settings.search_seeds)} seeds"
-    headline = [f"Ticket search ({setup}): " + "; ".join(
-        f"{name}: ticket epoch {row[1]}, acc {row[2]} -> {row[3]} at the prune, test acc {row[7]}"
-        for name, row in zip(results, rows)) + "."]
-    return Section("Ticket search: Early-Bird vs WORM", md, [figure], data, headline)
+    figure = _plot(runs, out_dir / "ticket_search.png", settings)
+    data = {recipe: {m: [{k: v for k, v in r.items() if k != "curve"} for r in rs] for m, rs in per.items()}
+            for recipe, per in runs.items()}
+    return Section("Ticket search and the prune: Early-Bird vs WORM vs random tickets vs network slimming", md,
+                   [figure], data, headline)
 
 
-def _plot(results: dict[str, list[dict[str, Any]]], path: Path, settings: Settings) -> Path:
-    fig, (ax1, ax2, ax3) = new_figure(ncols=3, width=14.0, height=4.0)
-    names = list(results)
-    for i, name in enumerate(names):
-        runs = results[name]
-        for r in runs:
-            if r["mean_distances"]:
-                ax1.plot(r["mean_distances"], color=f"C{i}", alpha=0.5, lw=1,
-                         label=name if r is runs[0] else None)
-        epochs = [r["ticket_epoch"] for r in runs if r["ticket_epoch"] is not None]
-        ax2.scatter([i] * len(epochs), epochs, color=f"C{i}", alpha=0.7)
-        if epochs:
-            ax2.plot([i - 0.2, i + 0.2], [statistics.fmean(epochs)] * 2, color="black")
-        for r in runs:
-            if r["acc_before"] is not None and r["acc_after"] is not None:
-                ax3.plot([i - 0.15, i + 0.15], [r["acc_before"], r["acc_after"]], "-o", color=f"C{i}", alpha=0.6, ms=3)
-    ax1.axhline(ELBOW, ls=":", color="gray", lw=1)
-    ax1.set(xlabel="epoch", ylabel="mean mask distance (window)", title="Mask distance")
-    ax1.legend(fontsize=7)
-    ax2.set_xticks(range(len(names)), names, fontsize=7)
-    ax2.set(ylabel="ticket epoch", title="Ticket epoch (line: mean)")
-    ax3.set_xticks(range(len(names)), names, fontsize=7)
-    ax3.set(ylabel="validation accuracy", title="Accuracy just before -> just after prune")
-    fig.suptitle(f"{settings.search_arch} x{settings.search_width:g}, {len(settings.search_seeds)} seeds, "
+def _pct(value: Optional[float]) -> str:
+    return "" if value is None else f"{100 * value:.1f}"
+
+
+def _plot(runs: dict[str, dict[str, list[dict[str, Any]]]], path: Path, settings: Settings) -> Path:
+    recipes = list(runs)
+    fig, axes = new_figure(ncols=2 * len(recipes), width=6.0 * len(recipes), height=4.0)
+    for k, recipe in enumerate(recipes):
+        per = {m: rs for m, rs in runs[recipe].items() if m != "dense"}
+        ax1, ax2 = axes[2 * k], axes[2 * k + 1]
+        for i, (method, rs) in enumerate(per.items()):
+            for r in rs:
+                if r["mean_distances"] and method != "slimming":
+                    ax1.plot(r["mean_distances"], color=f"C{i}", alpha=0.5, lw=1,
+                             label=claims.LABELS[method] if r is rs[0] else None)
+            for j, key in enumerate(("acc_before", "acc_after", "acc_after_recal")):
+                values = [r[key] for r in rs if r[key] is not None]
+                if values:
+                    ax2.scatter([i + (j - 1) * 0.25] * len(values), values, color=f"C{i}", alpha=0.3 + 0.3 * j, s=12,
+                                marker="os^"[j])
+        ax1.axhline(claims.ELBOW, ls=":", color="gray", lw=1)
+        ax1.axhline(settings.threshold, ls="--", color="gray", lw=1)
+        ax1.set(xlabel="epoch", ylabel="mean mask distance (window)", title=f"Mask distance ({recipe} recipe)")
+        ax1.legend(fontsize=6)
+        ax2.set_xticks(range(len(per)), [claims.LABELS[m] for m in per], fontsize=6, rotation=20)
+        ax2.set(ylabel="validation accuracy", ylim=(0, 1.02),
+                title="before (o), after surgery (s), re-calibrated (^)")
+    fig.suptitle(f"{settings.data}, {settings.arch} x{settings.width:g}, {len(settings.seeds)} seeds, "
                  f"{device_name(settings)}", fontsize=9)
     return save_figure(fig, path)

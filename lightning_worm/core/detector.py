@@ -27,6 +27,7 @@ class TicketDetector:
         distances: per recorded epoch, the largest distance of the newest mask to the window (NaN before).
         mean_distances: per recorded epoch, the mean of those distances (NaN before).
         history_epochs: the epoch of each mask in :attr:`history`.
+        mask_epochs: the epochs that recorded a mask (not skipped), in order.
         ticket_epoch: the epoch at which the ticket emerged, or ``None``.
 
     Args:
@@ -62,6 +63,7 @@ class TicketDetector:
         self.mean_distances: list[float] = []
         self._history: list[Tensor] = []
         self.history_epochs: list[int] = []
+        self.mask_epochs: list[int] = []
         self._ticket: Tensor | None = None
         self.ticket_epoch: int | None = None
 
@@ -124,6 +126,7 @@ class TicketDetector:
                 self._ticket = packed
                 self.ticket_epoch = self.epoch
         self._masks.append(packed)
+        self.mask_epochs.append(self.epoch)
         if self.keep_history:
             self._history.append(packed)
             self.history_epochs.append(self.epoch)
@@ -149,6 +152,7 @@ class TicketDetector:
             "mean_distances": list(self.mean_distances),
             "history": list(self._history),
             "history_epochs": list(self.history_epochs),
+            "mask_epochs": list(self.mask_epochs),
             "ticket": self._ticket,
             "ticket_epoch": self.ticket_epoch,
         }
@@ -181,6 +185,8 @@ class TicketDetector:
         self.mean_distances = list(state["mean_distances"])
         self._history = list(history)
         self.history_epochs = list(state["history_epochs"])
+        default = [e for e, d in enumerate(state["distances"]) if not math.isnan(d)]  # 0.1 did not record them
+        self.mask_epochs = list(state.get("mask_epochs", self.history_epochs or default))
         self._ticket = ticket
         self.ticket_epoch = state["ticket_epoch"]
 

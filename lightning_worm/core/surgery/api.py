@@ -1,0 +1,471 @@
+"""The public functions: :func:`prune_channels` removes a ticket's pruned channels, :func:`apply_plan` replays it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from lightning_worm._internals import torch_pruning as tpi
+from lightning_worm.core import measure
+from lightning_worm.core.surgery import decision as decisions
+from lightning_worm.core.surgery.graph import build_graph, cut, output_shapes, plan_cuts, removed_out_channels
+from lightning_worm.core.surgery.plan import KeptIndices, PruningPlan, PruningReport, register_replay, replay
+
+try:  # the score-source seam
+    from lightning_worm.core.sources import BatchNormSource, resolve_source
+except ImportError:  # pragma: no cover - before the seam landed
+    from lightning_worm.core.scores import BatchNormSource
+
+    def resolve_source(source: Any) -> Any:
+        if source is None or source == "batchnorm":
+            return BatchNormSource()
+        if isinstance(source, str):
+            raise ValueError(f"Unknown `source` {source!r}: use 'batchnorm' or a source instance.")
+        return source
+
+
+__all__ = ["DEFAULT_COUPLING", "apply_plan", "prune_channels"]
+
+Ticket = Mapping[str, Tensor]
+ExampleInput = Union[Tensor, Sequence[Tensor]]
+
+#: The coupling rule :func:`prune_channels` uses unless told otherwise (see ``examples/benchmarks/coupling.py``).
+DEFAULT_COUPLING = "vote"
+
+
+def prune_channels(
+    model: nn.Module,
+    ticket: Ticket,
+    example_input: ExampleInput,
+    *,
+    source: Any = None,
+    coupling: str = DEFAULT_COUPLING,
+    round_to: Optional[int] = None,
+    measure_latency: bool = True,
+    latency_repeats: int = 10,
+) -> PruningReport:
+    r"""Physically remove the channels a ticket prunes, in place.
+
+    Each pruned channel of a scored module (a BatchNorm layer by default) goes together with the
+    conv/linear output channel feeding it and the input channels of every consumer; the model keeps its
+    inputs and output shapes. See ``lightning_worm.core.surgery.decision`` for which channels go
+    when layers are coupled. Parameters are replaced by new ``nn.Parameter`` objects (rebuild
+    optimizers; ``report.kept_indices`` maps their state). The modules' train/eval flags and
+    ``requires_grad`` are restored; everything stays on the model's device.
+
+    Args:
+        model: the model; entry names in ``ticket`` are relative to it.
+        ticket: ``{entry name: 1-D bool tensor of its channels}``, ``True`` = keep. Tracked entries it
+            does not name keep all their channels.
+        example_input: a tensor or a tuple of tensors, called as ``model(*inputs)``. One small batch.
+        source: the score source of the ticket (a ``ScoreSource``, a name such as ``"batchnorm"``, or
+            ``None`` for BatchNorm): it says which modules the ticket names and scores their channels.
+            Its entries' handles must be modules whose output channels are the units.
+        coupling: ``"mean_rank"`` (default: rank coupled channels by their mean score, prune as many as
+            the ticket does on average; removes the requested fraction) or ``"all"`` (a coupled channel
+            goes only if the ticket prunes it in every coupled layer; removes far less on residual
+            networks).
+        round_to: keep a multiple of this many channels in every pruned group (``None``: the ticket as is).
+        measure_latency: time the model before and after (``torch.utils.benchmark``, eval mode, no grad).
+        latency_repeats: timed forward passes (median), after 3 warm-up passes.
+
+    Returns:
+        A :class:`PruningReport`; ``report.plan`` replays the surgery with :func:`apply_plan`.
+
+    Raises:
+        ValueError: on a bad ticket (empty, unknown modules, not 1-D bool, wrong length), source or options.
+        RuntimeError: if the model's forward fails on ``example_input`` (chained), or if the pruned model
+            no longer runs or changed its output shapes (the model is then left modified).
+
+    Example::
+
+        >>> import torch, torchvision
+        >>> model = torchvision.models.resnet18(num_classes=10)
+        >>> ticket = {n: torch.rand(m.num_features) > 0.5 for n, m in model.named_modules()
+        ...           if isinstance(m, torch.nn.BatchNorm2d)}
+        >>> report = prune_channels(model, ticket, torch.randn(1, 3, 64, 64), measure_latency=False)
+        >>> report.params_after < report.params_before
+        True
+    """
+    if coupling not in decisions.COUPLINGS:
+        raise ValueError(f"`coupling` must be one of {decisions.COUPLINGS}, got {coupling!r}.")
+    if round_to is not None and not (isinstance(round_to, int) and not isinstance(round_to, bool) and round_to >= 1):
+        raise ValueError(f"`round_to` must be None or an integer >= 1, got {round_to!r}.")
+    if measure_latency and not (isinstance(latency_repeats, int) and latency_repeats >= 1):
+        raise ValueError(f"`latency_repeats` must be an integer >= 1, got {latency_repeats!r}.")
+    source = resolve_source(source)
+    modules = _scored_modules(model, source)
+    masks = _validated_ticket(ticket, modules, source)
+    inputs = measure.as_inputs(example_input)
+    names = {module: name for name, module in model.named_modules()}
+    batch = measure.batch_size(inputs)
+    latency = (lambda: measure.latency_ms(model, inputs, repeats=latency_repeats)) if measure_latency else None
+
+    with _restored_modes(model):
+        model.eval()
+        flops_before, shapes_before = _counted_forward(model, inputs, when="before pruning")
+        latency_before = latency() if latency else None
+        params_before = measure.count_params(model)
+        channels_before = {name: _count(source, m) for name, m in modules.items()}
+        scores = {name: source.scores(m).detach().float().cpu().tolist() for name, m in modules.items()}
+
+        graph, output_nodes = build_graph(model, inputs)
+        decision = decisions.decide(graph, output_nodes, masks, modules, scores, coupling, round_to)
+        cuts = plan_cuts(graph, decision.pruned_roots)
+        with _recorded_parameter_slices(model) as kept_indices:
+            cut(graph, cuts)
+
+        model.eval()
+        flops_after, shapes_after = _counted_forward(model, inputs, when="after pruning")
+        if shapes_after != shapes_before:
+            raise RuntimeError(
+                f"Pruning changed the model's output shapes from {shapes_before} to {shapes_after}; "
+                "the dependency graph missed a constraint of this model. Please report it."
+            )
+        latency_after = latency() if latency else None
+
+    plan = PruningPlan(
+        model_class=_qualified_name(model),
+        input_specs=[{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in inputs],
+        pruned_groups=[[names[root], idxs] for root, idxs in decision.pruned_roots],
+        channels_before=channels_before,
+        channels_after={name: _count(source, m) for name, m in modules.items()},
+        source=getattr(source, "key", "batchnorm"),
+    )
+    return PruningReport(
+        plan=plan,
+        params_before=params_before,
+        params_after=measure.count_params(model),
+        flops_before=round(flops_before / batch),
+        flops_after=round(flops_after / batch),
+        flops_batch=batch,
+        channels_before=dict(plan.channels_before),
+        channels_after=dict(plan.channels_after),
+        latency_before_ms=latency_before,
+        latency_after_ms=latency_after,
+        kept_indices=kept_indices,
+        coupling=coupling,
+        round_to=round_to,
+        **decision.counts,
+    )
+
+
+def apply_plan(model: nn.Module, plan: Union[PruningPlan, Mapping[str, Any]], **options: Any) -> KeptIndices:
+    r"""Repeat a surgery on a freshly built model of the same class, in place.
+
+    Afterwards ``model.load_state_dict(pruned_model.state_dict())`` works and gives identical outputs.
+    Call it before loading a pruned checkpoint into a dense model. The plan is replayed by the replay
+    registered for its ``kind`` (``"channels"`` here; see
+    :func:`~lightning_worm.core.surgery.register_replay`), which checks the whole plan against the model
+    before changing anything. The model may be in another floating dtype than the pruned one (a
+    bf16-true model's plan replays on a float32 module and back).
+
+    Args:
+        model: a model built like the one :func:`prune_channels` pruned (same layers; the class may be a
+            subclass), not yet pruned.
+        plan: ``report.plan`` or its ``to_dict()``.
+        options: passed to the replay; ``"channels"`` takes ``source=`` (the plan's source by default).
+
+    Returns:
+        The kept original indices per changed parameter, as ``report.kept_indices``.
+
+    Raises:
+        ValueError: if the plan is malformed or does not fit the model (the message names the entry and
+            the fix); the model is then unchanged.
+
+    Example::
+
+        >>> fresh = torchvision.models.resnet18(num_classes=10)
+        >>> _ = apply_plan(fresh, report.plan)  # e.g. json.loads(...) of report.plan.to_dict() works too
+        >>> fresh.load_state_dict(model.state_dict())
+        <All keys matched successfully>
+    """
+    return replay(model, plan, **options)
+
+
+@register_replay("channels")
+def replay_channels(model: nn.Module, plan: PruningPlan, source: Any = None) -> KeptIndices:
+    """Replay a channel plan (:func:`apply_plan` dispatches here); validates it fully first."""
+    _check_plan_types(plan)
+    if source is None:
+        try:
+            source = resolve_source(plan.source)
+        except ValueError as error:
+            raise ValueError(f"{error} The plan was made with the source {plan.source!r}: pass it as "
+                             "`apply_plan(model, plan, source=...)`.") from error
+    else:
+        source = resolve_source(source)
+    candidates = dict(source.candidates(model))
+    _check_plan_fits(model, plan, candidates, source)
+    inputs = _replay_inputs(model, plan)
+    modules = dict(model.named_modules())
+    roots = [(modules[name], list(idxs)) for name, idxs in plan.pruned_groups]
+    with _restored_modes(model):
+        graph, _ = build_graph(model, inputs)
+        _check_roots(graph, plan, roots)
+        cuts = plan_cuts(graph, roots)
+        predicted = {name: plan.channels_before[name] - removed_out_channels(graph, cuts, candidates[name])
+                     for name in plan.channels_before}
+        if predicted != plan.channels_after:
+            raise ValueError(
+                f"The plan is inconsistent: its pruned_groups would leave {_differences(predicted, plan.channels_after)}"
+                " channels, not its channels_after. The plan was edited or belongs to another model; re-create it "
+                "with prune_channels."
+            )
+        with _recorded_parameter_slices(model) as kept_indices:
+            cut(graph, cuts)
+    reached = {name: _count(source, candidates[name]) for name in plan.channels_after}
+    if reached != plan.channels_after:  # pragma: no cover - predicted above
+        raise RuntimeError(
+            f"Replaying the plan did not reproduce its channel counts ({_differences(reached, plan.channels_after)})."
+        )
+    return kept_indices
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def _count(source: Any, handle: Any) -> int:
+    count = getattr(source, "count", None)
+    return int(count(handle)) if count is not None else int(source.scores(handle).numel())
+
+
+def _scored_modules(model: nn.Module, source: Any) -> dict[str, nn.Module]:
+    """The source's tracked entries; their handles must be the model's own modules (channels on dim 0)."""
+    tracked = source.tracked(model)
+    own = {id(m) for m in model.modules()}
+    for name, handle in tracked.items():
+        if not isinstance(handle, nn.Module) or id(handle) not in own:
+            raise ValueError(
+                f"prune_channels removes output channels of modules, but {type(source).__name__} tracks entry "
+                f"{name!r} as a {type(handle).__name__}. Prune with the source's own `prune`, or track channels "
+                "(e.g. BatchNormSource)."
+            )
+    return tracked
+
+
+def _few(items: Sequence[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def _validated_ticket(ticket: Ticket, modules: Mapping[str, nn.Module], source: Any) -> dict[str, Tensor]:
+    """The ticket on the CPU, completed with all-True masks for the tracked modules it does not name."""
+    if not isinstance(ticket, Mapping) or len(ticket) == 0:
+        raise ValueError(
+            "The ticket is empty: it must map tracked module names to 1-D bool masks (True = keep), "
+            "e.g. the mask of `channel_mask(model, ...)`."
+        )
+    unknown = [name for name in ticket if name not in modules]
+    if unknown:
+        known = _few(list(map(repr, modules)), 3) or "none"
+        raise ValueError(
+            f"The ticket names {len(unknown)} module(s) that are not tracked {source.description} of this model: "
+            f"{_few(list(map(repr, unknown)))}. Compute the ticket on this model with the same source (names "
+            f"as `model.named_modules()` gives them; tracked here: {known})."
+        )
+    masks = {name: torch.ones(_count(source, m), dtype=torch.bool) for name, m in modules.items()}
+    for name, mask in ticket.items():
+        if not (isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.dim() == 1):
+            got = type(mask).__name__
+            if isinstance(mask, Tensor):
+                got = f"{mask.dtype} tensor of shape {tuple(mask.shape)}"
+            raise ValueError(
+                f"Ticket entry {name!r} must be a 1-D torch.bool tensor (True = keep), got a {got}. "
+                "Convert it with `mask.bool()`."
+            )
+        if mask.numel() != masks[name].numel():
+            raise ValueError(
+                f"Ticket entry {name!r} has {mask.numel()} channels but the layer has {masks[name].numel()}. "
+                "The ticket comes from another model shape (or from before an earlier pruning); compute it on "
+                "this model."
+            )
+        masks[name] = mask.detach().cpu()
+    return masks
+
+
+def _qualified_name(model: nn.Module) -> str:
+    return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+def _counted_forward(model: nn.Module, inputs: tuple[Tensor, ...], when: str) -> tuple[int, list[tuple[int, ...]]]:
+    """FLOPs of one forward of the batch and the output shapes; a failing forward becomes a chained RuntimeError."""
+    try:
+        flops, out = measure.count_flops(model, inputs)
+    except Exception as error:
+        hint = (
+            "Pass an input the model accepts as model(*example_input), on the model's device."
+            if when == "before pruning"
+            else "The dependency graph missed a constraint of this model; please report it."
+        )
+        raise RuntimeError(
+            f"The model's forward failed on example_input {when} ({type(error).__name__}: {error}). {hint}"
+        ) from error
+    return flops, output_shapes(out)
+
+
+# ------------------------------------------------------------------------------- checking a plan
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_plan_types(plan: PruningPlan) -> None:
+    """Every field of a channel plan has the type and range its replay needs."""
+    fix = "The plan was edited or corrupted; re-create it with prune_channels (or restore it from the checkpoint)."
+    if not isinstance(plan.model_class, str):
+        raise ValueError(f"Plan field model_class must be a string, got {type(plan.model_class).__name__}. {fix}")
+    if not isinstance(plan.input_specs, list) or not plan.input_specs:
+        raise ValueError(f"Plan field input_specs must be a non-empty list of {{'shape', 'dtype'}} dicts. {fix}")
+    for i, spec in enumerate(plan.input_specs):
+        shape = spec.get("shape") if isinstance(spec, Mapping) else None
+        dtype = spec.get("dtype") if isinstance(spec, Mapping) else None
+        if not (isinstance(shape, list) and all(_is_int(n) and n >= 0 for n in shape)):
+            raise ValueError(f"Plan input_specs[{i}] needs a 'shape' list of non-negative integers, got {spec!r}. {fix}")
+        if not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
+            raise ValueError(f"Plan input_specs[{i}] has dtype {dtype!r}, not a torch dtype name such as "
+                             f"'float32'. {fix}")
+    for key in ("channels_before", "channels_after"):
+        counts = getattr(plan, key)
+        if not isinstance(counts, Mapping) or not all(isinstance(k, str) and _is_int(v) and v >= 0
+                                                     for k, v in counts.items()):
+            raise ValueError(f"Plan field {key} must map module names to non-negative integers, got {counts!r}. {fix}")
+    if list(plan.channels_before) != list(plan.channels_after):
+        raise ValueError(f"Plan fields channels_before and channels_after name different modules. {fix}")
+    grown = [n for n in plan.channels_before if plan.channels_after[n] > plan.channels_before[n]]
+    if grown:
+        raise ValueError(f"Plan entry channels_after[{grown[0]!r}] = {plan.channels_after[grown[0]]} exceeds "
+                         f"channels_before ({plan.channels_before[grown[0]]}): a surgery only removes. {fix}")
+    if not isinstance(plan.pruned_groups, list):
+        raise ValueError(f"Plan field pruned_groups must be a list of [module name, indices]. {fix}")
+    seen: set[str] = set()
+    for i, group in enumerate(plan.pruned_groups):
+        if not (isinstance(group, (list, tuple)) and len(group) == 2 and isinstance(group[0], str)
+                and isinstance(group[1], (list, tuple))):
+            raise ValueError(f"Plan pruned_groups[{i}] must be [module name, list of channel indices], got "
+                             f"{group!r}. {fix}")
+        name, idxs = group
+        if name in seen:
+            raise ValueError(f"Plan pruned_groups[{i}] names {name!r} a second time; each group appears once. {fix}")
+        seen.add(name)
+        bad = [v for v in idxs if not _is_int(v)]
+        if bad:
+            raise ValueError(f"Plan pruned_groups[{i}] ({name!r}) holds {bad[0]!r}, not a channel index "
+                             f"(an integer). {fix}")
+        if any(v < 0 for v in idxs):
+            raise ValueError(f"Plan pruned_groups[{i}] ({name!r}) holds the negative index {min(idxs)}. {fix}")
+        if len(set(idxs)) != len(idxs):
+            dup = next(v for v in idxs if idxs.count(v) > 1)
+            raise ValueError(f"Plan pruned_groups[{i}] ({name!r}) lists channel {dup} twice. {fix}")
+
+
+def _check_plan_fits(model: nn.Module, plan: PruningPlan, candidates: Mapping[str, Any], source: Any) -> None:
+    """The model's structure must fit the plan; its class may differ (a subclass building the same layers)."""
+    cls = _qualified_name(model)
+    made_for = "" if plan.model_class == cls else f" The plan was made for a {plan.model_class}, this is a {cls}."
+    modules = dict(model.named_modules())
+    missing = [n for n in plan.channels_before if n not in candidates]
+    missing += [name for name, _ in plan.pruned_groups if name not in modules]
+    if missing:
+        raise ValueError(
+            f"The plan names modules this model lacks: {_few(list(map(repr, missing)))}.{made_for} "
+            "Build the model with the same arguments."
+        )
+    counts = {name: _count(source, candidates[name]) for name in plan.channels_before}
+    if counts != plan.channels_before:
+        hint = (
+            "It looks already pruned; apply a plan to a freshly built model only."
+            if counts == plan.channels_after
+            else "Build the model with the same arguments (width, num_classes) as the pruned one."
+        )
+        differences = _differences(counts, plan.channels_before)
+        raise ValueError(
+            f"The model's channel counts differ from the plan's ({differences}).{made_for} {hint}"
+        )
+
+
+def _check_roots(graph: Any, plan: PruningPlan, roots: Sequence[tuple[nn.Module, list[int]]]) -> None:
+    """Each pruned group's root is a prunable layer of the graph and its indices are in range."""
+    fix = "The plan was edited or belongs to another model; re-create it with prune_channels."
+    for i, ((name, _), (module, idxs)) in enumerate(zip(plan.pruned_groups, roots)):
+        pruner = graph.get_pruner_of_module(module) if module in graph.module2node else None
+        channels = graph.get_out_channels(module) if pruner is not None else None
+        if not isinstance(channels, int):
+            raise ValueError(f"Plan pruned_groups[{i}] names {name!r}, a {type(module).__name__} whose output "
+                             f"channels cannot be pruned (not a traced conv/linear layer). {fix}")
+        out_of_range = [v for v in idxs if v >= channels]
+        if out_of_range:
+            raise ValueError(f"Plan pruned_groups[{i}] ({name!r}) holds channel {out_of_range[0]}, but the layer has "
+                             f"{channels} output channels (0..{channels - 1}). {fix}")
+        if len(idxs) >= channels:
+            raise ValueError(f"Plan pruned_groups[{i}] ({name!r}) removes all {channels} output channels; a layer "
+                             f"keeps at least one. {fix}")
+
+
+def _differences(actual: Mapping[str, int], expected: Mapping[str, int]) -> str:
+    return _few([f"{n}: {actual[n]} instead of {expected[n]}" for n in expected if actual[n] != expected[n]], 3)
+
+
+def _replay_inputs(model: nn.Module, plan: PruningPlan) -> tuple[Tensor, ...]:
+    """Zeros of the plan's input shapes on the model's device; floating inputs in the model's parameter dtype
+    (a plan recorded under bf16-true replays on a float32 module and back), integer inputs as recorded."""
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    floating = next((p.dtype for p in params if p.is_floating_point()), None)
+    inputs = []
+    for spec in plan.input_specs:
+        dtype = getattr(torch, spec["dtype"])
+        if dtype.is_floating_point and floating is not None:
+            dtype = floating
+        inputs.append(torch.zeros(spec["shape"], dtype=dtype, device=device))
+    return tuple(inputs)
+
+
+# ---------------------------------------------------------------------------------- the model's state
+
+
+@contextmanager
+def _restored_modes(model: nn.Module) -> Iterator[None]:
+    """Restore each module's train/eval flag and each parameter's ``requires_grad`` (by name) on exit.
+
+    Inside, all parameters require grad: the graph is traced through autograd.
+    """
+    training = {name: m.training for name, m in model.named_modules()}
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(p.is_floating_point() or p.is_complex())
+    try:
+        yield
+    finally:
+        for name, m in model.named_modules():
+            m.training = training.get(name, m.training)
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad.get(name, True))
+
+
+@contextmanager
+def _recorded_parameter_slices(model: nn.Module) -> Iterator[KeptIndices]:
+    """Record which original indices each parameter of ``model`` keeps while Torch-Pruning slices it."""
+    kept: KeptIndices = {}
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    live = {id(p): (p, name, [None] * p.dim()) for name, p in model.named_parameters()}
+
+    def record(weight: Tensor, pruned: Tensor, keep_idxs: Any, pruning_dim: int) -> None:
+        tracked = live.pop(id(weight), None)  # ``live`` holds the parameters, so their ids stay unique
+        if tracked is not None:
+            _, name, dims = tracked
+            dim = pruning_dim % weight.dim()
+            keep = torch.as_tensor(keep_idxs, dtype=torch.long).cpu()
+            dims[dim] = keep if dims[dim] is None else dims[dim][keep]
+            live[id(pruned)] = (pruned, name, dims)
+
+    with tpi.recorded_parameter_slices(record):
+        yield kept
+    for _, name, dims in live.values():
+        dims = [None if d is None or len(d) == shapes[name][i] else d for i, d in enumerate(dims)]
+        if any(d is not None for d in dims):
+            kept[name] = dims

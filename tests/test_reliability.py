@@ -1,0 +1,223 @@
+"""Issue 8: no silent wrong result, no lost pruned model, a clear error for every bad input or fault."""
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback, load_pruned
+from lightning_worm.checkpoint import find_pruning_plan, newest_loadable_checkpoint
+from tests.helpers import TinyNet, tiny_loader, trainer
+
+
+def fit(tmp_path, max_epochs=3, ckpt_path=None, extra=(), eb_kwargs=None, prune_kwargs=None, model=None, **kwargs):
+    torch.manual_seed(0)
+    model = model or TinyNet()
+    eb = EarlyBirdCallback(**{"prune_ratio": 0.5, "window": 2, "threshold": 1.0, "verbose": False, **(eb_kwargs or {})})
+    prune = PruneAndFinetune(eb, measure_latency=False, **(prune_kwargs or {}))
+    t = trainer(tmp_path, callbacks=[eb, WormCallback(eb, schedule="fixed"), prune, *extra],
+                max_epochs=max_epochs, **kwargs)
+    t.fit(model, tiny_loader(), ckpt_path=ckpt_path)
+    return t, model, eb, prune
+
+
+def checkpointing(tmp_path, **kwargs):
+    return ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, **kwargs)
+
+
+# ----------------------------------------------------------------------------- lost or unloadable models
+
+@pytest.mark.parametrize("weights_only", [False, True], ids=["full", "weights-only"])
+def test_pruned_checkpoints_describe_themselves(tmp_path, weights_only):
+    _, model, *_ = fit(tmp_path, extra=[checkpointing(tmp_path, save_weights_only=weights_only)],
+                       enable_checkpointing=True)
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert ("callbacks" in checkpoint) != weights_only and find_pruning_plan(checkpoint) is not None
+    loaded = load_pruned(TinyNet, tmp_path / "last.ckpt")
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_weights_only_checkpoint_rebuilds_a_fresh_module_for_validation(tmp_path):
+    _, model, *_ = fit(tmp_path, extra=[checkpointing(tmp_path, save_weights_only=True)], enable_checkpointing=True)
+    eb = EarlyBirdCallback()
+    fresh = TinyNet()
+    v = trainer(tmp_path, callbacks=[eb, PruneAndFinetune(eb)])
+    v.validate(fresh, tiny_loader(), ckpt_path=tmp_path / "last.ckpt", verbose=False)
+    assert fresh.features[1].num_features == model.features[1].num_features
+
+
+@pytest.mark.slow
+def test_bf16_true_pruned_model_reloads_and_resumes(tmp_path):
+    _, model, *_ = fit(tmp_path / "a", precision="bf16-true", extra=[checkpointing(tmp_path / "a")],
+                       enable_checkpointing=True)
+    loaded = load_pruned(TinyNet, tmp_path / "a" / "last.ckpt")
+    assert loaded.features[1].num_features == model.features[1].num_features
+    _, resumed, *_ = fit(tmp_path / "b", max_epochs=4, precision="bf16-true", ckpt_path=tmp_path / "a" / "last.ckpt")
+    assert resumed.features[1].num_features == model.features[1].num_features
+
+
+def test_report_write_failure_is_a_warning(tmp_path, monkeypatch):
+    real_open = open
+
+    def full_disk(path, *args, **kwargs):
+        if str(path).endswith("pruning_report.json"):
+            raise OSError(28, "No space left on device")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.warns(UserWarning, match="No space left on device"):
+        t, model, _, prune = fit(tmp_path, prune_kwargs={"report_dir": str(tmp_path)})
+    assert prune.report["params_after"] < prune.report["params_before"] and t.current_epoch == 3
+
+
+def test_without_logger_no_report_lands_in_the_working_directory(tmp_path):
+    os.chdir(tmp_path)
+    _, _, _, prune = fit(tmp_path / "root")
+    assert prune.report is not None and prune.report_path is None
+    assert not list(tmp_path.rglob("pruning_report.json"))
+
+
+def test_report_is_strict_json(tmp_path):
+    fit(tmp_path, prune_kwargs={"report_dir": str(tmp_path), "evaluate": lambda m: float("nan")})
+    report = json.loads((tmp_path / "pruning_report.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert report["evaluation"]["before"] is None and report["params_after"] < report["params_before"]
+
+
+# ----------------------------------------------------------------------------- silent wrong results
+
+@pytest.mark.parametrize(("factory", "name"), [
+    (lambda: EarlyBirdCallback(sparsity=float("inf")), "sparsity"),
+    (lambda: EarlyBirdCallback(sparsity=float("nan")), "sparsity"),
+    (lambda: EarlyBirdCallback(prune_ratio=True), "prune_ratio"),
+    (lambda: EarlyBirdCallback(prune_ratio=float("nan")), "prune_ratio"),
+    (lambda: EarlyBirdCallback(window=True), "window"),
+    (lambda: EarlyBirdCallback(window=3.0), "window"),
+    (lambda: EarlyBirdCallback(threshold=float("inf")), "threshold"),
+    (lambda: EarlyBirdCallback(min_channels=False), "min_channels"),
+    (lambda: EarlyBirdCallback(every_n_epochs=0), "every_n_epochs"),
+    (lambda: EarlyBirdCallback(stop_on_ticket=1), "stop_on_ticket"),
+    (lambda: EarlyBirdCallback(first_mask="start"), "first_mask"),
+    (lambda: EarlyBirdCallback(accept_first_window="no"), "accept_first_window"),
+    (lambda: EarlyBirdCallback(source="batch_norm"), "source"),
+    (lambda: EarlyBirdCallback(source=nn.BatchNorm2d(3)), "source"),
+    (lambda: WormCallback(chi=float("nan")), "chi"),
+    (lambda: WormCallback(chi=True), "chi"),
+    (lambda: WormCallback(elbow=float("-inf")), "elbow"),
+    (lambda: WormCallback(schedule="cosine"), "schedule"),
+    (lambda: PruneAndFinetune(round_to=True), "round_to"),
+    (lambda: PruneAndFinetune(finetune_epochs=1.5), "finetune_epochs"),
+    (lambda: PruneAndFinetune(recalibrate_batches=-1), "recalibrate_batches"),
+    (lambda: PruneAndFinetune(example_input="images"), "example_input"),
+    (lambda: PruneAndFinetune(example_input=[1, 2]), "example_input"),
+    (lambda: PruneAndFinetune(evaluate=3), "evaluate"),
+    (lambda: PruneAndFinetune(ticket="lottery"), "ticket"),
+    (lambda: PruneAndFinetune(seed=True), "seed"),
+    (lambda: PruneAndFinetune(report_dir=3), "report_dir"),
+    (lambda: PruneAndFinetune(reinit="yes"), "reinit"),
+])
+def test_bad_arguments_are_named_at_construction(factory, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        factory()
+
+
+@pytest.mark.parametrize(("changed", "named"), [
+    ({"prune_ratio": 0.25}, "prune_ratio=0.5 in the checkpoint, prune_ratio=0.25 now"),
+    ({"window": 3}, "window=2 in the checkpoint, window=3 now"),
+    ({"threshold": 0.5}, "threshold=1.0 in the checkpoint, threshold=0.5 now"),
+])
+def test_resuming_with_other_settings_says_what_differs(tmp_path, changed, named):
+    fit(tmp_path / "a", max_epochs=1, extra=[checkpointing(tmp_path / "a")], enable_checkpointing=True)
+    with pytest.raises(ValueError, match=named):
+        fit(tmp_path / "b", max_epochs=3, eb_kwargs=changed, ckpt_path=tmp_path / "a" / "last.ckpt")
+
+
+def test_resuming_a_pruned_checkpoint_without_prune_and_finetune_is_explained(tmp_path):
+    fit(tmp_path / "a", extra=[checkpointing(tmp_path / "a")], enable_checkpointing=True)
+    eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0)
+    t = trainer(tmp_path / "b", callbacks=[eb], max_epochs=4)
+    with pytest.raises(ValueError, match="holds a pruned model.*no PruneAndFinetune"):
+        t.fit(TinyNet(), tiny_loader(), ckpt_path=tmp_path / "a" / "last.ckpt")
+
+
+def test_new_finetune_epochs_is_honoured_on_resume(tmp_path):
+    fit(tmp_path / "a", max_epochs=50, extra=[checkpointing(tmp_path / "a")], enable_checkpointing=True,
+        prune_kwargs={"finetune_epochs": 1})  # pruned at the end of epoch 1, ends after epoch 2
+    t, *_ = fit(tmp_path / "b", max_epochs=50, prune_kwargs={"finetune_epochs": 3},
+                ckpt_path=tmp_path / "a" / "last.ckpt")
+    assert t.current_epoch == 1 + 1 + 3
+
+
+def test_ticket_without_any_score_moving_warns(tmp_path):
+    model = TinyNet(lr=0.0)  # nothing learns: every mask agrees because nothing moves
+    with pytest.warns(UserWarning, match="no score moved"):
+        fit(tmp_path, model=model, eb_kwargs={"threshold": 0.1})
+
+
+def test_a_moving_search_does_not_warn(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|val_dataloader).*")
+        fit(tmp_path, eb_kwargs={"threshold": 1.0})
+
+
+# ----------------------------------------------------------------------------- errors that help
+
+class LazyUnused(TinyNet):
+    """Its only BatchNorm is lazy and never called: nothing can ever be scored."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.features[1] = nn.Identity()
+        self.features[4] = nn.Identity()
+        self.unused = nn.LazyBatchNorm2d()
+
+
+def test_lazy_batchnorm_never_materialised_is_named(tmp_path):
+    eb = EarlyBirdCallback(verbose=False)
+    with pytest.raises(ValueError, match="lazy layers unused were never materialised"):
+        trainer(tmp_path, callbacks=[eb], max_epochs=1).fit(LazyUnused(), tiny_loader())
+
+
+class LazyNet(TinyNet):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.features[1] = nn.LazyBatchNorm2d()
+
+
+def test_load_pruned_materialises_lazy_layers(tmp_path):
+    t, model, *_ = fit(tmp_path, model=LazyNet())
+    t.save_checkpoint(tmp_path / "pruned.ckpt")
+    loaded = load_pruned(LazyNet, tmp_path / "pruned.ckpt")
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", None], ids=["empty", "garbage", "truncated"])
+def test_load_pruned_names_an_unreadable_file(tmp_path, content):
+    t, *_ = fit(tmp_path)
+    good = tmp_path / "good.ckpt"
+    t.save_checkpoint(good)
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2] if content is None else content)
+    with pytest.raises(ValueError, match=r"Cannot read the checkpoint .*bad\.ckpt.*good\.ckpt"):
+        load_pruned(TinyNet, bad)
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        load_pruned(TinyNet, tmp_path / "missing.ckpt")
+
+
+def test_resuming_from_a_corrupt_last_checkpoint_offers_the_fallback(tmp_path):
+    fit(tmp_path / "a", max_epochs=2, extra=[ModelCheckpoint(dirpath=tmp_path / "a", save_last=True,
+                                                             save_top_k=-1, every_n_epochs=1)],
+        enable_checkpointing=True)
+    last = tmp_path / "a" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:100])
+    fallback = newest_loadable_checkpoint(tmp_path / "a", exclude=last)
+    assert fallback is not None and fallback.name.startswith("epoch=1")
+    with pytest.raises(ValueError, match=rf"Cannot resume from the checkpoint .*last\.ckpt.*{fallback.name}"):
+        fit(tmp_path / "a", max_epochs=4, ckpt_path=str(last))
