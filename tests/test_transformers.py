@@ -378,16 +378,23 @@ def test_plan_replays_bit_identically_and_refuses_what_does_not_fit():
 
 
 def test_apply_plan_dispatches_head_and_elementwise_plans():
-    surgery = pytest.importorskip("lightning_worm.core.surgery")
-    if not hasattr(surgery, "register_replay"):
-        pytest.skip("the surgery package's replay registry has not landed yet")
+    from lightning_worm import apply_plan
+
     model, x = vit(), torch.randn(2, 3, 32, 32)
     report = prune_heads(model, {"blocks.1.attn": torch.tensor([False, True, True, True])}, measure_latency=False)
     assert report.plan.kind == "heads"
     fresh = vit(seed=3)
-    surgery.apply_plan(fresh, report.plan.to_dict())
+    apply_plan(fresh, report.plan.to_dict())
     fresh.load_state_dict(model.state_dict())
     assert torch.equal(fresh.eval()(x), model(x))
+    dense = vit()
+    with pytest.warns(UserWarning, match="saves no time"):
+        report = prune_elementwise(dense, channel_mask(dense, 0.5, source=AttentionQKSource()), measure_latency=False)
+    assert report.plan.kind == "elementwise"
+    fresh = vit(seed=3)
+    apply_plan(fresh, report.plan.to_dict())
+    fresh.load_state_dict(dense.state_dict())
+    assert torch.equal(fresh.eval()(x), dense(x))
 
 
 def test_multihead_attention_heads_cannot_be_removed():

@@ -10,7 +10,6 @@ from examples.vit import ViTClassifier, VisionTransformer
 from lightning_worm import AttentionHeadSource, EarlyBirdCallback, WormCallback
 
 ROOT = Path(__file__).resolve().parents[1]
-REFUSED = "prunes BatchNorm channels"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,12 +37,7 @@ def test_bert_recipe_runs_offline(tmp_path):
     pytest.importorskip("transformers")
     from examples import bert
 
-    try:
-        summary = bert.main(["--max_epochs", "2", "--default_root_dir", str(tmp_path)])
-    except ValueError as error:
-        if REFUSED in str(error):
-            pytest.skip("PruneAndFinetune does not accept non-BatchNorm sources yet (the lead's callbacks)")
-        raise
+    summary = bert.main(["--max_epochs", "2", "--default_root_dir", str(tmp_path)])
     assert summary["source"] == "attention_qk" and summary["ticket_epoch"] is None  # never at the first window
 
 

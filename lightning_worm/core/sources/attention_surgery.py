@@ -36,13 +36,7 @@ from lightning_worm.core.sources.attention import (
     AttentionHeadSource,
     AttentionQKSource,
 )
-from lightning_worm.core.surgery import PruningPlan, PruningReport
-
-try:  # the surgery package's replay registry (plans gain a `kind`)
-    from lightning_worm.core.surgery import register_replay
-except ImportError:  # pragma: no cover - before the registry exists
-    def register_replay(kind: str) -> Any:
-        return lambda fn: fn
+from lightning_worm.core.surgery import PruningPlan, PruningReport, register_replay
 
 KeptIndices = dict[str, list[Optional[Tensor]]]
 ExampleInput = Union[Tensor, Sequence[Tensor], None]
@@ -57,11 +51,6 @@ MHA_REFUSAL = (
     "would change its embedding size. Use AttentionQKSource (element-wise, applied as fixed zeros), or build "
     "the block from separate query/key/value nn.Linear layers (as examples/vit.py does) to remove heads."
 )
-
-
-def _make_plan(**fields: Any) -> PruningPlan:
-    known = PruningPlan.__dataclass_fields__
-    return PruningPlan(**{k: v for k, v in fields.items() if k in known})
 
 
 def _inputs(example_input: ExampleInput) -> tuple[Tensor, ...]:
@@ -322,7 +311,7 @@ def prune_heads(
         kept_indices.update(_cut_heads(model, blocks[name], units, outputs[name]))
 
     channels_after = {name: block.num_kv_heads for name, block in blocks.items()}
-    plan = _make_plan(
+    plan = PruningPlan(
         model_class=_qualified_name(model),
         input_specs=_specs(inputs),
         pruned_groups=[[name, units, outputs[name]] for name, units in removed.items()],
@@ -450,7 +439,7 @@ def prune_elementwise(
     warnings.warn(ELEMENTWISE_NOTE, UserWarning, stacklevel=2)
     after = {f"{m}:{p}": int(t.sum()) for (m, p), t in masks.items()}
     ticket_pruned = sum(int((~m).sum()) for m in ticket.values())
-    plan = _make_plan(
+    plan = PruningPlan(
         model_class=_qualified_name(model), input_specs=_specs(inputs),
         pruned_groups=[[m, p] for m, p in masks], channels_before=before, channels_after=after,
         kind="elementwise", source=AttentionQKSource.key, options={},
