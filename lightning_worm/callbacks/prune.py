@@ -300,10 +300,10 @@ class PruneAndFinetune(Callback):
     def _recalibrate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> int:
         if not self.recalibrate_batches:
             return 0
-        from lightning_worm.core.recalibration import recalibrate_batchnorm
+        from lightning_worm.core.recalibration import has_running_statistics, recalibrate_batchnorm
 
         loader = trainer.train_dataloader
-        if loader is None:
+        if loader is None or not has_running_statistics(pl_module):  # no BatchNorm: nothing to re-estimate
             return 0
         precision = trainer.precision_plugin
 
