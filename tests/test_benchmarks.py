@@ -131,7 +131,7 @@ def test_markdown_table():
 def test_presets():
     assert Settings.preset("quick", "cpu").mode == "quick"
     full = Settings.preset("full", "cpu")
-    assert len(full.seeds) >= 5 and full.data == "mnist1d" and full.recipes == ("earlybird", "worm")
+    assert len(full.seeds) >= 5 and full.data == "mnist1d" and full.recipes == ("earlybird", "worm", "earlybird_sparse")
     assert Settings.preset("quick", "cpu", data="digits").arch == "vgg11_bn"
     with pytest.raises(ValueError, match="Unknown mode"):
         Settings.preset("huge", "cpu")

@@ -139,11 +139,13 @@ class Settings:
         base = cls(mode=mode, accelerator=accelerator, threads=threads, workers=workers)
         if mode == "quick":
             s = replace(base, seeds=(0, 1, 2), epochs=24, slimming_finetune_epochs=12)
+            s = replace(s, recipes=("earlybird", "worm", "earlybird_sparse"))
         elif mode == "full":
             s = replace(
                 base, overhead_batch=32, overhead_steps=20, overhead_rounds=5,
                 mask_repeats=51, latency_masked_ratios=(0.3, 0.5, 0.7), latency_rounds=7, latency_repeats=3,
                 seeds=(0, 1, 2, 3, 4), epochs=40, slimming_finetune_epochs=20,
+                recipes=("earlybird", "worm", "earlybird_sparse"),
             )
         elif mode == "tiny":
             s = replace(

@@ -87,11 +87,10 @@ def _section(settings: Settings, runs: dict[str, dict[str, list[dict[str, Any]]]
                 continue
             targets = {d["seed"]: claims.target(settings, d) for d in dense} if full else {}
             recov = [claims.recovery_epochs(r, targets[r["seed"]]) if r["seed"] in targets else None for r in rs]
-            vs_dense: list[Optional[float]] = [None] * len(rs)
-            if full:  # the denominator is the dense run's final validation accuracy
-                dense_final = {d["seed"]: d["curve"][-1]["val_acc"] for d in dense}
-                vs_dense = [None if r["acc_after_recal"] is None else r["acc_after_recal"] / dense_final[r["seed"]]
-                            for r in rs]
+            # the denominator: the dense run's final validation accuracy (the first recipe's dense run, same seed)
+            dense_final = {d["seed"]: d["curve"][-1]["val_acc"] for d in dense}
+            vs_dense = [None if r["acc_after_recal"] is None or r["seed"] not in dense_final
+                        else r["acc_after_recal"] / dense_final[r["seed"]] for r in rs]
             ticket_ratio = (ratios(rs, eb, search_epochs)
                             if method.startswith("worm") else [None] * len(rs))
             forced = sum(r["forced"] for r in rs)
@@ -102,7 +101,7 @@ def _section(settings: Settings, runs: dict[str, dict[str, list[dict[str, Any]]]
                 fmt(ticket_ratio, 2) if method.startswith("worm") else "",
                 fmt([r["acc_before"] for r in rs], 1, 100), fmt([r["acc_after"] for r in rs], 1, 100),
                 fmt([r["acc_after_recal"] for r in rs], 1, 100),
-                fmt(vs_dense, 2) if full else "",
+                fmt(vs_dense, 2),
                 (fmt(recov, 0) if full else ""),
                 fmt([r.get("test_acc") for r in rs], 1, 100) if full else "",
             ])
@@ -112,7 +111,7 @@ def _section(settings: Settings, runs: dict[str, dict[str, list[dict[str, Any]]]
                                   f"{claims.LABELS[method]}, {recipe.label}",
                                   "n/a" if m is None else f"{m:.2f}x (median of per-seed ratios)",
                                   verdict(m, GOAL_TICKET, at_most=True)])
-            if full and method != "random":
+            if method != "random" and dense:
                 m = median(vs_dense)
                 goal_rows.append([f"re-calibrated accuracy right after the prune >= {GOAL_RECAL}x dense",
                                   f"{claims.LABELS[method]}, {recipe.label}",
@@ -125,16 +124,17 @@ def _section(settings: Settings, runs: dict[str, dict[str, list[dict[str, Any]]]
             if never:
                 rows[-1][1] += f" ({never} of {len(rs)} never pruned)"
         header = ["method", "epochs to the prune", "vs Early-Bird", "val acc before prune %",
-                  "right after surgery %", "after BN re-calibration %"]
+                  "right after surgery %", "after BN re-calibration %", "re-calibrated / dense final"]
         if full:
-            header += ["re-calibrated / dense final", "epochs to recover", "final test acc %"]
+            header += ["epochs to recover", "final test acc %"]
             dense_row = ["dense (no prune)", "", "", "", "", "", "",
                          "", fmt([d.get("test_acc") for d in dense], 1, 100)]
             body = markdown_table(header, [dense_row, *rows])
         else:
-            body = markdown_table(header, [row[:6] for row in rows])
+            body = markdown_table(header, [row[:7] for row in rows])
         scope = ("every method to the end of training" if full else
-                 "the search methods up to the prune only (no fine-tuning)")
+                 "the search methods up to the prune only (no fine-tuning; \"dense final\": the dense run of "
+                 f"{claims.RECIPES[first].label}, same seed)")
         tables.append(f"#### {recipe.label[0].upper() + recipe.label[1:]}\n\n{recipe.describe(label=False)} "
                       f"({recipe.source}); {scope}.\n\n{body}")
         by_method = {row[0]: row for row in rows}
