@@ -69,7 +69,8 @@ class Recipe:
 
     def describe(self, label: bool = True) -> str:
         cap = f", search capped at {self.search_cap} epochs" if self.search_cap else ""
-        return (f"{self.label + ': ' if label else ''}SGD lr {self.lr:g}, momentum {self.momentum:g}, weight decay {self.weight_decay:g}, "
+        prefix = f"{self.label}: " if label else ""
+        return (f"{prefix}SGD lr {self.lr:g}, momentum {self.momentum:g}, weight decay {self.weight_decay:g}, "
                 f"sparsity {self.sparsity:g}, {self.schedule} schedule{cap}")
 
 

@@ -539,6 +539,13 @@ def environment_markdown(env: Mapping[str, Any]) -> str:
     return markdown_table(["", ""], [(label, env.get(k) if env.get(k) is not None else "none") for k, label in keys])
 
 
+def run_threads(settings: Settings) -> str:
+    """How the training runs of the claims use the CPU, for the tables' captions."""
+    if settings.workers > 1:
+        return f"{settings.workers} runs in parallel, one torch thread each"
+    return f"one run at a time, {settings.threads} torch thread(s)"
+
+
 def device_name(settings: Settings) -> str:
     """The device the numbers come from, for the tables' device column."""
     if settings.on_gpu:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from examples.benchmarks import claims
 from examples.benchmarks.common import (
-    DATA_NAMES, Section, Settings, device_name, markdown_table, new_figure, save_figure,
+    DATA_NAMES, Section, Settings, device_name, markdown_table, new_figure, run_threads, save_figure,
 )
 from examples.benchmarks.ticket import fmt, median, verdict
 
@@ -95,15 +95,15 @@ def _section(settings: Settings, recipe_name: str, per: dict[str, list[dict[str,
         f"{DATA_NAMES[settings.data]}; {settings.arch} width {settings.width:g}, batch {settings.batch}, "
         f"{recipe.describe()} ({recipe.source}); {settings.epochs} epochs (network slimming: + "
         f"{settings.slimming_finetune_epochs} fine-tuning epochs after its prune), p = {settings.prune_ratio}, seeds "
-        f"{', '.join(map(str, settings.seeds))}, {settings.workers} run(s) in parallel on {device_name(settings)} "
-        f"(one torch thread each). Target: the dense run's final validation accuracy minus "
+        f"{', '.join(map(str, settings.seeds))}, on {device_name(settings)} "
+        f"({run_threads(settings)}). Target: the dense run's final validation accuracy minus "
         f"{100 * settings.target_drop:g} point (same seed); a pruning method counts only once its pruned model "
         "reaches it. Wall time includes validation, the prune and the re-calibration (not the extra evaluations of "
         "the measurement); training FLOPs are 3 x forward FLOPs per example (FlopCounterMode) x examples, with the "
         "pruned model's FLOPs after the prune, plus the re-calibration's forward passes. \"vs dense\": median of "
         "per-seed ratios to the dense run of the same seed. Latency: the final model, eval mode, batch 64, "
-        "`torch.utils.benchmark` on one thread (median; runs in parallel share the machine). Medians [min, max] "
-        "over seeds.\n\n**Goals vs measured.**\n\n" + goals + "\n\n" + table + "\n"
+        "`torch.utils.benchmark` with the run's threads (median; runs in parallel share the machine). "
+        "Medians [min, max] over seeds.\n\n**Goals vs measured.**\n\n" + goals + "\n\n" + table + "\n"
     )
     figure = _plot(per, out_dir / "end_to_end.png", settings)
     data = {m: [dict({k: v for k, v in r.items() if k != "curve"}, **{k: v for k, v in h.items() if k != "reached"},

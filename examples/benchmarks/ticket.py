@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from examples.benchmarks import claims
 from examples.benchmarks.common import (
-    DATA_NAMES, Section, Settings, Spread, device_name, markdown_table, new_figure, save_figure,
+    DATA_NAMES, Section, Settings, Spread, device_name, markdown_table, new_figure, run_threads, save_figure,
 )
 
 #: The goals of issue 9 that this section measures.
@@ -152,7 +152,7 @@ def _section(settings: Settings, runs: dict[str, dict[str, list[dict[str, Any]]]
     md = (
         f"{DATA_NAMES[settings.data]}; {settings.arch} width {settings.width:g}, batch {settings.batch}, "
         f"{settings.epochs} epochs per run, seeds {', '.join(map(str, settings.seeds))} (the data split is the "
-        f"same for all), on {device_name(settings)}, {settings.workers} run(s) in parallel (one torch thread each). "
+        f"same for all), on {device_name(settings)} ({run_threads(settings)}). "
         f"p = {settings.prune_ratio}, window {settings.window}, threshold {settings.threshold}, chi {claims.CHI}, "
         f"elbow {claims.ELBOW}; the recipe's sparsity for the search (network slimming: the recipe's, or "
         f"{claims.SLIMMING_SPARSITY:g} where it has none). \"Epochs to the prune\" counts the epochs trained before "
