@@ -45,6 +45,8 @@ def search_epochs(run: dict[str, Any]) -> Optional[int]:
 def fmt(values: list[Optional[float]], digits: int = 3, scale: float = 1.0) -> str:
     """``median [min, max]`` of the values that exist, with ``(k of n none)`` when some do not."""
     found = [v for v in values if v is not None]
+    if not found:
+        return "none" if values else "n/a"
     text = Spread.of(found).fmt(digits, scale=scale, spread="range")
     return text if len(found) == len(values) else f"{text} ({len(values) - len(found)} of {len(values)} none)"
 
@@ -64,9 +66,10 @@ def median(values: list[Optional[float]]) -> Optional[float]:
     return statistics.median(found) if found else None
 
 
-def verdict(value: Optional[float], goal: float, at_most: bool) -> str:
+def verdict(value: Optional[float], goal: float, at_most: bool, missing: str = "nothing to measure") -> str:
+    """``met`` or ``**NOT MET**``; a missing value (no ticket, target never reached) is not met, with ``missing``."""
     if value is None:
-        return "**NOT MET** (not measured: no value)"
+        return f"**NOT MET** ({missing})"
     met = value <= goal if at_most else value >= goal
     return "met" if met else "**NOT MET**"
 
@@ -94,7 +97,6 @@ def _section(settings: Settings, runs: dict[str, dict[str, list[dict[str, Any]]]
             ticket_ratio = (ratios(rs, eb, search_epochs)
                             if method.startswith("worm") else [None] * len(rs))
             forced = sum(r["forced"] for r in rs)
-            never = sum(r["pruned_epoch"] is None for r in rs)
             rows.append([
                 claims.LABELS[method],
                 fmt([search_epochs(r) for r in rs], 1) + (f" ({forced} forced at the cap)" if forced else ""),
@@ -109,20 +111,18 @@ def _section(settings: Settings, runs: dict[str, dict[str, list[dict[str, Any]]]
                 m = median(ticket_ratio)
                 goal_rows.append([f"WORM ticket <= {GOAL_TICKET}x Early-Bird's (search epochs)",
                                   f"{claims.LABELS[method]}, {recipe.label}",
-                                  "n/a" if m is None else f"{m:.2f}x (median of per-seed ratios)",
-                                  verdict(m, GOAL_TICKET, at_most=True)])
+                                  "no ticket" if m is None else f"{m:.2f}x (median of per-seed ratios)",
+                                  verdict(m, GOAL_TICKET, at_most=True, missing="no ticket")])
             if method != "random" and dense:
                 m = median(vs_dense)
                 goal_rows.append([f"re-calibrated accuracy right after the prune >= {GOAL_RECAL}x dense",
                                   f"{claims.LABELS[method]}, {recipe.label}",
-                                  "n/a" if m is None else f"{m:.2f}x the dense final val acc (median)",
-                                  verdict(m, GOAL_RECAL, at_most=False)])
+                                  "never pruned" if m is None else f"{m:.2f}x the dense final val acc (median)",
+                                  verdict(m, GOAL_RECAL, at_most=False, missing="never pruned")])
             for r, rec in zip(rs, recov):
                 seed_rows.append([recipe_name, claims.LABELS[method], r["seed"], r["ticket_epoch"], r["pruned_epoch"],
                                   "yes" if r["forced"] else "", _pct(r["acc_before"]), _pct(r["acc_after"]),
                                   _pct(r["acc_after_recal"]), "" if rec is None else rec, _pct(r.get("test_acc"))])
-            if never:
-                rows[-1][1] += f" ({never} of {len(rs)} never pruned)"
         header = ["method", "epochs to the prune", "vs Early-Bird", "val acc before prune %",
                   "right after surgery %", "after BN re-calibration %", "re-calibrated / dense final"]
         if full:
