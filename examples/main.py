@@ -157,16 +157,11 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
 def summarize(cli: WormCLI, test_acc: float | None, checkpoint: Path) -> dict[str, Any]:
     """The run's summary as plain JSON types; a value that is not known (or not finite) is ``None``.
 
-    FLOPs are per example (one forward of one input, as Lightning's model summary counts them); the
-    latency is of one forward of the ``example_batch`` inputs the pruning was measured on.
+    FLOPs are per example (as Lightning's model summary counts them: the pruning report's); the latency
+    is of one forward of the ``example_batch`` inputs the pruning was measured on.
     """
     eb, prune, accuracy = cli.early_bird, cli.prune, cli.accuracy
     report = prune.report if prune and prune.report else {}
-    batch = _batch_size(prune.example_input) if report else None
-
-    def per_example(value: float | None) -> float | None:
-        return None if value is None or not batch else value / batch
-
     return _strict_json({
         "model": {k: v for k, v in cli.model.hparams.items() if not k.startswith("_")},
         "data": type(cli.datamodule).__name__,
@@ -180,8 +175,8 @@ def summarize(cli: WormCLI, test_acc: float | None, checkpoint: Path) -> dict[st
         "channels_before": report.get("channels_before"),
         "channels_after": report.get("channels_after"),
         "params": [report.get("params_before"), report.get("params_after")],
-        "flops_per_example": [per_example(report.get("flops_before")), per_example(report.get("flops_after"))],
-        "example_batch": batch,
+        "flops_per_example": [report.get("flops_before"), report.get("flops_after")],
+        "example_batch": report.get("flops_batch"),
         "latency_ms": [report.get("latency_before_ms"), report.get("latency_after_ms")],
         "accuracy": {
             "before_prune": accuracy.before_prune if accuracy else None,
@@ -190,11 +185,6 @@ def summarize(cli: WormCLI, test_acc: float | None, checkpoint: Path) -> dict[st
         },
         "checkpoint": str(checkpoint),
     })
-
-
-def _batch_size(example: Any) -> int | None:
-    first = example[0] if isinstance(example, (tuple, list)) and example else example
-    return int(first.shape[0]) if getattr(first, "ndim", 0) >= 1 else None
 
 
 def _strict_json(value: Any) -> Any:

@@ -9,9 +9,10 @@ from torch.optim import SGD
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler, MultiStepLR
 from torchmetrics.classification import MulticlassAccuracy
 
-from examples.models import build_model
+from examples.models import MODELS, build_model
 
-Arch = Literal["resnet18", "vgg11_bn"]  # the keys of examples.models.MODELS (a test keeps them in step)
+# Every model of examples.models.MODELS: the CLI lists them in --help and refuses any other name.
+Arch = Literal[tuple(MODELS)]  # type: ignore[valid-type]
 Schedule = Literal["step", "cosine"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
@@ -33,7 +34,7 @@ class ImageClassifier(LightningModule):
     ``test/acc`` once per epoch; accuracy is top-1 over all samples.
 
     Args:
-        arch: a model name of :func:`examples.models.build_model`: ``"resnet18"`` or ``"vgg11_bn"``.
+        arch: a model name of :data:`examples.models.MODELS`, e.g. ``"resnet18"`` or ``"vgg11_bn"``.
         num_classes: number of classes.
         width: channel-width multiplier of the model.
         lr: initial learning rate.
@@ -70,7 +71,8 @@ class ImageClassifier(LightningModule):
             raise ValueError(f"Unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}.")
         self.save_hyperparameters()
         self.model = build_model(arch, num_classes=num_classes, width=width)
-        self.example_input_array = torch.zeros(1, 3, 32, 32)
+        # one input of the model's own shape (a model may say it in `input_shape`; CIFAR images otherwise)
+        self.example_input_array = torch.zeros(1, *getattr(self.model, "input_shape", (3, 32, 32)))
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -106,16 +106,25 @@ def cli_error(args: list[str], capsys) -> str:
     return capsys.readouterr().err
 
 
+def literal_options() -> dict[str, tuple]:
+    """``--group.name`` -> the allowed values, for every ``Literal`` argument of the model and the callbacks."""
+    from typing import Literal, get_args, get_origin, get_type_hints
+
+    groups = {"model": ImageClassifier, "early_bird": EarlyBirdCallback, "worm": WormCallback,
+              "prune": PruneAndFinetune}
+    return {f"--{group}.{name}": get_args(hint) for group, cls in groups.items()
+            for name, hint in get_type_hints(cls.__init__).items() if get_origin(hint) is Literal}
+
+
 def test_help_lists_the_choices(capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_cli(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for choices in ("--model.arch {resnet18,vgg11_bn}", "--model.schedule {step,cosine}",
-                    "--early_bird.first_mask {epoch_end,train_start}",
-                    "--worm.schedule {elbow,fixed,greedy,two_stage}", "--prune.coupling {all,mean_rank}",
-                    "--prune.ticket {early_bird,random}"):
-        assert choices in out, choices
+    options = literal_options()
+    assert {"--model.arch", "--model.schedule", "--worm.schedule", "--prune.coupling"} <= set(options)
+    for option, values in options.items():
+        assert f"{option} {{{','.join(values)}}}" in out, option
     assert "offline.yaml" in out  # the default config file
     assert "--optimizer" not in out and "--lr_scheduler" not in out  # the model builds its own
 
