@@ -313,8 +313,11 @@ class PruneAndFinetune(Callback):
             inputs = precision.convert_input(_to_device(_first_input(batch, limit=None), pl_module.device))
             return model(inputs)
 
+        # Drawing batches from a shuffled loader (and dropout) consumes random numbers: fork the generators so
+        # that the training after the prune is the same with and without the recalibration.
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         try:
-            with precision.forward_context():  # as in training: autocast under AMP, the bf16/fp16 dtype when "true"
+            with torch.random.fork_rng(devices=devices), precision.forward_context():
                 used = recalibrate_batchnorm(pl_module, loader, max_batches=self.recalibrate_batches, forward=forward)
         except _NoInput as missing:
             rank_zero_warn(
