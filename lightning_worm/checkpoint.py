@@ -21,7 +21,8 @@ M = TypeVar("M", bound="pl.LightningModule")
 CHECKPOINT_KEY = "lightning_worm"
 #: What marks a callback state as PruneAndFinetune's (subclasses included).
 PLAN_OWNER = "lightning_worm.PruneAndFinetune"
-_LOAD_ERRORS = (EOFError, OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError)
+_LOAD_ERRORS = (EOFError, OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
+                IndexError)
 
 
 def find_pruning_plan(checkpoint: Mapping[str, Any]) -> PruningPlan | None:

@@ -250,3 +250,10 @@ def test_a_subclass_of_prune_and_finetune_is_found_by_load_pruned(tmp_path):
     loaded = load_pruned(TinyNet, tmp_path / "callback-state-only.ckpt")
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_resuming_from_a_garbage_file_names_it(tmp_path):
+    bad = tmp_path / "garbage.ckpt"
+    bad.write_bytes(b"\x80\x02]")  # a three-byte pickle fragment: Lightning fails with a bare IndexError
+    with pytest.raises(ValueError, match=r"Cannot resume from the checkpoint .*garbage\.ckpt"):
+        fit(tmp_path, max_epochs=2, ckpt_path=str(bad))

@@ -103,3 +103,28 @@ def test_resume_mid_search_equals_the_uninterrupted_fit(tmp_path):
     assert eb_resumed.distances[2:] == eb_full.distances[2:] and worm_resumed.chi == worm_full.chi < 1.0
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_head_pruned_checkpoint_reloads_in_a_fresh_process(tmp_path):
+    """The head replay is found after a plain `import lightning_worm`, not only where the prune ran."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    t, model, eb, prune = prune_fit(tmp_path, max_epochs=3)
+    t.save_checkpoint(tmp_path / "pruned.ckpt")
+    x = torch.randn(2, 3, 8, 8)
+    torch.save({"x": x, "y": model.eval()(x)}, tmp_path / "io.pt")
+    script = (
+        "import sys, torch\n"
+        "from lightning_worm import load_pruned\n"
+        "from examples.vit import ViTClassifier\n"
+        "io = torch.load(sys.argv[2])\n"
+        "model = load_pruned(ViTClassifier, sys.argv[1])\n"
+        "assert torch.equal(model(io['x']), io['y'])\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "pruned.ckpt"), str(tmp_path / "io.pt")],
+                          cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(root)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Optional, Union
@@ -171,6 +172,10 @@ class PruningReport:
 
 Replay = Callable[..., KeptIndices]
 _REPLAYS: dict[str, Replay] = {}
+# The library's own replays that live outside the surgery package, imported on first use (importing them
+# here would be circular): a plan written in another process replays after a plain `import lightning_worm`.
+_REPLAY_MODULES = {"heads": "lightning_worm.core.sources.attention_surgery",
+                   "elementwise": "lightning_worm.core.sources.attention_surgery"}
 
 
 def register_replay(kind: str) -> Callable[[Replay], Replay]:
@@ -197,6 +202,9 @@ def replay(model: nn.Module, plan: Union[PruningPlan, Mapping[str, Any]], **opti
     """Dispatch ``plan`` to the replay registered for its kind."""
     plan = PruningPlan.from_dict(plan)
     fn = _REPLAYS.get(plan.kind) if isinstance(plan.kind, str) else None
+    if fn is None and isinstance(plan.kind, str) and plan.kind in _REPLAY_MODULES:
+        importlib.import_module(_REPLAY_MODULES[plan.kind])
+        fn = _REPLAYS.get(plan.kind)
     if fn is None:
         raise ValueError(
             f"The plan's kind {plan.kind!r} has no registered replay (known: {sorted(_REPLAYS)}). Import the module "
