@@ -15,16 +15,20 @@ from lightning_worm.core import (
     channel_mask,
     mask_distance,
 )
+from lightning_worm.core.sources import AttentionHeadSource, AttentionQKSource, LayerNormSource
 from lightning_worm.core.surgery import PruningPlan, PruningReport, apply_plan, prune_channels
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionHeadSource",
+    "AttentionQKSource",
     "BatchNormSource",
     "ChannelSource",
     "ChiSchedule",
     "EarlyBirdCallback",
     "GradientTruncation",
+    "LayerNormSource",
     "Mask",
     "NonFiniteScoreError",
     "PruneAndFinetune",

@@ -24,14 +24,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bn_widths(model: nn.Module) -> list[int]:
-    return [module.num_features for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
+    return [module.num_features for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
-def test_models_map_cifar_images_to_logits(arch):
+def test_models_map_their_inputs_to_logits(arch):
     torch.manual_seed(0)
     model = build_model(arch, num_classes=10, width=0.25)
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert model(torch.randn(2, *model.input_shape)).shape == (2, 10)
 
 
 def test_model_structure_follows_the_paper():
@@ -64,7 +64,7 @@ def test_kaiming_init_as_torchvision():
 
 
 def test_unknown_arch_lists_the_choices():
-    with pytest.raises(ValueError, match=r"Unknown arch 'resnet50'; choose one of: resnet18, vgg11_bn"):
+    with pytest.raises(ValueError, match=r"Unknown arch 'resnet50'; choose one of: cnn1d, resnet18, vgg11_bn"):
         build_model("resnet50")
     with pytest.raises(ValueError, match="Unknown arch"):
         ImageClassifier(arch="alexnet")
@@ -223,20 +223,20 @@ def test_models_can_be_physically_pruned(arch):
     tp = pytest.importorskip("torch_pruning")
     torch.manual_seed(0)
     model = build_model(arch, width=0.25)
-    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+    for bn in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
         nn.init.uniform_(bn.weight)  # break the ties of the unit init
     head = model.fc if arch == "resnet18" else model.classifier
     before = sum(_bn_widths(model))
     pruner = tp.pruner.MetaPruner(
         model,
-        torch.zeros(1, 3, 32, 32),
+        torch.zeros(1, *model.input_shape),
         importance=tp.importance.BNScaleImportance(),
         pruning_ratio=0.5,
         ignored_layers=[head],
     )
     pruner.step()
     assert sum(_bn_widths(model)) == pytest.approx(before / 2, rel=0.05)
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert model(torch.randn(2, *model.input_shape)).shape == (2, 10)
 
 
 def test_image_classifier_can_be_pruned_by_the_surgery():

@@ -269,3 +269,54 @@ def test_reshaping_hook_is_installed_once_per_module():
         prune.setup(trainer(callbacks=[eb, prune]), module, stage)
     module.on_load_checkpoint({"state_dict": {}})
     assert len(calls) == 1  # the user's hook runs once, after the (single) reshaping hook
+
+
+def test_recalibration_evaluation_and_the_report(tmp_path):
+    seen = []
+
+    def evaluate(module):
+        assert not module.training and not torch.is_grad_enabled()
+        seen.append(tuple(module.features[1].running_mean.shape))
+        return float(len(seen))
+
+    t, model, eb, *_ = fit(max_epochs=3, tmp_path=tmp_path,
+                           prune_kwargs={"recalibrate_batches": 3, "evaluate": evaluate, "report_dir": str(tmp_path)})
+    report = json.loads((tmp_path / "pruning_report.json").read_text())
+    kept = int(eb.ticket["features.1"].sum())
+    assert seen == [(8,), (kept,), (kept,)]  # before the prune, right after the surgery, after recalibration
+    assert report["evaluation"] == {"before": 1.0, "after_surgery": 2.0, "after_recalibration": 3.0}
+    assert report["recalibration_batches"] == 3 and report["ticket"] == "early_bird"
+
+
+def test_recalibrated_statistics_are_those_of_the_training_batches():
+    import copy
+
+    class Probe(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == TICKET_EPOCH + 1:  # right after the prune, before any new step
+                self.module = copy.deepcopy(pl_module)
+
+    probe = Probe()
+    fit(max_epochs=3, extra=[probe], prune_kwargs={"recalibrate_batches": 2})
+    recalibrated = probe.module.features[1].running_mean.clone()
+    pruned = probe.module.eval()  # eval: the hand computation leaves the statistics alone
+    means = []
+    handle = pruned.features[1].register_forward_hook(lambda m, i, o: means.append(i[0].mean(dim=(0, 2, 3))))
+    with torch.no_grad():
+        for i, (x, _) in enumerate(tiny_loader()):  # the first two training batches (no shuffling)
+            if i == 2:
+                break
+            pruned.features[1](pruned.features[0](x))
+    handle.remove()
+    expected = torch.stack(means).mean(0)  # equal batch sizes: the cumulative average is the plain mean
+    assert torch.allclose(recalibrated, expected, atol=1e-6)
+
+
+def test_random_ticket_control_keeps_the_same_widths():
+    _, model, eb, _, prune, _ = fit(max_epochs=3, prune_kwargs={"ticket": "random", "seed": 3})
+    kept = {name: int(m.sum()) for name, m in eb.ticket.items()}
+    assert model.features[1].num_features == kept["features.1"]
+    assert model.features[4].num_features == kept["features.4"]
+    assert prune.report["ticket"] == "random"
+    _, again, *_ = fit(max_epochs=3, prune_kwargs={"ticket": "random", "seed": 3})
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

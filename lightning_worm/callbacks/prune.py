@@ -77,7 +77,10 @@ class PruneAndFinetune(Callback):
             optimizer state then starts from zero.
         measure_latency: time inference before and after on the example input (rank zero only).
         recalibrate_batches: training batches on which BatchNorm running statistics are re-estimated right
-            after the surgery (0: off).
+            after the surgery (0: off; the default 10 lifts the accuracy right after the prune, see the
+            benchmarks).
+        recalibrate_forward: ``fn(pl_module, batch)`` runs the model on one training batch for the
+            recalibration; by default the batch itself or its first item (a tensor), else a warning.
         evaluate: ``fn(pl_module) -> float``, called before the prune, right after the surgery and after the
             recalibration (on every rank, in eval mode, without gradients); the results go in the report.
         ticket: ``"early_bird"`` prunes the tracker's ticket; ``"random"`` prunes a random ticket with the
@@ -113,8 +116,9 @@ class PruneAndFinetune(Callback):
         reset_optimizer_state: bool = False,
         reinit: bool = False,
         measure_latency: bool = True,
-        recalibrate_batches: int = 0,
+        recalibrate_batches: int = 10,
         evaluate: Callable[["pl.LightningModule"], float] | None = None,
+        recalibrate_forward: Callable[["pl.LightningModule", Any], Any] | None = None,
         ticket: Literal["early_bird", "random"] = "early_bird",
         seed: int = 0,
         report_dir: str | None = None,
@@ -131,6 +135,8 @@ class PruneAndFinetune(Callback):
         self.reinit = check_bool("reinit", reinit)
         self.measure_latency = check_bool("measure_latency", measure_latency)
         self.recalibrate_batches = check_int("recalibrate_batches", recalibrate_batches, minimum=0)
+        if recalibrate_forward is not None and not callable(recalibrate_forward):
+            raise ValueError(f"`recalibrate_forward` must be None or `fn(pl_module, batch)`, got {recalibrate_forward!r}.")
         if evaluate is not None and not callable(evaluate):
             raise ValueError(f"`evaluate` must be None or a callable `fn(pl_module) -> float`, got {evaluate!r}.")
         self.ticket = check_choice("ticket", ticket, TICKETS)
@@ -141,6 +147,7 @@ class PruneAndFinetune(Callback):
         self.early_bird: EarlyBirdCallback | None = early_bird if isinstance(early_bird, EarlyBirdCallback) else None
         self.example_input = example_input
         self.evaluate = evaluate
+        self.recalibrate_forward = recalibrate_forward
         self.report_dir = None if report_dir is None else os.fspath(report_dir)
         self.report: dict[str, Any] | None = None
         self.report_path: str | None = None
@@ -298,14 +305,23 @@ class PruneAndFinetune(Callback):
         loader = trainer.train_dataloader
         if loader is None:
             return 0
+        precision = trainer.precision_plugin
 
-        def batches() -> Any:
-            for i, batch in enumerate(loader):
-                if i == self.recalibrate_batches:
-                    return
-                yield _to_device(_first_input(batch, fallback=None, limit=None), pl_module.device)
+        def forward(model: Any, batch: Any) -> Any:
+            if self.recalibrate_forward is not None:
+                return self.recalibrate_forward(model, batch)
+            inputs = precision.convert_input(_to_device(_first_input(batch, limit=None), pl_module.device))
+            return model(inputs)
 
-        used = recalibrate_batchnorm(pl_module, batches())
+        try:
+            with precision.forward_context():  # as in training: autocast under AMP, the bf16/fp16 dtype when "true"
+                used = recalibrate_batchnorm(pl_module, loader, max_batches=self.recalibrate_batches, forward=forward)
+        except _NoInput as missing:
+            rank_zero_warn(
+                f"PruneAndFinetune: BatchNorm statistics not re-estimated: {missing} Pass `recalibrate_forward="
+                "lambda module, batch: module(batch[...])`, or `recalibrate_batches=0` to turn it off."
+            )
+            return 0
         if trainer.world_size > 1:  # every rank keeps rank 0's statistics
             buffers = {n: b.cpu() for n, b in pl_module.named_buffers()}
             for name, value in decide_on_rank_zero(trainer, buffers).items():
@@ -423,10 +439,14 @@ def _first_input(batch: Any, fallback: Any = None, limit: int | None = 2) -> Any
         return batch[0][:limit].detach()
     if fallback is not None:
         return fallback
-    raise ValueError(
+    raise _NoInput(
         f"PruneAndFinetune cannot tell the model input in a batch of type {type(batch).__name__}: "
         "pass `example_input=` (a tensor shaped like one input batch)."
     )
+
+
+class _NoInput(ValueError):
+    """The model input cannot be found in a batch."""
 
 
 def _to_device(example: Any, device: torch.device) -> Any:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from lightning_worm.core.sources.base import ChannelSource, ScoreSource
 from lightning_worm.core.sources.batchnorm import BatchNormSource
+from lightning_worm.core.sources.attention import AttentionHeadSource, AttentionQKSource
+from lightning_worm.core.sources.layernorm import LayerNormSource
 
 #: The sources selectable by name (``EarlyBirdCallback(source="batchnorm")``, YAML).
 SOURCES: dict[str, type[ScoreSource]] = {
     BatchNormSource.key: BatchNormSource,
+    AttentionQKSource.key: AttentionQKSource,
+    AttentionHeadSource.key: AttentionHeadSource,
+    LayerNormSource.key: LayerNormSource,
 }
 
 

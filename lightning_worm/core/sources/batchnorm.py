@@ -58,4 +58,4 @@ class BatchNormSource(ChannelSource):
     def prune(self, model: nn.Module, ticket: Any, example_input: Any, **options: Any) -> Any:
         from lightning_worm.core.surgery import prune_channels
 
-        return prune_channels(model, ticket, example_input, **options)
+        return prune_channels(model, ticket, example_input, source=self, **options)

@@ -1,0 +1,46 @@
+"""A 2-process CPU DDP fit (gloo) of a tiny ViT with attention-head Early-Bird + WORM (+ the head prune).
+
+Run from the repository root: ``python -m tests.ddp.fit_transformer OUT_DIR [prune]``. Each rank saves
+its masks, decisions and (pruned) weights.
+"""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from examples.vit import ViTClassifier
+from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback
+from tests.helpers import tiny_loader
+
+
+def main(out: Path, prune: bool) -> None:
+    L.seed_everything(0)
+    model = ViTClassifier(num_classes=4, image_size=8, patch_size=2, dim=16, depth=2, num_heads=4)
+    eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source="attention_heads")
+    worm = WormCallback(eb, schedule="fixed", chi=0.01)
+    callbacks = [eb, worm]
+    pruner = PruneAndFinetune(eb, measure_latency=False) if prune else None
+    callbacks += [pruner] if pruner else []
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, callbacks=callbacks, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(model, tiny_loader(n=128))
+    torch.save({
+        "world_size": trainer.world_size,
+        "distances": eb.distances,
+        "ticket_epoch": eb.ticket_epoch,
+        "ticket": None if eb.ticket is None else eb.ticket.to_dict(),
+        "mask": eb.mask.to_dict(),
+        "chi": worm.chi,
+        "pruned_epoch": pruner.pruned_epoch if pruner else None,
+        "heads": [blk.attn.num_heads for blk in model.model.blocks],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "optimizer_params": [tuple(p.shape) for g in trainer.optimizers[0].param_groups for p in g["params"]],
+    }, out / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), prune=sys.argv[2:] == ["prune"])

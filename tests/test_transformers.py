@@ -1,0 +1,442 @@
+"""Transformer sources: recognition, scores, WORM truncation, head removal, element-wise tickets, replay.
+
+Tiny models only: the example ViT, an ``nn.TransformerEncoder``, a timm-style packed ``qkv`` block, and
+random-config Hugging Face BERT and Llama models (built from a config, never downloaded).
+"""
+
+import ast
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_worm
+from examples.vit import VisionTransformer
+from lightning_worm import (
+    AttentionHeadSource,
+    AttentionQKSource,
+    GradientTruncation,
+    LayerNormSource,
+    channel_mask,
+)
+from lightning_worm.core.sources import SOURCES, resolve_source
+from lightning_worm.core.sources.attention import find_attention
+from lightning_worm.core.sources.attention_surgery import (
+    MHA_REFUSAL,
+    prune_elementwise,
+    prune_heads,
+    replay_elementwise,
+    replay_heads,
+)
+from lightning_worm.core.surgery import PruningPlan
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+def vit(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return VisionTransformer(**{"dim": 32, "depth": 2, "num_heads": 4, **kwargs}).eval()
+
+
+class Logits(nn.Module):
+    """A Hugging Face model whose forward returns plain logits (as a LightningModule would)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(ids).logits
+
+
+class LastHidden(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(ids).last_hidden_state
+
+
+def bert(seed=0, heads=4):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=heads,
+                                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    return Logits(transformers.BertForSequenceClassification(config)).eval()
+
+
+def llama(kv_heads=2):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=kv_heads, intermediate_size=64)
+    return transformers.LlamaModel(config).eval()
+
+
+class PackedAttention(nn.Module):
+    """timm's ``Attention``: one ``qkv`` Linear laid out ``[q | k | v]``, heads inside each part."""
+
+    def __init__(self, dim=16, num_heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+
+class PackedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = PackedAttention()
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x))
+
+
+def encoder():
+    torch.manual_seed(0)
+    return nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2).eval()
+
+
+def zero_heads(model, ticket, source=None):
+    """The dense twin of a head prune: the pruned heads' q/k/v rows and biases set to 0."""
+    model = copy.deepcopy(model)
+    source = source or AttentionHeadSource()
+    blocks = source.tracked(model)
+    for name, keep in ticket.items():
+        block = blocks[name]
+        for part in "qkv":
+            weight, weight_rows, bias, bias_rows, _ = block.part(part)
+            rows = ~source.row_keep(block, keep, part)
+            weight.data[weight_rows][rows] = 0.0
+            if bias is not None:
+                bias.data[bias_rows][rows] = 0.0
+    return model
+
+
+# ------------------------------------------------------------------------------------ recognition
+
+
+def test_the_library_never_imports_transformers():
+    # Static: Lightning itself imports `transformers` when it is installed, so sys.modules cannot tell.
+    root = Path(lightning_worm.__file__).parent
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "transformers" for n in names), path
+
+
+def test_sources_are_registered_by_name():
+    for key, cls in (("attention_qk", AttentionQKSource), ("attention_heads", AttentionHeadSource),
+                     ("layernorm", LayerNormSource)):
+        assert SOURCES[key] is cls and isinstance(resolve_source(key), cls)
+
+
+def test_recognises_bert_llama_packed_mha_and_the_vit():
+    b = find_attention(bert())
+    assert list(b) == [f"model.bert.encoder.layer.{i}.attention.self" for i in range(2)]
+    assert (b["model.bert.encoder.layer.0.attention.self"].num_heads, b["model.bert.encoder.layer.0.attention.self"].head_dim) == (4, 8)
+    grouped = find_attention(llama(kv_heads=2))["layers.0.self_attn"]
+    assert (grouped.layout, grouped.num_heads, grouped.num_kv_heads, grouped.group_size) == ("separate", 4, 2, 2)
+    packed = find_attention(PackedNet())["attn"]
+    assert (packed.layout, packed.num_heads, packed.head_dim) == ("packed", 4, 4)
+    mha = find_attention(encoder())
+    assert list(mha) == ["layers.0.self_attn", "layers.1.self_attn"] and mha["layers.0.self_attn"].layout == "mha"
+    assert list(find_attention(vit())) == ["blocks.0.attn", "blocks.1.attn"]
+
+
+def test_masks_are_named_and_shaped_as_the_issue_says():
+    qk = channel_mask(bert(), 0.5, source=AttentionQKSource())
+    assert list(qk) == [f"model.bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "key")]
+    assert all(m.shape == (32, 32) for m in qk.values())
+    assert list(channel_mask(PackedNet(), 0.5, source=AttentionQKSource())) == ["attn.qkv:q", "attn.qkv:k"]
+    assert list(channel_mask(encoder(), 0.5, source=AttentionQKSource()))[:2] == ["layers.0.self_attn:q",
+                                                                                   "layers.0.self_attn:k"]
+    heads = channel_mask(vit(), 0.5, source=AttentionHeadSource())
+    assert {k: tuple(v.shape) for k, v in heads.items()} == {"blocks.0.attn": (4,), "blocks.1.attn": (4,)}
+    assert channel_mask(llama(), 0.5, source=AttentionHeadSource())["layers.0.self_attn"].shape == (2,)  # kv groups
+    ln = channel_mask(vit(), 0.5, source=LayerNormSource())
+    assert list(ln) == ["blocks.0.norm1", "blocks.0.norm2", "blocks.1.norm1", "blocks.1.norm2", "norm"]
+
+
+class Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wq, self.wk, self.wv = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+
+class CustomNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix = Custom()
+
+
+def test_user_named_modules_and_projections():
+    assert AttentionHeadSource().tracked(CustomNet()) == {}
+    source = AttentionHeadSource(modules=["mix"], projections=("wq", "wk", "wv"))
+    assert source.skipped(CustomNet()) == {"mix": "head count not found: pass `num_heads=` to the source"}
+    source = AttentionHeadSource(modules=["mix"], projections=("wq", "wk", "wv"), num_heads=2)
+    assert source.count(source.tracked(CustomNet())["mix"]) == 2
+    with pytest.raises(ValueError, match="lacks"):
+        AttentionQKSource(modules=["nope"]).tracked(CustomNet())
+    with pytest.raises(ValueError, match="projections="):
+        AttentionQKSource(modules=["mix"]).tracked(CustomNet())
+    with pytest.raises(ValueError, match="3 names"):
+        AttentionQKSource(projections=("a", "b"))
+
+
+def test_setup_summary_says_what_is_tracked():
+    model = vit()
+    model.blocks[1].attn.k_proj.weight.requires_grad_(False)
+    line = AttentionQKSource().summary(model)
+    assert line.startswith("tracking 3072 units (element-wise |W| of every self-attention query and key")
+    assert "blocks.1.attn.k_proj (weight frozen" in line
+
+
+# ------------------------------------------------------------------------ the reference's three bugs
+
+
+def test_query_mask_is_the_querys_own_not_the_keys():
+    """Reference bug 1: the query mask was overwritten by the key mask."""
+    model = vit()
+    with torch.no_grad():
+        model.blocks[0].attn.k_proj.weight.copy_(-model.blocks[0].attn.q_proj.weight.flip(0))  # same values, elsewhere
+    mask = channel_mask(model, 0.5, source=AttentionQKSource())
+    scores = torch.cat([AttentionQKSource().scores(h).reshape(-1) for h in AttentionQKSource().tracked(model).values()])
+    threshold = scores.kthvalue(scores.numel() // 2).values
+    for name, entry in AttentionQKSource().tracked(model).items():
+        own = entry.block.weight(entry.part).abs() > threshold
+        assert torch.equal(mask[name], own), name
+    q, k = mask["blocks.0.attn.q_proj"], mask["blocks.0.attn.k_proj"]
+    assert not torch.equal(q, k) and torch.equal(q, k.flip(0))
+
+
+@pytest.mark.parametrize("model_fn", [vit, PackedNet, encoder, bert], ids=["separate", "packed", "mha", "bert"])
+def test_elementwise_truncation_touches_exactly_the_masked_qk_entries(model_fn):
+    """Reference bug 2: its hooks scaled every parameter of the attention module by a wrong-shaped mask."""
+    model = model_fn()
+    source = AttentionQKSource()
+    mask = channel_mask(model, 0.5, source=source)
+    truncation = GradientTruncation(model, source)
+    truncation.set(mask, chi=0.25)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    truncation.apply()
+    expected = {id(p): torch.ones_like(p) for p in model.parameters()}
+    for name, entry in source.tracked(model).items():
+        weight, rows, _, _, _ = entry.block.part(entry.part)
+        expected[id(weight)][rows] = torch.where(mask[name], 1.0, 0.25)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, expected[id(p)]), name
+    assert truncation.truncated_channels == mask.total - mask.kept
+
+
+def test_head_truncation_scales_the_heads_qkv_rows_and_nothing_else():
+    model = vit()
+    source = AttentionHeadSource()
+    keep = {"blocks.0.attn": torch.tensor([True, False, True, True]), "blocks.1.attn": torch.ones(4, dtype=torch.bool)}
+    truncation = GradientTruncation(model, source)
+    truncation.set(keep, chi=0.5)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    truncation.apply()
+    attn = model.blocks[0].attn
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+        assert torch.equal(proj.weight.grad[8:16], torch.full((8, 32), 0.5))
+        assert torch.equal(proj.bias.grad[8:16], torch.full((8,), 0.5))
+        assert proj.weight.grad.sum() == 32 * 32 - 8 * 32 * 0.5
+    touched = {id(p) for proj in (attn.q_proj, attn.k_proj, attn.v_proj) for p in proj.parameters()}
+    for name, p in model.named_parameters():
+        if id(p) not in touched:
+            assert torch.equal(p.grad, torch.ones_like(p)), name
+
+
+def test_grouped_query_head_truncation_scales_whole_groups():
+    model = llama(kv_heads=2)
+    source = AttentionHeadSource()
+    truncation = GradientTruncation(model, source)
+    truncation.set({"layers.0.self_attn": torch.tensor([False, True])}, chi=0.0)
+    attn = model.layers[0].self_attn
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    truncation.apply()
+    assert attn.q_proj.weight.grad[:16].eq(0).all() and attn.q_proj.weight.grad[16:].eq(1).all()  # 2 query heads
+    for proj in (attn.k_proj, attn.v_proj):
+        assert proj.weight.grad[:8].eq(0).all() and proj.weight.grad[8:].eq(1).all()
+    assert attn.o_proj.weight.grad.eq(1).all()
+
+
+def test_final_prune_honours_the_ticket():
+    """Reference bug 3: its final step was 50 % unstructured L1 on every Linear, ignoring the ticket."""
+    model = vit()
+    source = AttentionQKSource()
+    ticket = channel_mask(model, 0.5, source=source)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.warns(UserWarning, match="saves no time and no memory"):
+        report = prune_elementwise(model, ticket, source, measure_latency=False)
+    for name, entry in source.tracked(model).items():
+        linear = entry.block.linear(entry.part)
+        assert torch.equal(linear.weight == 0, ~ticket[name]), name
+    untouched = [n for n in before if not n.endswith(("q_proj.weight", "k_proj.weight"))]
+    now = dict(model.named_parameters())
+    assert all(torch.equal(now[n], before[n]) for n in untouched)  # values, biases, MLPs, head: as they were
+    assert report.ticket_pruned == report.pruned_from_ticket == ticket.total - ticket.kept
+    assert report.params_after == report.params_before  # nothing removed: no time saved
+
+    heads = vit()
+    head_ticket = {"blocks.0.attn": torch.tensor([True, False, True, False]),
+                   "blocks.1.attn": torch.tensor([True, True, False, True])}
+    report = prune_heads(heads, head_ticket, measure_latency=False)
+    assert report.channels_after == {"blocks.0.attn": 2, "blocks.1.attn": 3}
+    assert report.plan.pruned_groups == [["blocks.0.attn", [1, 3], "blocks.0.attn.out_proj"],
+                                         ["blocks.1.attn", [2], "blocks.1.attn.out_proj"]]
+
+
+# ----------------------------------------------------------------------------- physical head removal
+
+
+@pytest.mark.parametrize("case", ["vit", "packed", "bert", "llama-gqa"])
+def test_removing_heads_equals_zeroing_them_to_the_bit(case):
+    if case == "vit":
+        model, x = vit(), torch.randn(2, 3, 32, 32)
+        ticket = {"blocks.0.attn": torch.tensor([True, False, True, False]),
+                  "blocks.1.attn": torch.tensor([False, True, True, True])}
+    elif case == "packed":
+        model, x = PackedNet().eval(), torch.randn(2, 5, 16)
+        ticket = {"attn": torch.tensor([False, True, True, False])}
+    elif case == "bert":
+        model, x = bert(), torch.randint(0, 50, (2, 10))
+        ticket = {"model.bert.encoder.layer.0.attention.self": torch.tensor([True, False, True, False]),
+                  "model.bert.encoder.layer.1.attention.self": torch.tensor([False, False, False, True])}
+    else:  # grouped-query attention with rotary embeddings: a unit is a key/value head and its 2 query heads
+        model, x = LastHidden(llama(kv_heads=2)), torch.randint(0, 50, (2, 10))
+        ticket = {"model.layers.0.self_attn": torch.tensor([False, True])}
+    expected = zero_heads(model, ticket)(x)
+    report = prune_heads(model, ticket, example_input=x, measure_latency=False)
+    if case == "llama-gqa":  # the same computation; its attention kernel rounds differently with fewer heads
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(model(x), expected)
+    assert report.params_after < report.params_before and report.flops_after < report.flops_before
+    kept = {n: int(m.sum()) for n, m in ticket.items()}
+    assert report.channels_after == kept
+    for name, block in AttentionHeadSource().tracked(model).items():
+        assert block.num_kv_heads == kept[name] and block.num_heads == kept[name] * block.group_size
+
+
+def test_bert_head_prune_fixes_the_modules_sizes_and_finds_the_output_projection():
+    model, ids = bert(), torch.randint(0, 50, (2, 10))
+    name = "model.bert.encoder.layer.0.attention.self"
+    report = prune_heads(model, {name: torch.tensor([True, False, False, True])}, example_input=ids,
+                         measure_latency=False)
+    attention = model.model.bert.encoder.layer[0].attention
+    assert (attention.self.num_attention_heads, attention.self.all_head_size) == (2, 16)
+    assert attention.self.query.out_features == attention.output.dense.in_features == 16
+    assert report.plan.pruned_groups[0][2] == "model.bert.encoder.layer.0.attention.output.dense"
+    assert report.kept_indices[f"{name}.query.weight"][0].tolist() == list(range(8)) + list(range(24, 32))
+
+
+def test_a_block_keeps_its_best_head_and_round_to():
+    model = vit()
+    scores = AttentionHeadSource().scores(AttentionHeadSource().tracked(model)["blocks.0.attn"])
+    report = prune_heads(model, {"blocks.0.attn": torch.zeros(4, dtype=torch.bool)}, measure_latency=False)
+    assert report.channels_after["blocks.0.attn"] == 1 and report.kept_for_min_channels == 1
+    assert report.kept_indices["blocks.0.attn.q_proj.weight"][0].tolist() == list(
+        range(8 * int(scores.argmax()), 8 * int(scores.argmax()) + 8))
+    report = prune_heads(vit(), {"blocks.0.attn": torch.tensor([True, False, False, False])}, round_to=2,
+                         measure_latency=False)
+    assert report.channels_after["blocks.0.attn"] == 2 and report.kept_for_round_to == 1
+
+
+def test_plan_replays_bit_identically_and_refuses_what_does_not_fit():
+    model, x = vit(), torch.randn(2, 3, 32, 32)
+    report = prune_heads(model, {"blocks.0.attn": torch.tensor([True, False, True, False])}, measure_latency=False)
+    plan = PruningPlan.from_dict(report.plan.to_dict())
+    fresh = vit(seed=1)
+    kept = replay_heads(fresh, plan)
+    assert kept.keys() == report.kept_indices.keys()
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh.eval()(x), model(x))
+    with pytest.raises(ValueError, match="already pruned"):
+        replay_heads(fresh, plan)
+    with pytest.raises(ValueError, match="lacks or does not recognise"):
+        replay_heads(vit(depth=1), plan)
+
+
+def test_apply_plan_dispatches_head_and_elementwise_plans():
+    from lightning_worm import apply_plan
+
+    model, x = vit(), torch.randn(2, 3, 32, 32)
+    report = prune_heads(model, {"blocks.1.attn": torch.tensor([False, True, True, True])}, measure_latency=False)
+    assert report.plan.kind == "heads"
+    fresh = vit(seed=3)
+    apply_plan(fresh, report.plan.to_dict())
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh.eval()(x), model(x))
+    dense = vit()
+    with pytest.warns(UserWarning, match="saves no time"):
+        report = prune_elementwise(dense, channel_mask(dense, 0.5, source=AttentionQKSource()), measure_latency=False)
+    assert report.plan.kind == "elementwise"
+    fresh = vit(seed=3)
+    apply_plan(fresh, report.plan.to_dict())
+    fresh.load_state_dict(dense.state_dict())
+    assert torch.equal(fresh.eval()(x), dense(x))
+
+
+def test_multihead_attention_heads_cannot_be_removed():
+    model = encoder()
+    with pytest.raises(NotImplementedError, match="AttentionQKSource") as error:
+        AttentionHeadSource().prune(model, {"layers.0.self_attn": torch.tensor([True, False, True, True])})
+    assert str(error.value) == MHA_REFUSAL
+
+
+def test_layernorm_prune_is_refused_with_what_to_use_instead():
+    with pytest.raises(NotImplementedError, match="AttentionHeadSource"):
+        LayerNormSource().prune(vit(), channel_mask(vit(), 0.5, source=LayerNormSource()))
+
+
+def test_bad_head_tickets_are_refused():
+    with pytest.raises(ValueError, match="empty"):
+        prune_heads(vit(), {})
+    with pytest.raises(ValueError, match="not tracked attention blocks"):
+        prune_heads(vit(), {"blocks.0": torch.ones(4, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="has 3 heads"):
+        prune_heads(vit(), {"blocks.0.attn": torch.ones(3, dtype=torch.bool)})
+
+
+# ------------------------------------------------------------------------------------ element-wise
+
+
+@pytest.mark.parametrize("model_fn", [vit, PackedNet, encoder], ids=["separate", "packed", "mha"])
+def test_elementwise_ticket_survives_training_and_reloads_through_the_plan(model_fn):
+    model = model_fn()
+    x = torch.randn(2, 5, 16) if model_fn is not vit else torch.randn(2, 3, 32, 32)
+    source = AttentionQKSource()
+    ticket = channel_mask(model, 0.5, source=source)
+    with pytest.warns(UserWarning, match="saves no time"):
+        report = prune_elementwise(model, ticket, source, measure_latency=False)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(x).sum().backward()
+    optimizer.step()
+    model.eval()
+    for name, entry in source.tracked(model).items():
+        assert entry.block.weight(entry.part)[~ticket[name]].eq(0).all(), name  # still exact zeros
+    fresh = model_fn()
+    replay_elementwise(fresh, PruningPlan.from_dict(report.plan.to_dict()))
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh.eval()(x), model(x))

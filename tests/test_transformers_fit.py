@@ -1,0 +1,105 @@
+"""The three callbacks on a transformer: attention-head search with WORM, the prune mid-fit, checkpoints."""
+
+import math
+
+import pytest
+import torch
+
+from examples.vit import ViTClassifier
+from lightning_worm import AttentionHeadSource, AttentionQKSource, EarlyBirdCallback, PruneAndFinetune, WormCallback
+from tests.helpers import tiny_loader, trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+def tiny_vit(**kwargs):
+    torch.manual_seed(0)
+    return ViTClassifier(**{"num_classes": 4, "image_size": 8, "patch_size": 2, "dim": 16, "depth": 2,
+                            "num_heads": 4, "lr": 3e-3, **kwargs})
+
+
+def test_head_search_with_two_stage_worm(tmp_path, lightning_info):
+    model = tiny_vit()
+    eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=0.5, source="attention_heads",
+                           accept_first_window=False)
+    worm = WormCallback(eb, schedule="two_stage")
+    t = trainer(tmp_path, callbacks=[eb, worm], max_epochs=4)
+    t.fit(model, tiny_loader())
+    assert "tracking 8 units (self-attention heads" in lightning_info.text
+    assert {k: tuple(v.shape) for k, v in eb.mask.items()} == {"model.blocks.0.attn": (4,), "model.blocks.1.attn": (4,)}
+    assert eb.mask.kept == 4
+    assert math.isnan(eb.distances[0]) and not math.isnan(eb.distances[1])
+    assert eb.ticket_epoch is None or eb.ticket_epoch >= 2  # never at the first full window
+    mean = eb.mean_distances[-1]
+    assert worm.chi == pytest.approx(0.01 if mean < 0.015 else min(mean, 1.0))
+    assert worm.truncated_channels == (4 if worm.chi < 1.0 else 0)
+
+
+def test_elementwise_search_state_round_trips(tmp_path):
+    model = tiny_vit()
+    eb = EarlyBirdCallback(prune_ratio=0.5, window=3, threshold=0.01, source=AttentionQKSource(),
+                           accept_first_window=False)
+    t = trainer(tmp_path, callbacks=[eb, WormCallback(eb, schedule="two_stage")], max_epochs=3)
+    t.fit(model, tiny_loader())
+    assert list(eb.mask) == [f"model.blocks.{i}.attn.{p}_proj" for i in range(2) for p in "qk"]
+    assert eb.mask.total == 4 * 16 * 16
+    again = EarlyBirdCallback(prune_ratio=0.5, window=3, threshold=0.01, source=AttentionQKSource(),
+                              accept_first_window=False)
+    again.load_state_dict(eb.state_dict())
+    assert torch.equal(again.mask.flat, eb.mask.flat) and again.distances[1:] == eb.distances[1:]
+
+
+def prune_fit(tmp_path, max_epochs=4):
+    model = tiny_vit()
+    eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source=AttentionHeadSource())
+    prune = PruneAndFinetune(eb, measure_latency=False)
+    t = trainer(tmp_path, callbacks=[eb, WormCallback(eb, schedule="fixed", chi=0.01), prune], max_epochs=max_epochs)
+    t.fit(model, tiny_loader())
+    return t, model, eb, prune
+
+
+def test_prune_and_finetune_removes_heads_mid_fit_and_slices_adam_state(tmp_path):
+    t, model, eb, prune = prune_fit(tmp_path)
+    kept = {n: int(m.sum()) for n, m in eb.ticket.items()}
+    for name, count in kept.items():
+        attn = model.get_submodule(name)
+        assert attn.num_heads == count and attn.q_proj.out_features == attn.out_proj.in_features == 4 * count
+    assert prune.pruned_epoch == 1 and t.current_epoch == 4
+    state = t.optimizers[0].state
+    for name, p in model.named_parameters():
+        assert state[p]["exp_avg"].shape == p.shape, name  # Adam moments sliced with the heads
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 4)
+
+
+def test_pruned_checkpoint_reloads_bit_identically(tmp_path):
+    from lightning_worm import load_pruned
+
+    t, model, eb, prune = prune_fit(tmp_path, max_epochs=3)
+    path = tmp_path / "pruned.ckpt"
+    t.save_checkpoint(path)
+    loaded = load_pruned(ViTClassifier, path)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded(x), model.eval()(x))
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # the resumed fit saves nothing
+def test_resume_mid_search_equals_the_uninterrupted_fit(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(max_epochs, ckpt_path=None, checkpoint=None):
+        model = tiny_vit()
+        eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=0.0, source="attention_qk",
+                               accept_first_window=False)
+        worm = WormCallback(eb, schedule="two_stage")
+        extra = [checkpoint] if checkpoint else []
+        t = trainer(tmp_path, callbacks=[eb, worm, *extra], max_epochs=max_epochs,
+                    enable_checkpointing=bool(checkpoint))
+        t.fit(model, tiny_loader(), ckpt_path=ckpt_path)
+        return model, eb, worm
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    full, eb_full, worm_full = fit(4, checkpoint=saver)
+    resumed, eb_resumed, worm_resumed = fit(4, ckpt_path=tmp_path / "ckpt" / "epoch=1.ckpt")
+    assert torch.equal(eb_resumed.mask.flat, eb_full.mask.flat)
+    assert eb_resumed.distances[2:] == eb_full.distances[2:] and worm_resumed.chi == worm_full.chi < 1.0
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
