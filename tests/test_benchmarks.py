@@ -79,8 +79,9 @@ def test_reach_recovery_and_verdicts():
     assert claims.target(Settings(target_drop=0.005), dict(curve=curve)) == pytest.approx(0.845)
     assert ticket.verdict(0.7, 0.8, at_most=True) == "met"
     assert "NOT MET" in ticket.verdict(0.9, 0.8, at_most=True)
-    assert "NOT MET" in ticket.verdict(None, 0.8, at_most=False)
+    assert ticket.verdict(None, 0.8, at_most=False, missing="no ticket") == "**NOT MET** (no ticket)"
     assert ticket.fmt([1.0, None, 3.0], 1) == "2.0 [1.0, 3.0] (1 of 3 none)"
+    assert ticket.fmt([None, None]) == "none" and ticket.fmt([]) == "n/a"
 
 
 @pytest.mark.slow
@@ -131,7 +132,7 @@ def test_markdown_table():
 def test_presets():
     assert Settings.preset("quick", "cpu").mode == "quick"
     full = Settings.preset("full", "cpu")
-    assert len(full.seeds) >= 5 and full.data == "mnist1d" and full.recipes == ("earlybird", "worm")
+    assert len(full.seeds) >= 5 and full.data == "mnist1d" and full.recipes == ("earlybird", "worm", "earlybird_sparse")
     assert Settings.preset("quick", "cpu", data="digits").arch == "vgg11_bn"
     with pytest.raises(ValueError, match="Unknown mode"):
         Settings.preset("huge", "cpu")

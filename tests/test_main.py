@@ -165,7 +165,7 @@ def test_every_config_parses_and_builds(config):
     assert EarlyBirdCallback in kinds and PruneAndFinetune in kinds
     assert (WormCallback in kinds) == (config != "plain_earlybird.yaml")
     eb = cli.early_bird
-    assert (eb.prune_ratio, eb.window, eb.threshold) == (0.5, 5, 0.1)  # the papers' settings everywhere
+    assert (eb.prune_ratio, eb.window, eb.threshold) == (0.5, 5, 0.1)  # the papers' search settings everywhere
     if "cifar10" in config:
         assert type(cli.datamodule).__name__ == "CIFAR10DataModule" and cli.trainer.max_epochs == 160
         assert cli.model.hparams.width == 1.0

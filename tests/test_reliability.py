@@ -221,3 +221,32 @@ def test_resuming_from_a_corrupt_last_checkpoint_offers_the_fallback(tmp_path):
     assert fallback is not None and fallback.name.startswith("epoch=1")
     with pytest.raises(ValueError, match=rf"Cannot resume from the checkpoint .*last\.ckpt.*{fallback.name}"):
         fit(tmp_path / "a", max_epochs=4, ckpt_path=str(last))
+
+
+def test_resuming_with_last_names_the_corrupt_file_and_the_fallback(tmp_path):
+    def checkpoints():
+        return [ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=-1, every_n_epochs=1)]
+
+    fit(tmp_path, max_epochs=2, extra=checkpoints(), enable_checkpointing=True)
+    last = tmp_path / "last.ckpt"
+    last.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"Cannot resume from the checkpoint .*last\.ckpt.*newest loadable.*epoch=1"):
+        fit(tmp_path, max_epochs=4, extra=checkpoints(), enable_checkpointing=True, ckpt_path="last")
+
+
+def test_a_subclass_of_prune_and_finetune_is_found_by_load_pruned(tmp_path):
+    class MyPrune(PruneAndFinetune):
+        pass
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, verbose=False)
+    t = trainer(tmp_path, callbacks=[eb, MyPrune(measure_latency=False)], max_epochs=3)
+    t.fit(model, tiny_loader())
+    t.save_checkpoint(tmp_path / "pruned.ckpt")
+    checkpoint = torch.load(tmp_path / "pruned.ckpt", weights_only=False)
+    del checkpoint["lightning_worm"]  # only the callback state: found by its owner mark, not its class name
+    torch.save(checkpoint, tmp_path / "callback-state-only.ckpt")
+    loaded = load_pruned(TinyNet, tmp_path / "callback-state-only.ckpt")
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded(x), model.eval()(x))

@@ -139,11 +139,13 @@ class Settings:
         base = cls(mode=mode, accelerator=accelerator, threads=threads, workers=workers)
         if mode == "quick":
             s = replace(base, seeds=(0, 1, 2), epochs=24, slimming_finetune_epochs=12)
+            s = replace(s, recipes=("earlybird", "worm", "earlybird_sparse"))
         elif mode == "full":
             s = replace(
                 base, overhead_batch=32, overhead_steps=20, overhead_rounds=5,
                 mask_repeats=51, latency_masked_ratios=(0.3, 0.5, 0.7), latency_rounds=7, latency_repeats=3,
                 seeds=(0, 1, 2, 3, 4), epochs=40, slimming_finetune_epochs=20,
+                recipes=("earlybird", "worm", "earlybird_sparse"),
             )
         elif mode == "tiny":
             s = replace(
@@ -535,6 +537,13 @@ def environment_markdown(env: Mapping[str, Any]) -> str:
             ("load_average_1min", "Load average at start (1 min)"),
             ("load_average_1min_end", "Load average at end (1 min)")]
     return markdown_table(["", ""], [(label, env.get(k) if env.get(k) is not None else "none") for k, label in keys])
+
+
+def run_threads(settings: Settings) -> str:
+    """How the training runs of the claims use the CPU, for the tables' captions."""
+    if settings.workers > 1:
+        return f"{settings.workers} runs in parallel, one torch thread each"
+    return f"one run at a time, {settings.threads} torch thread(s)"
 
 
 def device_name(settings: Settings) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from examples.benchmarks import claims
 from examples.benchmarks.common import (
-    DATA_NAMES, Section, Settings, device_name, markdown_table, new_figure, save_figure,
+    DATA_NAMES, Section, Settings, device_name, markdown_table, new_figure, run_threads, save_figure,
 )
 from examples.benchmarks.ticket import fmt, median, verdict
 
@@ -68,10 +68,9 @@ def _section(settings: Settings, recipe_name: str, per: dict[str, list[dict[str,
         hits = reached[method]
         pts: list[Optional[dict[str, Any]]] = [h["reached"] for h in hits]
         never = sum(p is None for p in pts)
-        note = f" ({never} of {len(pts)} never)" if never else ""
         rows.append([
             claims.LABELS[method], fmt([h["target"] for h in hits], 1, 100),
-            fmt([None if p is None else p["epoch"] + 1 for p in pts], 0) + note,
+            fmt([None if p is None else p["epoch"] + 1 for p in pts], 0),
             fmt([None if p is None else p["train_flops"] / 1e9 for p in pts], 2),
             fmt([h["flops_ratio"] for h in hits], 2), fmt([None if p is None else p["seconds"] for p in pts], 1),
             fmt([h["time_ratio"] for h in hits], 2), fmt([h["total_flops_ratio"] for h in hits], 2),
@@ -83,9 +82,12 @@ def _section(settings: Settings, recipe_name: str, per: dict[str, list[dict[str,
             # A seed that never reaches the target counts as missing the goal.
             values = [float("inf") if h["flops_ratio"] is None else h["flops_ratio"] for h in hits]
             m = median(values)
-            shown = "n/a" if m is None else ("never (median)" if m == float("inf") else f"{m:.2f}x (median)")
-            goal_rows.append([f"training FLOPs to the target <= {GOAL_FLOPS}x dense's", claims.LABELS[method],
-                              shown + note, verdict(None if m == float("inf") else m, GOAL_FLOPS, at_most=True)])
+            shown = "target never reached (median)" if m is None or m == float("inf") else f"{m:.2f}x (median)"
+            if never:
+                shown += f"; {never} of {len(pts)} seeds never reached it"
+            goal_rows.append([f"training FLOPs to the target <= {GOAL_FLOPS}x dense's", claims.LABELS[method], shown,
+                              verdict(None if m == float("inf") else m, GOAL_FLOPS, at_most=True,
+                                      missing="the target was never reached")])
     table = markdown_table(
         ["method", "target val acc %", "epochs to target", "training GFLOPs to target", "vs dense",
          "wall s to target", "vs dense", "total training FLOPs vs dense", "final test acc %", "params",
@@ -95,15 +97,15 @@ def _section(settings: Settings, recipe_name: str, per: dict[str, list[dict[str,
         f"{DATA_NAMES[settings.data]}; {settings.arch} width {settings.width:g}, batch {settings.batch}, "
         f"{recipe.describe()} ({recipe.source}); {settings.epochs} epochs (network slimming: + "
         f"{settings.slimming_finetune_epochs} fine-tuning epochs after its prune), p = {settings.prune_ratio}, seeds "
-        f"{', '.join(map(str, settings.seeds))}, {settings.workers} run(s) in parallel on {device_name(settings)} "
-        f"(one torch thread each). Target: the dense run's final validation accuracy minus "
+        f"{', '.join(map(str, settings.seeds))}, on {device_name(settings)} "
+        f"({run_threads(settings)}). Target: the dense run's final validation accuracy minus "
         f"{100 * settings.target_drop:g} point (same seed); a pruning method counts only once its pruned model "
         "reaches it. Wall time includes validation, the prune and the re-calibration (not the extra evaluations of "
         "the measurement); training FLOPs are 3 x forward FLOPs per example (FlopCounterMode) x examples, with the "
         "pruned model's FLOPs after the prune, plus the re-calibration's forward passes. \"vs dense\": median of "
         "per-seed ratios to the dense run of the same seed. Latency: the final model, eval mode, batch 64, "
-        "`torch.utils.benchmark` on one thread (median; runs in parallel share the machine). Medians [min, max] "
-        "over seeds.\n\n**Goals vs measured.**\n\n" + goals + "\n\n" + table + "\n"
+        "`torch.utils.benchmark` with the run's threads (median; runs in parallel share the machine). "
+        "Medians [min, max] over seeds.\n\n**Goals vs measured.**\n\n" + goals + "\n\n" + table + "\n"
     )
     figure = _plot(per, out_dir / "end_to_end.png", settings)
     data = {m: [dict({k: v for k, v in r.items() if k != "curve"}, **{k: v for k, v in h.items() if k != "reached"},

@@ -55,6 +55,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--data", choices=("mnist1d", "digits", "cifar10"), default="mnist1d",
                         help="task of the ticket and end-to-end benchmarks (mnist1d: generated offline by the "
                              "`mnist1d` package; cifar10 needs --data-dir)")
+    parser.add_argument("--recipes", default=None,
+                        help="comma-separated training recipes of the ticket and end-to-end benchmarks (the first runs "
+                             "every method to the end, the others the search up to the prune): earlybird, worm, "
+                             "earlybird_sparse (default: all three)")
     parser.add_argument("--workers", type=int, default=None,
                         help="training runs in parallel for the ticket and end-to-end benchmarks, one process and "
                              "one torch thread each (default: the usable cores, at most 4; 1 on a GPU)")
@@ -81,6 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Section]:
     overrides: dict[str, Any] = dict(data=args.data, data_dir=args.data_dir)
     if args.threads is not None:
         overrides["threads"] = args.threads
+    if args.recipes is not None:
+        overrides["recipes"] = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
     if args.workers is not None:
         if args.workers < 1:
             raise ValueError(f"`--workers` must be at least 1, got {args.workers}.")

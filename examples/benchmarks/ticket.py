@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from examples.benchmarks import claims
 from examples.benchmarks.common import (
-    DATA_NAMES, Section, Settings, Spread, device_name, markdown_table, new_figure, save_figure,
+    DATA_NAMES, Section, Settings, Spread, device_name, markdown_table, new_figure, run_threads, save_figure,
 )
 
 #: The goals of issue 9 that this section measures.
@@ -45,6 +45,8 @@ def search_epochs(run: dict[str, Any]) -> Optional[int]:
 def fmt(values: list[Optional[float]], digits: int = 3, scale: float = 1.0) -> str:
     """``median [min, max]`` of the values that exist, with ``(k of n none)`` when some do not."""
     found = [v for v in values if v is not None]
+    if not found:
+        return "none" if values else "n/a"
     text = Spread.of(found).fmt(digits, scale=scale, spread="range")
     return text if len(found) == len(values) else f"{text} ({len(values) - len(found)} of {len(values)} none)"
 
@@ -64,9 +66,10 @@ def median(values: list[Optional[float]]) -> Optional[float]:
     return statistics.median(found) if found else None
 
 
-def verdict(value: Optional[float], goal: float, at_most: bool) -> str:
+def verdict(value: Optional[float], goal: float, at_most: bool, missing: str = "nothing to measure") -> str:
+    """``met`` or ``**NOT MET**``; a missing value (no ticket, target never reached) is not met, with ``missing``."""
     if value is None:
-        return "**NOT MET** (not measured: no value)"
+        return f"**NOT MET** ({missing})"
     met = value <= goal if at_most else value >= goal
     return "met" if met else "**NOT MET**"
 
@@ -87,22 +90,20 @@ def _section(settings: Settings, runs: dict[str, dict[str, list[dict[str, Any]]]
                 continue
             targets = {d["seed"]: claims.target(settings, d) for d in dense} if full else {}
             recov = [claims.recovery_epochs(r, targets[r["seed"]]) if r["seed"] in targets else None for r in rs]
-            vs_dense: list[Optional[float]] = [None] * len(rs)
-            if full:  # the denominator is the dense run's final validation accuracy
-                dense_final = {d["seed"]: d["curve"][-1]["val_acc"] for d in dense}
-                vs_dense = [None if r["acc_after_recal"] is None else r["acc_after_recal"] / dense_final[r["seed"]]
-                            for r in rs]
+            # the denominator: the dense run's final validation accuracy (the first recipe's dense run, same seed)
+            dense_final = {d["seed"]: d["curve"][-1]["val_acc"] for d in dense}
+            vs_dense = [None if r["acc_after_recal"] is None or r["seed"] not in dense_final
+                        else r["acc_after_recal"] / dense_final[r["seed"]] for r in rs]
             ticket_ratio = (ratios(rs, eb, search_epochs)
                             if method.startswith("worm") else [None] * len(rs))
             forced = sum(r["forced"] for r in rs)
-            never = sum(r["pruned_epoch"] is None for r in rs)
             rows.append([
                 claims.LABELS[method],
                 fmt([search_epochs(r) for r in rs], 1) + (f" ({forced} forced at the cap)" if forced else ""),
                 fmt(ticket_ratio, 2) if method.startswith("worm") else "",
                 fmt([r["acc_before"] for r in rs], 1, 100), fmt([r["acc_after"] for r in rs], 1, 100),
                 fmt([r["acc_after_recal"] for r in rs], 1, 100),
-                fmt(vs_dense, 2) if full else "",
+                fmt(vs_dense, 2),
                 (fmt(recov, 0) if full else ""),
                 fmt([r.get("test_acc") for r in rs], 1, 100) if full else "",
             ])
@@ -110,31 +111,30 @@ def _section(settings: Settings, runs: dict[str, dict[str, list[dict[str, Any]]]
                 m = median(ticket_ratio)
                 goal_rows.append([f"WORM ticket <= {GOAL_TICKET}x Early-Bird's (search epochs)",
                                   f"{claims.LABELS[method]}, {recipe.label}",
-                                  "n/a" if m is None else f"{m:.2f}x (median of per-seed ratios)",
-                                  verdict(m, GOAL_TICKET, at_most=True)])
-            if full and method != "random":
+                                  "no ticket" if m is None else f"{m:.2f}x (median of per-seed ratios)",
+                                  verdict(m, GOAL_TICKET, at_most=True, missing="no ticket")])
+            if method != "random" and dense:
                 m = median(vs_dense)
                 goal_rows.append([f"re-calibrated accuracy right after the prune >= {GOAL_RECAL}x dense",
                                   f"{claims.LABELS[method]}, {recipe.label}",
-                                  "n/a" if m is None else f"{m:.2f}x the dense final val acc (median)",
-                                  verdict(m, GOAL_RECAL, at_most=False)])
+                                  "never pruned" if m is None else f"{m:.2f}x the dense final val acc (median)",
+                                  verdict(m, GOAL_RECAL, at_most=False, missing="never pruned")])
             for r, rec in zip(rs, recov):
                 seed_rows.append([recipe_name, claims.LABELS[method], r["seed"], r["ticket_epoch"], r["pruned_epoch"],
                                   "yes" if r["forced"] else "", _pct(r["acc_before"]), _pct(r["acc_after"]),
                                   _pct(r["acc_after_recal"]), "" if rec is None else rec, _pct(r.get("test_acc"))])
-            if never:
-                rows[-1][1] += f" ({never} of {len(rs)} never pruned)"
         header = ["method", "epochs to the prune", "vs Early-Bird", "val acc before prune %",
-                  "right after surgery %", "after BN re-calibration %"]
+                  "right after surgery %", "after BN re-calibration %", "re-calibrated / dense final"]
         if full:
-            header += ["re-calibrated / dense final", "epochs to recover", "final test acc %"]
+            header += ["epochs to recover", "final test acc %"]
             dense_row = ["dense (no prune)", "", "", "", "", "", "",
                          "", fmt([d.get("test_acc") for d in dense], 1, 100)]
             body = markdown_table(header, [dense_row, *rows])
         else:
-            body = markdown_table(header, [row[:6] for row in rows])
+            body = markdown_table(header, [row[:7] for row in rows])
         scope = ("every method to the end of training" if full else
-                 "the search methods up to the prune only (no fine-tuning)")
+                 "the search methods up to the prune only (no fine-tuning; \"dense final\": the dense run of "
+                 f"{claims.RECIPES[first].label}, same seed)")
         tables.append(f"#### {recipe.label[0].upper() + recipe.label[1:]}\n\n{recipe.describe(label=False)} "
                       f"({recipe.source}); {scope}.\n\n{body}")
         by_method = {row[0]: row for row in rows}
@@ -152,7 +152,7 @@ def _section(settings: Settings, runs: dict[str, dict[str, list[dict[str, Any]]]
     md = (
         f"{DATA_NAMES[settings.data]}; {settings.arch} width {settings.width:g}, batch {settings.batch}, "
         f"{settings.epochs} epochs per run, seeds {', '.join(map(str, settings.seeds))} (the data split is the "
-        f"same for all), on {device_name(settings)}, {settings.workers} run(s) in parallel (one torch thread each). "
+        f"same for all), on {device_name(settings)} ({run_threads(settings)}). "
         f"p = {settings.prune_ratio}, window {settings.window}, threshold {settings.threshold}, chi {claims.CHI}, "
         f"elbow {claims.ELBOW}; the recipe's sparsity for the search (network slimming: the recipe's, or "
         f"{claims.SLIMMING_SPARSITY:g} where it has none). \"Epochs to the prune\" counts the epochs trained before "

@@ -300,10 +300,10 @@ class PruneAndFinetune(Callback):
     def _recalibrate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> int:
         if not self.recalibrate_batches:
             return 0
-        from lightning_worm.core.recalibration import recalibrate_batchnorm
+        from lightning_worm.core.recalibration import has_running_statistics, recalibrate_batchnorm
 
         loader = trainer.train_dataloader
-        if loader is None:
+        if loader is None or not has_running_statistics(pl_module):  # no BatchNorm: nothing to re-estimate
             return 0
         precision = trainer.precision_plugin
 
@@ -313,8 +313,11 @@ class PruneAndFinetune(Callback):
             inputs = precision.convert_input(_to_device(_first_input(batch, limit=None), pl_module.device))
             return model(inputs)
 
+        # Drawing batches from a shuffled loader (and dropout) consumes random numbers: fork the generators so
+        # that the training after the prune is the same with and without the recalibration.
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         try:
-            with precision.forward_context():  # as in training: autocast under AMP, the bf16/fp16 dtype when "true"
+            with torch.random.fork_rng(devices=devices), precision.forward_context():
                 used = recalibrate_batchnorm(pl_module, loader, max_batches=self.recalibrate_batches, forward=forward)
         except _NoInput as missing:
             rank_zero_warn(

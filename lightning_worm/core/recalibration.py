@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_worm.core.validation import check_int
 
-__all__ = ["random_ticket", "recalibrate_batchnorm"]
+__all__ = ["has_running_statistics", "random_ticket", "recalibrate_batchnorm"]
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
@@ -34,6 +34,16 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
         )
     device = next((t.device for t in (*model.parameters(), *model.buffers())), inputs.device)
     return model(inputs.to(device))
+
+
+def _layers_with_statistics(model: nn.Module) -> list[_BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+            and m.running_mean is not None]
+
+
+def has_running_statistics(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm layer with running statistics (something to recalibrate)."""
+    return bool(_layers_with_statistics(model))
 
 
 def recalibrate_batchnorm(
@@ -77,8 +87,7 @@ def recalibrate_batchnorm(
         False
     """
     check_int("max_batches", max_batches, minimum=1, allow_none=True)
-    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
-              and m.running_mean is not None]
+    layers = _layers_with_statistics(model)
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no BatchNorm layer with running statistics: nothing to recalibrate."
