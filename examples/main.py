@@ -72,7 +72,7 @@ class WormCLI(LightningCLI):
                             help="Resume the fit from this checkpoint (Trainer.fit's ckpt_path).")
         parser.add_argument("--early_bird.enabled", type=bool, default=True,
                             help="Build the Early-Bird tracker from this group (false: it is in trainer.callbacks).")
-        parser.add_class_arguments(EarlyBirdCallback, "early_bird", skip={"source"}, instantiate=False)
+        parser.add_class_arguments(EarlyBirdCallback, "early_bird", instantiate=False)
         parser.add_argument("--worm.enabled", type=bool, default=True,
                             help="Build WormCallback from this group (false: plain Early-Bird, or one in "
                                  "trainer.callbacks).")
@@ -119,6 +119,12 @@ class WormCLI(LightningCLI):
         return super().instantiate_trainer(**{**kwargs, "callbacks": given + ours})
 
 
+def _describe(hparams: dict[str, Any]) -> str:
+    if "arch" in hparams:
+        return f"{hparams['arch']} (width {hparams.get('width')})"
+    return ", ".join(f"{k} {v}" for k, v in hparams.items() if isinstance(v, (int, float, str)))
+
+
 def build_cli(args: list[str] | None = None) -> WormCLI:
     """The job's :class:`WormCLI`: ``offline.yaml`` as the default config file, seed 0, no optimizer flags.
 
@@ -126,6 +132,7 @@ def build_cli(args: list[str] | None = None) -> WormCLI:
     """
     return WormCLI(
         ImageClassifier,
+        subclass_mode_model=True,  # ImageClassifier or a subclass (examples.vit.ViTClassifier)
         subclass_mode_data=True,
         run=False,
         args=args,
@@ -237,7 +244,7 @@ def format_summary(s: dict[str, Any], run_dir: Path) -> str:
         return "n/a" if value is None else f"{100 * value:.1f}%"
 
     lines = ["", "=" * 72, "lightning-worm: summary", "=" * 72,
-             f"model {s['model'].get('arch')} (width {s['model'].get('width')}), data {s['data']}, "
+             f"model {_describe(s['model'])}, data {s['data']}, "
              f"{s['epochs']} epochs"]
     if s["ticket_epoch"] is None:
         lines.append("No Early-Bird ticket emerged: nothing was pruned. Train longer or raise "

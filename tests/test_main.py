@@ -117,16 +117,26 @@ def literal_options() -> dict[str, tuple]:
 
 
 def test_help_lists_the_choices(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        build_cli(["--help"])
-    assert exit_info.value.code == 0
-    out = capsys.readouterr().out
+    def help_text(args):
+        with pytest.raises(SystemExit) as exit_info:
+            build_cli(args)
+        assert exit_info.value.code == 0
+        return capsys.readouterr().out
+
+    out = help_text(["--help"])
+    model_out = help_text(["--model.help", "ImageClassifier"])  # the model is a class (or a subclass) choice
     options = literal_options()
     assert {"--model.arch", "--model.schedule", "--worm.schedule", "--prune.coupling"} <= set(options)
     for option, values in options.items():
-        assert f"{option} {{{','.join(values)}}}" in out, option
+        assert f"{option} {{{','.join(values)}}}" in (model_out if option.startswith("--model.") else out), option
     assert "offline.yaml" in out  # the default config file
     assert "--optimizer" not in out and "--lr_scheduler" not in out  # the model builds its own
+
+
+def test_the_vit_config_runs_from_the_same_entry(tmp_path):
+    summary = main(["--config", str(ROOT / "examples/configs/vit_digits.yaml"), "--trainer.max_epochs", "1",
+                    "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    assert summary["epochs"] == 1 and summary["model"]["num_heads"] == 8
 
 
 @pytest.mark.parametrize("args, expected", [

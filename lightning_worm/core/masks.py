@@ -103,7 +103,7 @@ class Mask(Mapping[str, Tensor]):
     @property
     def kept(self) -> int:
         """Number of units kept."""
-        return int(self.flat.sum())
+        return int(torch.count_nonzero(self.flat))
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -211,12 +211,11 @@ def mask_from_scores(scores: Mapping[str, Tensor], prune_ratio: float, min_chann
     if requested == 0:
         keep = torch.ones(flat.numel(), dtype=torch.bool, device=device)
     else:
-        threshold = flat.kthvalue(requested).values
+        threshold = kth_smallest(flat, requested)
         keep = flat > threshold
-        ties = ~keep & (flat == threshold)  # of the ties, the first `need` by position go (a stable sort)
-        need = requested - int((flat < threshold).sum())
-        extra = int(ties.sum()) - need
-        if extra > 0:
+        need = requested - int(torch.count_nonzero(flat < threshold))  # the ties that go: the first by position
+        ties = flat == threshold
+        if int(torch.count_nonzero(ties)) > need:  # else every tie goes
             keep[ties.nonzero().flatten()[need:]] = True
 
     mask = Mask(keep, [(n, tuple(scores[n].shape)) for n in names])
@@ -224,12 +223,37 @@ def mask_from_scores(scores: Mapping[str, Tensor], prune_ratio: float, min_chann
     for name, size in mask.sizes.items():
         minimum = min(size, min_channels)
         entry = mask[name].reshape(-1)
-        kept = int(entry.sum())
+        kept = int(torch.count_nonzero(entry))
         if kept < minimum:
             best = torch.sort(scores[name].reshape(-1).to(device, dtype), descending=True, stable=True).indices
             entry.zero_().index_fill_(0, best[:minimum], True)
             restored[name] = minimum - kept
     return MaskResult(mask=mask, requested=requested, pruned=requested - sum(restored.values()), restored=restored)
+
+
+def kth_smallest(values: Tensor, k: int) -> Tensor:
+    """The ``k``-th smallest of a 1-D tensor (1-based), exactly, in a few passes over it.
+
+    Large inputs are narrowed first: a fixed-seed sample brackets the quantile, the values below the
+    bracket are counted, and ``kthvalue`` runs on the bracket alone; when the sample misses (it cannot be
+    wrong, only unlucky) the full ``kthvalue`` runs instead.
+    """
+    n = values.numel()
+    if n < _NARROW_FROM:
+        return values.kthvalue(k).values
+    generator = torch.Generator(device=values.device).manual_seed(0)
+    sample = values[torch.randint(0, n, (_SAMPLE,), generator=generator, device=values.device)]
+    position = k / n * _SAMPLE
+    low = sample.kthvalue(max(1, int(position - _MARGIN))).values
+    high = sample.kthvalue(min(_SAMPLE, int(position + _MARGIN) + 1)).values
+    rank = k - int(torch.count_nonzero(values < low))
+    bracket = values[(values >= low) & (values <= high)]
+    if 1 <= rank <= bracket.numel():
+        return bracket.kthvalue(rank).values
+    return values.kthvalue(k).values
+
+
+_NARROW_FROM, _SAMPLE, _MARGIN = 1 << 20, 1 << 16, 1 << 11  # margin: 8 standard deviations of the sample rank
 
 
 def channel_scores(model: nn.Module, source: str | ScoreSource | None = None) -> dict[str, Tensor]:
@@ -279,4 +303,4 @@ def mask_distance(a: MaskLike, b: MaskLike) -> float:
         raise ValueError("The two masks cover different layers or channel counts (entries or shapes); compare masks of one model.")
     if not a.total:
         return math.nan
-    return float((a.flat != b.flat.to(a.flat.device)).sum()) / a.total
+    return int(torch.count_nonzero(a.flat != b.flat.to(a.flat.device))) / a.total

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lightning_worm.core.sources.base import ChannelSource, ScoreSource
+from lightning_worm.core.sources.base import ChannelSource, ScaleSource, ScoreSource
 from lightning_worm.core.sources.batchnorm import BatchNormSource
 from lightning_worm.core.sources.attention import AttentionHeadSource, AttentionQKSource
 from lightning_worm.core.sources.layernorm import LayerNormSource
@@ -38,4 +38,7 @@ def resolve_source(source: str | ScoreSource | None) -> ScoreSource:
     return source
 
 
-__all__ = ["SOURCES", "BatchNormSource", "ChannelSource", "ScoreSource", "resolve_source"]
+__all__ = [
+    "SOURCES", "AttentionHeadSource", "AttentionQKSource", "BatchNormSource", "ChannelSource", "LayerNormSource",
+    "ScaleSource", "ScoreSource", "resolve_source",
+]

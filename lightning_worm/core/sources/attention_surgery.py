@@ -16,8 +16,6 @@ the mask a buffer in the ``state_dict``). **This saves no time and no memory.**
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -25,8 +23,8 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_worm.core.measure import batch_size, forward_flops, latency_ms
 from lightning_worm.core.sources.attention import (
     _HEAD_ATTRS,
     _KV_HEAD_ATTRS,
@@ -82,28 +80,13 @@ def _qualified_name(model: nn.Module) -> str:
     return f"{type(model).__module__}.{type(model).__qualname__}"
 
 
-@torch.no_grad()
 def _flops(model: nn.Module, inputs: tuple[Tensor, ...]) -> int:
-    if not inputs:
-        return 0
-    counter = FlopCounterMode(display=False)
-    with _eval_mode(model), counter:
-        model(*inputs)
-    return counter.get_total_flops()
+    """FLOPs per example of one eval forward (0 without an example input)."""
+    return forward_flops(model, inputs) if inputs else 0
 
 
-@torch.no_grad()
-def _latency_ms(model: nn.Module, inputs: tuple[Tensor, ...], repeats: int, warmup: int = 3) -> Optional[float]:
-    if not inputs:
-        return None
-    times = []
-    with _eval_mode(model):
-        for step in range(warmup + repeats):
-            start = time.perf_counter()
-            model(*inputs)
-            if step >= warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def _latency(model: nn.Module, inputs: tuple[Tensor, ...], measure: bool, repeats: int) -> Optional[float]:
+    return latency_ms(model, inputs, repeats=repeats) if measure and inputs else None
 
 
 # ------------------------------------------------------------------------------------------ heads
@@ -304,7 +287,7 @@ def prune_heads(
     heads_before = {name: [block.num_heads, block.num_kv_heads] for name, block in blocks.items()}
     params_before = sum(p.numel() for p in model.parameters())
     flops_before = _flops(model, inputs)
-    latency_before = _latency_ms(model, inputs, latency_repeats) if measure_latency and inputs else None
+    latency_before = _latency(model, inputs, measure_latency, latency_repeats)
 
     kept_indices: KeptIndices = {}
     for name, units in removed.items():
@@ -338,10 +321,12 @@ def prune_heads(
         kept_for_round_to=kept_for_round,
         kept_unprunable=0,
         latency_before_ms=latency_before,
-        latency_after_ms=_latency_ms(model, inputs, latency_repeats) if measure_latency and inputs else None,
+        latency_after_ms=_latency(model, inputs, measure_latency, latency_repeats),
         kept_indices=kept_indices,
         coupling="heads",
         round_to=round_to,
+        flops_batch=batch_size(inputs) if inputs else 1,
+        prunable=sum(channels_before.values()) - len(blocks),  # every block keeps one head
     )
 
 
@@ -430,7 +415,7 @@ def prune_elementwise(
     inputs = _inputs(example_input)
     masks = _weight_masks(model, ticket, source)
     before = {f"{m}:{p}": int(t.numel()) for (m, p), t in masks.items()}
-    latency_before = _latency_ms(model, inputs, latency_repeats) if measure_latency and inputs else None
+    latency_before = _latency(model, inputs, measure_latency, latency_repeats)
     flops = _flops(model, inputs)
     params = sum(p.numel() for p in model.parameters())
     for (module_name, param_name), keep in masks.items():
@@ -449,8 +434,9 @@ def prune_elementwise(
         channels_before=before, channels_after=after, ticket_pruned=ticket_pruned,
         pruned_from_ticket=ticket_pruned, pruned_outside_ticket=0, kept_for_coupling=0, kept_for_min_channels=0,
         kept_for_round_to=0, kept_unprunable=0, latency_before_ms=latency_before,
-        latency_after_ms=_latency_ms(model, inputs, latency_repeats) if measure_latency and inputs else None,
+        latency_after_ms=_latency(model, inputs, measure_latency, latency_repeats),
         kept_indices={}, coupling="elementwise (fixed zeros: no time saved)", round_to=None,
+        flops_batch=batch_size(inputs) if inputs else 1, prunable=sum(before.values()),
     )
 
 

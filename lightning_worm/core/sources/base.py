@@ -119,3 +119,26 @@ class ChannelSource(ScoreSource):
             factor = torch.where(keep.to(param.device), 1.0, chi).to(param.dtype)
             out.append((param, factor.view(-1, *([1] * (param.dim() - 1)))))
         return out
+
+
+class ScaleSource(ChannelSource):
+    """A :class:`ChannelSource` whose channels are scored by the magnitude of a per-channel scale ``weight``.
+
+    The normalisation layers' sources (BatchNorm, LayerNorm): ``|weight|`` scores each channel, WORM
+    truncates the weight and the bias, the sparsity term regularises the weight. Subclasses say which
+    modules are candidates (``candidates``, ``skip_reason``).
+    """
+
+    def scores(self, module: nn.Module) -> Tensor:
+        weight = module.weight.detach()
+        return weight.abs().to(torch.promote_types(weight.dtype, torch.float32))
+
+    def count(self, module: nn.Module) -> int:
+        return module.weight.numel()
+
+    def channel_parameters(self, module: nn.Module) -> list[Tensor]:
+        bias = getattr(module, "bias", None)
+        return [p for p in (module.weight, bias) if isinstance(p, nn.Parameter) and p.requires_grad]
+
+    def sparsity_parameters(self, module: nn.Module) -> list[Tensor]:
+        return [module.weight]

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import UninitializedParameter
 
-from lightning_worm.core.sources.base import ChannelSource
+from lightning_worm.core.sources.base import ScaleSource
 
 
-class BatchNormSource(ChannelSource):
+class BatchNormSource(ScaleSource):
     """Channels are the output channels of BatchNorm layers, scored by ``|gamma|``.
 
     Tracks every ``_BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants once materialised)
@@ -41,19 +40,6 @@ class BatchNormSource(ChannelSource):
         if not module.weight.requires_grad:
             return "weight frozen (requires_grad=False)"
         return None
-
-    def scores(self, module: nn.Module) -> Tensor:
-        weight = module.weight.detach()
-        return weight.abs().to(torch.promote_types(weight.dtype, torch.float32))
-
-    def count(self, module: nn.Module) -> int:
-        return module.weight.numel()
-
-    def channel_parameters(self, module: nn.Module) -> list[Tensor]:
-        return [p for p in (module.weight, module.bias) if p is not None and p.requires_grad]
-
-    def sparsity_parameters(self, module: nn.Module) -> list[Tensor]:
-        return [module.weight]
 
     def prune(self, model: nn.Module, ticket: Any, example_input: Any, **options: Any) -> Any:
         from lightning_worm.core.surgery import prune_channels

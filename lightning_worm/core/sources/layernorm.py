@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Optional
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_worm.core.sources.base import ChannelSource
+from lightning_worm.core.sources.base import ScaleSource
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -19,7 +18,7 @@ def _is_norm(module: nn.Module) -> bool:
     return (name.endswith("LayerNorm") or name.endswith("RMSNorm")) and isinstance(weight, nn.Parameter)
 
 
-class LayerNormSource(ChannelSource):
+class LayerNormSource(ScaleSource):
     r"""Channels are the features of LayerNorm / RMSNorm layers, scored by ``|gamma|``.
 
     Tracks every ``nn.LayerNorm`` and ``nn.RMSNorm`` (and, by class name, other libraries' ``*LayerNorm``
@@ -53,20 +52,6 @@ class LayerNormSource(ChannelSource):
         if not weight.requires_grad:
             return "weight frozen (requires_grad=False)"
         return None
-
-    def scores(self, module: nn.Module) -> Tensor:
-        weight = module.weight.detach()
-        return weight.abs().to(torch.promote_types(weight.dtype, torch.float32))
-
-    def count(self, module: nn.Module) -> int:
-        return module.weight.numel()
-
-    def channel_parameters(self, module: nn.Module) -> list[Tensor]:
-        bias = getattr(module, "bias", None)
-        return [p for p in (module.weight, bias) if isinstance(p, nn.Parameter) and p.requires_grad]
-
-    def sparsity_parameters(self, module: nn.Module) -> list[Tensor]:
-        return [module.weight]
 
     def prune(self, model: nn.Module, ticket: Any, example_input: Any = None, **options: Any) -> Any:
         raise NotImplementedError(
