@@ -159,3 +159,15 @@ def test_mkdocs_build_strict(tmp_path: Path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     assert (tmp_path / "site" / "reference" / "callbacks" / "index.html").is_file()
+
+
+def test_every_page_is_in_the_nav():
+    """A page missing from ``nav`` still builds (mkdocs only logs it), but no menu leads to it."""
+    config = (ROOT / "mkdocs.yml").read_text()
+    nav = config[config.index("\nnav:"):config.index("\nplugins:")]
+    entries = re.findall(r"[\w./-]+\.md", nav)
+    listed = set(entries)
+    assert len(entries) == len(listed), f"pages listed twice in the nav: {sorted({e for e in entries if entries.count(e) > 1})}"
+    missing = [str(p.relative_to(DOCS)) for p in pages() if str(p.relative_to(DOCS)) not in listed]
+    assert not missing, f"pages not in mkdocs.yml's nav: {missing}"
+    assert not [p for p in listed if not (DOCS / p).is_file()], "nav names a page that does not exist"
