@@ -130,7 +130,7 @@ class TestEarlyBird:
                 self.features[1] = nn.Identity()
                 self.features[4] = nn.BatchNorm2d(16, affine=False)
 
-        with pytest.raises(ValueError, match=r"found no channel to track in NoBN.*features\.4 \(not affine\)"):
+        with pytest.raises(ValueError, match=r"found no channel \(or unit\) to track in NoBN.*features\.4 \(not affine\)"):
             fit([EarlyBirdCallback()], model=NoBN(), max_epochs=1)
 
     def test_frozen_bn_left_out_and_said_once(self, lightning_info):
@@ -196,7 +196,7 @@ class TestWorm:
 
     def test_without_early_bird_in_trainer_raises(self):
         worm = WormCallback(EarlyBirdCallback())
-        with pytest.raises(ValueError, match="needs its EarlyBirdCallback in the same Trainer"):
+        with pytest.raises(ValueError, match="follows an EarlyBirdCallback that is not in this Trainer"):
             fit([worm], max_epochs=1)
 
     def test_not_an_early_bird_raises(self):

@@ -95,7 +95,7 @@ class TestChannelMask:
         source = BatchNormSource()
         assert list(source.tracked(model)) == ["1", "2", "3", "4"]
         assert source.skipped(model) == {"5": "not affine", "6": "weight frozen (requires_grad=False)",
-                                         "7": "lazy, not materialised yet"}
+                                         "7": "lazy, not materialised yet: run one forward pass before the fit"}
         model[7](torch.randn(2, 5, 3, 3))  # materialise
         assert list(source.tracked(model)) == ["1", "2", "3", "4", "7"]
         mask = channel_mask(model, 0.5)

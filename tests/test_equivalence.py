@@ -97,12 +97,6 @@ def test_loss_scaling_truncation_and_unscaled_sparsity():
     assert not torch.allclose(model.features[1].weight, unscaled_wrong.features[1].weight, atol=1e-4)
 
 
-def test_private_lightning_hook_is_there():
-    """WormCallback relies on `trainer.fit_loop._should_accumulate()` (lightning>=2.5,<2.7)."""
-    t = trainer()
-    assert callable(t.fit_loop._should_accumulate)
-
-
 def resumable_fit(tmp_path, max_epochs, ckpt_path=None, validate=True):
     torch.manual_seed(0)
     model = TinyNet()

@@ -2,64 +2,72 @@
 
 from __future__ import annotations
 
+import ast
 import math
 import weakref
-from typing import Any, Callable
+from collections import deque
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_worm.callbacks.strategy import check_strategy, decide_on_rank_zero, log_prefix
+from lightning_worm._internals.lightning import checkpoint_hooks
+from lightning_worm.callbacks.strategy import check_strategy, decide_on_rank_zero
+from lightning_worm.checkpoint import find_pruning_plan, raise_for_unloadable_checkpoint
 from lightning_worm.core.detector import TicketDetector
-from lightning_worm.core.masks import (
-    Mask,
-    NonFiniteScoreError,
-    channel_scores,
-    flatten_mask,
-    mask_from_scores,
-    unflatten_mask,
-    validate_min_channels,
-    validate_ratio,
-)
+from lightning_worm.core.masks import Mask, NonFiniteScoreError, channel_scores, mask_from_scores
 from lightning_worm.core.regularization import add_sparsity_gradient, validate_sparsity
-from lightning_worm.core.scores import BatchNormSource, ChannelSource
+from lightning_worm.core.sources import ScoreSource, resolve_source
+from lightning_worm.core.validation import check_bool, check_choice, check_int, check_number
+
+FIRST_MASKS = ("epoch_end", "train_start")
+# The settings a resumed search must share with the checkpoint's (they change what the masks mean).
+SETTINGS = ("prune_ratio", "window", "threshold", "sparsity", "min_channels", "every_n_epochs", "source")
 
 
 class EarlyBirdCallback(Callback):
     r"""Search for the Early-Bird ticket (You et al., ICLR 2020) during ``fit``.
 
-    At the end of every training epoch (or every ``every_n_epochs``) the callback takes a global channel
-    mask: over all ``N`` tracked BatchNorm channels, the ``round(prune_ratio * N)`` with the smallest
-    ``|gamma|`` are pruned (ties by layer order, then channel index). The mask distance of two epochs
-    is the fraction of channels on which their masks differ. Once ``window`` masks are held, the epoch's
-    distance is the largest distance between the newest mask and each older one; the ticket emerges at
-    the first epoch where it is at most ``threshold``. The search then goes on (masks keep being
-    taken for WORM and the plots) until a :class:`~lightning_worm.PruneAndFinetune` prunes the model,
-    after which no more masks are taken: the histories stop at the ticket.
+    At the end of every training epoch (or every ``every_n_epochs``) the callback takes a global mask:
+    over all ``N`` units the ``source`` scores (by default the BatchNorm channels, by ``|gamma|``), the
+    ``round(prune_ratio * N)`` with the smallest score are pruned (ties by entry order, then index). The
+    mask distance of two epochs is the fraction of units on which their masks differ. Once ``window``
+    masks are held, the epoch's distance is the largest distance between the newest mask and each older
+    one; the ticket emerges at the first epoch where it is at most ``threshold``. The search goes on
+    (masks keep being taken for WORM and the plots) until a :class:`~lightning_worm.PruneAndFinetune`
+    prunes the model; the histories then stop at the ticket.
 
     Logs ``earlybird/mask_distance``, ``earlybird/mean_distance`` (both once the window is full) and
     ``earlybird/ticket_found`` (``earlybird_<ratio>/...`` when several trackers run).
 
     Args:
-        prune_ratio: fraction of channels the mask prunes, in (0, 1).
+        prune_ratio: fraction of units the mask prunes, in (0, 1).
         window: number of recent masks compared, at least 2.
         threshold: the ticket emerges once the distance is at most this, in [0, 1].
-        sparsity: network-slimming L1 term: ``sparsity * sign(gamma)`` is added to each tracked gamma's
-            (unscaled) gradient once per optimizer step while the search runs. 0 turns it off.
-        min_channels: channels every layer keeps at least.
+        sparsity: network-slimming L1 term: ``sparsity * sign(score parameter)`` is added to the source's
+            sparsity parameters' (unscaled) gradient once per optimizer step while the search runs. 0: off.
+        min_channels: units every entry keeps at least.
         every_n_epochs: take a mask every this many epochs (epochs in between record NaN).
         stop_on_ticket: stop the fit at the end of the epoch in which the ticket emerges.
-        source: what is scored; BatchNorm ``|gamma|`` by default.
-        keep_history: keep every epoch's mask (on the CPU, in checkpoints) for the pairwise distance plot.
-        verbose: print the ticket's arrival on rank zero.
+        source: what is scored: a :class:`~lightning_worm.ScoreSource` or the name of one (``"batchnorm"``,
+            the default, and the names in ``lightning_worm.core.SOURCES``).
+        keep_history: keep every epoch's mask (packed, on the CPU, in checkpoints) for the distance plots.
+        verbose: print what is tracked at setup and the ticket's arrival, on rank zero.
+        accept_first_window: accept a ticket at the first epoch the window is full (``False``: the WORM
+            code's rule, never at the first full-window check).
+        first_mask: ``"epoch_end"`` takes the first mask at the end of epoch 0; ``"train_start"`` (the
+            reference codes' timing) also takes one from the initial weights before epoch 0, so the
+            window fills one epoch sooner.
 
     Raises:
         ValueError: on an argument out of range (named in the message); at setup, if the model has no
-            tracked channel or the strategy shards parameters.
+            tracked unit or the strategy shards parameters; on resume, if the checkpoint's search ran
+            with other settings.
 
     Example::
 
@@ -81,34 +89,40 @@ class EarlyBirdCallback(Callback):
         min_channels: int = 1,
         every_n_epochs: int = 1,
         stop_on_ticket: bool = False,
-        source: ChannelSource | None = None,
+        source: str | ScoreSource | None = None,
         keep_history: bool = True,
         verbose: bool = True,
+        accept_first_window: bool = True,
+        first_mask: Literal["epoch_end", "train_start"] = "epoch_end",
     ) -> None:
         super().__init__()
-        validate_ratio(prune_ratio)
+        self.prune_ratio = check_number("prune_ratio", prune_ratio, low=0.0, high=1.0, low_open=True, high_open=True)
         validate_sparsity(sparsity)
-        validate_min_channels(min_channels)
-        if not (isinstance(every_n_epochs, int) and every_n_epochs >= 1):
-            raise ValueError(f"`every_n_epochs` must be an integer >= 1, got {every_n_epochs!r}.")
-        self.prune_ratio = float(prune_ratio)
         self.sparsity = float(sparsity)
-        self.min_channels = min_channels
-        self.every_n_epochs = every_n_epochs
-        self.stop_on_ticket = stop_on_ticket
-        self.source = source or BatchNormSource()
-        self.verbose = verbose
-        self.detector = TicketDetector(window, threshold, keep_history=keep_history)
+        self.min_channels = check_int("min_channels", min_channels, minimum=1)
+        self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=1)
+        self.stop_on_ticket = check_bool("stop_on_ticket", stop_on_ticket)
+        self.verbose = check_bool("verbose", verbose)
+        self.first_mask = check_choice("first_mask", first_mask, FIRST_MASKS)
+        self.source = resolve_source(source)
+        self.detector = TicketDetector(window, threshold, keep_history=keep_history,
+                                       accept_first_window=accept_first_window)
         self.searching = True
-        self.prefix = "earlybird"
+        #: Bumped whenever the search state changes; followers (WormCallback) re-read the state then.
+        self.version = 0
+        self._observed_epoch: int | None = None
+        self._offset = 0  # 1 once a mask was taken from the initial weights (first_mask="train_start")
+        self._fingerprints: deque[tuple[float, float]] = deque(maxlen=self.detector.window)
         self._restored_reported = False
-        self._subscribers: list[Callable[["pl.Trainer", "pl.LightningModule"], None]] = []
         self._sparsity_params: weakref.WeakKeyDictionary[Optimizer, list[Tensor]] = weakref.WeakKeyDictionary()
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
+        return self._generate_state_key(**self._settings())
+
+    def _settings(self) -> dict[str, Any]:
+        return dict(
             prune_ratio=self.prune_ratio, window=self.window, threshold=self.threshold, sparsity=self.sparsity,
             min_channels=self.min_channels, every_n_epochs=self.every_n_epochs, source=type(self.source).__name__,
         )
@@ -124,16 +138,16 @@ class EarlyBirdCallback(Callback):
     @property
     def distances(self) -> list[float]:
         """Per completed epoch, the largest distance of the newest mask to the window (NaN before full)."""
-        return self.detector.distances
+        return self.detector.distances[self._offset:]
 
     @property
     def mean_distances(self) -> list[float]:
         """Per completed epoch, the mean distance of the newest mask to the window (NaN before full)."""
-        return self.detector.mean_distances
+        return self.detector.mean_distances[self._offset:]
 
     @property
     def mask(self) -> Mask | None:
-        """The latest mask per tracked module name (``True`` = keep), or ``None`` before the first."""
+        """The latest mask per tracked entry name (``True`` = keep), or ``None`` before the first."""
         return self.detector.mask
 
     @property
@@ -144,39 +158,79 @@ class EarlyBirdCallback(Callback):
     @property
     def ticket_epoch(self) -> int | None:
         """The 0-based epoch at whose end the ticket emerged, or ``None``."""
-        return self.detector.ticket_epoch
+        epoch = self.detector.ticket_epoch
+        return None if epoch is None else epoch - self._offset
 
-    def subscribe(self, fn: Callable[["pl.Trainer", "pl.LightningModule"], None]) -> None:
-        """Call ``fn(trainer, pl_module)`` after each epoch's update and when the search ends."""
-        self._subscribers.append(fn)
-
-    def end_search(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def end_search(self) -> None:
         """Stop taking masks (the model was pruned); ticket and histories stay as they are."""
         self.searching = False
-        self._notify(trainer, pl_module)
+        self.version += 1
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
         check_strategy(trainer, type(self).__name__)
-        self.prefix = log_prefix(trainer, self, "earlybird")
         self._sparsity_params = weakref.WeakKeyDictionary()
+        self._observed_epoch = None
         skipped = self.source.skipped(pl_module)
         tracked = self.source.tracked(pl_module)
         pending = [name for name, why in skipped.items() if why.startswith("lazy")]
         if not tracked and not pending:
             left_out = ", ".join(f"{n} ({why})" for n, why in list(skipped.items())[:5]) or "none found"
             raise ValueError(
-                f"{type(self).__name__} found no channel to track in {type(pl_module).__name__}: it tracks "
+                f"{type(self).__name__} found no channel (or unit) to track in {type(pl_module).__name__}: it tracks "
                 f"{self.source.description}. Candidates left out: {left_out}. Add BatchNorm layers after "
                 "your convolutions, unfreeze their weights, or pass a `source=` that scores your layers."
             )
-        if skipped:
-            rank_zero_info(
-                f"{type(self).__name__}: tracking {sum(m.weight.numel() for m in tracked.values())} channels in "
-                f"{len(tracked)} layers; left out: " + ", ".join(f"{n} ({why})" for n, why in skipped.items())
+        if self.verbose:
+            rank_zero_info(f"{type(self).__name__}: {self.source.summary(pl_module)}")
+        checkpoint_hooks(pl_module).on_load[f"{type(self).__name__}:{id(self)}"] = (
+            lambda checkpoint: self._check_resumable(trainer, checkpoint)
+        )
+
+    def _check_resumable(self, trainer: "pl.Trainer", checkpoint: dict[str, Any]) -> None:
+        """Run before the weights load: a pruned checkpoint needs a PruneAndFinetune to be resumed."""
+        if find_pruning_plan(checkpoint) is not None and not any(
+            getattr(c, "applies_pruning_plans", False) for c in trainer.callbacks
+        ):
+            raise ValueError(
+                "The checkpoint holds a pruned model (a PruneAndFinetune pruned it), but this Trainer has no "
+                "PruneAndFinetune to rebuild it before its weights load. Resume with the same callbacks, "
+                "PruneAndFinetune included, or load it for inference with `lightning_worm.load_pruned`."
             )
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning matches states by key; a tracker whose settings changed would silently start afresh.
+        states = checkpoint.get("callbacks", {})
+        if self.state_key in states:
+            return
+        mine = {k for t in trainer.callbacks if isinstance(t, EarlyBirdCallback) for k in (t.state_key,)}
+        orphans = [key for key in states if isinstance(key, str) and key.startswith(type(self).__name__ + "{")
+                   and key not in mine]
+        if not orphans:
+            return
+        theirs = _settings_from_key(orphans[0])
+        differ = [f"{k}={theirs[k]!r} in the checkpoint, {k}={v!r} now" for k, v in self._settings().items()
+                  if k in theirs and theirs[k] != v]
+        raise ValueError(
+            f"The checkpoint's ticket search ran with other settings ({'; '.join(differ) or orphans[0]}). Resume "
+            "with the checkpoint's settings, or start a new run (no `ckpt_path`) to search with the new ones."
+        )
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        # A checkpoint that cannot be read fails inside Lightning with a bare EOFError or OSError: name it.
+        raise_for_unloadable_checkpoint(trainer, exception)
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.first_mask == "train_start" and self.detector.epoch == 0 and self.searching:
+            self._offset = 1
+            self._record(trainer, pl_module)
 
     @override
     def on_before_optimizer_step(
@@ -189,115 +243,149 @@ class EarlyBirdCallback(Callback):
         if params is None:
             in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
             params = [
-                p for m in self.source.tracked(pl_module).values()
-                for p in self.source.sparsity_parameters(m) if id(p) in in_optimizer
+                p for h in self.source.tracked(pl_module).values()
+                for p in self.source.sparsity_parameters(h) if id(p) in in_optimizer
             ]
             self._sparsity_params[optimizer] = params
         add_sparsity_gradient(params, self.sparsity)
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not self.searching or trainer.sanity_checking:
+        self.observe_epoch(trainer, pl_module)
+
+    def observe_epoch(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Take this epoch's mask (once per epoch; later calls in the same epoch do nothing).
+
+        Followers that act at the end of an epoch call it first, so that the tracker's state is that of
+        the epoch whatever the order of the callbacks. Every rank calls it together.
+        """
+        if not self.searching or trainer.sanity_checking or self._observed_epoch == trainer.current_epoch:
             return
-        epoch = trainer.current_epoch
+        self._observed_epoch = trainer.current_epoch
+        epoch = trainer.current_epoch + self._offset
         if epoch < self.detector.epoch:
             rank_zero_warn(
                 f"{type(self).__name__} already holds {self.detector.epoch} epochs but this fit is at epoch "
                 f"{epoch}: starting a new search. Use a new callback per fit, or resume with `ckpt_path`."
             )
-            self.detector = TicketDetector(self.window, self.threshold, self.detector.keep_history)
+            self.detector = TicketDetector(self.window, self.threshold, self.detector.keep_history,
+                                           self.detector.accept_first_window)
+            self._fingerprints.clear()
         while self.detector.epoch < epoch:  # epochs this callback did not see
             self.detector.skip()
-        if (epoch + 1) % self.every_n_epochs:
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
             self.detector.skip()
+            self.version += 1
             return
+        self._record(trainer, pl_module)
 
+    def _record(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         outcome = self._take_mask(pl_module)
         if trainer.world_size > 1:
             outcome = self._share_rank_zero_mask(trainer, pl_module, outcome)
+        self.version += 1
         if isinstance(outcome, NonFiniteScoreError):
-            rank_zero_warn(f"{type(self).__name__}: epoch {epoch} skipped. {outcome}")
+            rank_zero_warn(f"{type(self).__name__}: epoch {trainer.current_epoch} skipped. {outcome}")
             self.detector.skip()
             return
+        mask, fingerprint = outcome
         found_before = self.ticket is not None
-        distance, mean = self.detector.update(outcome)
+        distance, mean = self.detector.update(mask)
+        self._fingerprints.append(fingerprint)
         self._log(pl_module, distance, mean)
         if not found_before and self.ticket is not None:
-            self._announce(trainer)
+            self._announce()
             if self.stop_on_ticket:
                 trainer.should_stop = True
-        self._notify(trainer, pl_module)
 
-    def _take_mask(self, pl_module: "pl.LightningModule") -> Mask | NonFiniteScoreError:
+    def _take_mask(self, pl_module: "pl.LightningModule") -> tuple[Mask, tuple[float, float]] | NonFiniteScoreError:
+        scores = channel_scores(pl_module, self.source)
+        if not scores:
+            lazy = [n for n, why in self.source.skipped(pl_module).items() if why.startswith("lazy")]
+            raise ValueError(
+                f"{type(self).__name__}: nothing to score at the end of the epoch: "
+                + (f"the lazy layers {', '.join(lazy)} were never materialised (no forward pass reached them). "
+                   if lazy else "")
+                + "Run the model once before the fit, use non-lazy layers, or pass a `source=` that scores your layers."
+            )
         try:
-            result = mask_from_scores(channel_scores(pl_module, self.source), self.prune_ratio, self.min_channels)
+            result = mask_from_scores(scores, self.prune_ratio, self.min_channels)
         except NonFiniteScoreError as err:
             return err
         if result.restored and self.verbose and not self._restored_reported:
             self._restored_reported = True
             rank_zero_info(
                 f"{type(self).__name__}: `min_channels={self.min_channels}` keeps back "
-                f"{result.requested - result.pruned} of the {result.requested} channels the ratio prunes "
+                f"{result.requested - result.pruned} of the {result.requested} units the ratio prunes "
                 f"(in {', '.join(result.restored)})."
             )
-        return result.mask
+        flat = torch.cat([s.reshape(-1).double() for s in scores.values()])
+        return result.mask, (float(flat.sum()), float(flat.square().sum()))
 
     @staticmethod
     def _share_rank_zero_mask(
-        trainer: "pl.Trainer", pl_module: "pl.LightningModule", outcome: Mask | NonFiniteScoreError
-    ) -> Mask | NonFiniteScoreError:
-        # Rank 0 decides; the broadcast pickles, so send one flat CPU tensor and place it on this rank's device.
+        trainer: "pl.Trainer", pl_module: "pl.LightningModule", outcome: Any
+    ) -> tuple[Mask, tuple[float, float]] | NonFiniteScoreError:
+        # Rank 0 decides; the broadcast pickles, so send the packed bits and place them on this rank's device.
         if not isinstance(outcome, NonFiniteScoreError):
-            outcome = (flatten_mask(outcome).cpu(), {n: m.numel() for n, m in outcome.items()})
+            mask, fingerprint = outcome
+            outcome = (mask.packed(), mask.layout, fingerprint)
         outcome = decide_on_rank_zero(trainer, outcome)
         if isinstance(outcome, NonFiniteScoreError):
             return outcome
-        flat, layout = outcome
-        return unflatten_mask(flat.to(pl_module.device), layout)
+        packed, layout, fingerprint = outcome
+        return Mask.unpack(packed, layout).to(pl_module.device), fingerprint
 
     def _log(self, pl_module: "pl.LightningModule", distance: float, mean: float) -> None:
         # Every rank holds the same values; reduce_fx="max" keeps them exact and silences the DDP warning.
+        prefix = self.log_prefix(pl_module.trainer, "earlybird")
         kwargs: dict[str, Any] = dict(on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
         if not math.isnan(distance):
-            pl_module.log(f"{self.prefix}/mask_distance", distance, prog_bar=True, **kwargs)
-            pl_module.log(f"{self.prefix}/mean_distance", mean, **kwargs)
-        pl_module.log(f"{self.prefix}/ticket_found", float(self.ticket is not None), **kwargs)
+            pl_module.log(f"{prefix}/mask_distance", distance, prog_bar=True, **kwargs)
+            pl_module.log(f"{prefix}/mean_distance", mean, **kwargs)
+        pl_module.log(f"{prefix}/ticket_found", float(self.ticket is not None), **kwargs)
 
-    def _announce(self, trainer: "pl.Trainer") -> None:
+    def log_prefix(self, trainer: "pl.Trainer", name: str) -> str:
+        """``name``, namespaced by this tracker's prune ratio when several trackers run in ``trainer``."""
+        several = sum(isinstance(c, EarlyBirdCallback) for c in trainer.callbacks) > 1
+        return f"{name}_{self.prune_ratio:g}" if several else name
+
+    def _announce(self) -> None:
+        if len(self._fingerprints) == self.window and len(set(self._fingerprints)) == 1:
+            rank_zero_warn(
+                f"{type(self).__name__}: the ticket emerged at epoch {self.ticket_epoch}, but no score moved over "
+                f"the last {self.window} masks: the masks agree only because nothing is learning there. Check that "
+                "the scored parameters train (requires_grad, optimizer, a learning rate that moves them, a "
+                "precision that can represent their updates, e.g. not bf16-true with a tiny learning rate)."
+            )
         if not self.verbose:
             return
         ticket = self.ticket
-        kept = sum(int(m.sum()) for m in ticket.values())
-        total = sum(m.numel() for m in ticket.values())
-        per_layer = ", ".join(f"{n}: {int(m.sum())}/{m.numel()}" for n, m in ticket.items())
+        per_entry = ", ".join(f"{n}: {int(m.sum())}/{m.numel()}" for n, m in list(ticket.items())[:20])
         rank_zero_info(
             f"Early-Bird ticket emerged at epoch {self.ticket_epoch} (prune_ratio={self.prune_ratio:g}, "
-            f"distance {self.distances[-1]:.4f} <= {self.threshold:g}): keeps {kept}/{total} channels. "
-            f"Kept per layer: {per_layer}"
+            f"distance {self.distances[-1]:.4f} <= {self.threshold:g}): keeps {ticket.kept}/{ticket.total} units. "
+            f"Kept per entry: {per_entry}" + (" ..." if len(ticket) > 20 else "")
         )
-
-    def _notify(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        for fn in self._subscribers:
-            fn(trainer, pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"detector": self.detector.state_dict(), "searching": self.searching}
+        return {"detector": self.detector.state_dict(), "searching": self.searching, "offset": self._offset,
+                "settings": self._settings()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.detector.load_state_dict(state_dict["detector"])
         self.searching = state_dict["searching"]
+        self._offset = state_dict.get("offset", 0)
+        self._fingerprints.clear()
+        self.version += 1
 
 
-def check_is_tracker(early_bird: Any, who: str) -> None:
-    """Raise if ``early_bird`` is not an :class:`EarlyBirdCallback` (for the callbacks that follow one).
-
-    Raises:
-        ValueError: saying how to make one.
-    """
-    if not isinstance(early_bird, EarlyBirdCallback):
-        raise ValueError(
-            f"`early_bird` must be an EarlyBirdCallback, got {type(early_bird).__name__}: create one and pass "
-            f"it here, e.g. `{who}(EarlyBirdCallback(prune_ratio=0.5))`."
-        )
+def _settings_from_key(key: str) -> dict[str, Any]:
+    """The settings a state key such as ``EarlyBirdCallback{'prune_ratio': 0.5, ...}`` was built from."""
+    try:
+        settings = ast.literal_eval(key[key.index("{"):])
+    except (ValueError, SyntaxError):
+        return {}
+    return settings if isinstance(settings, dict) else {}

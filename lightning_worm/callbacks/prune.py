@@ -1,158 +1,205 @@
-"""PruneAndFinetune: remove the ticket's pruned channels mid-fit and fine-tune the small network."""
+"""PruneAndFinetune: remove the ticket's pruned units mid-fit and fine-tune the small network."""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_worm.callbacks.early_bird import EarlyBirdCallback, check_is_tracker
-from lightning_worm.callbacks.strategy import check_strategy, check_tracker_in_trainer
-from lightning_worm.core.scores import BatchNormSource
-from lightning_worm.core.surgery import PruningPlan, apply_plan, prune_channels
+from lightning_worm._internals.lightning import (
+    checkpoint_hooks,
+    launcher_start_method,
+    optimizers_to_device,
+    rewrap_ddp,
+)
+from lightning_worm.callbacks.early_bird import EarlyBirdCallback
+from lightning_worm.callbacks.strategy import check_strategy, decide_on_rank_zero
+from lightning_worm.callbacks.tracking import TrackerSpec, check_tracker_spec, find_tracker, tracker_key, trackers
+from lightning_worm.checkpoint import CHECKPOINT_KEY, PLAN_OWNER, find_pruning_plan, raise_for_unloadable_checkpoint
+from lightning_worm.core.masks import Mask
+from lightning_worm.core.sources import ScoreSource
+from lightning_worm.core.surgery import PruningPlan, apply_plan
+from lightning_worm.core.validation import check_bool, check_choice, check_int
+
+COUPLINGS = ("all", "mean_rank")
+TICKETS = ("early_bird", "random")
 
 
 class PruneAndFinetune(Callback):
     r"""Physically prune the Early-Bird ticket as soon as it emerges, then keep training the small network.
 
-    When ``early_bird`` finds the ticket, the ticket's pruned channels leave the LightningModule in
-    place (each BatchNorm channel with the convolution or linear output feeding it and the matching
-    inputs of every consumer, through residual sums, concatenations and grouped convolutions, by
-    torch-pruning's dependency graph). Training continues in the same ``fit``: the optimizers and LR
-    schedulers are rebuilt through ``configure_optimizers``, the schedule continues from the epoch
-    reached, and the optimizer state of the kept channels (momentum, Adam moments) is carried over by
-    slicing. Under DDP every rank prunes identically and the model is wrapped again. The search is then
-    over: ``early_bird`` (and any other tracker in the trainer) takes no more masks and a
+    At the end of the epoch in which the tracker finds the ticket, the ticket's pruned units leave
+    the LightningModule in place (for BatchNorm channels: each channel with the convolution or linear
+    output feeding it and the matching inputs of every consumer, through residual sums, concatenations
+    and grouped convolutions, by torch-pruning's dependency graph). Training continues in the same
+    ``fit``: the optimizers and LR schedulers are rebuilt through ``configure_optimizers``, the schedule
+    continues from the epoch reached, and the optimizer state of the kept units (momentum, Adam moments)
+    is carried over by slicing. BatchNorm running statistics are then re-estimated on
+    ``recalibrate_batches`` training batches. Under DDP every rank prunes identically and the model is
+    wrapped again. The search is then over: every tracker takes no more masks and a
     :class:`~lightning_worm.WormCallback` truncates nothing.
 
-    The plan of the prune is kept in checkpoints: ``trainer.fit(fresh_module, ckpt_path=...)`` with the
-    same callbacks re-applies it before the pruned weights load, and
-    :func:`~lightning_worm.load_pruned` rebuilds the pruned module for inference.
+    Every checkpoint written after the prune holds the pruning plan (``save_weights_only`` ones too):
+    ``trainer.fit(fresh_module, ckpt_path=...)`` with the same callbacks re-applies it before the pruned
+    weights load, and :func:`~lightning_worm.load_pruned` rebuilds the pruned module for inference.
 
-    A report (parameters, FLOPs, channels per layer, ticket channels honoured, latency) is printed on
-    rank zero, logged under ``pruning/``, kept as :attr:`report` and written as ``pruning_report.json``
-    into the trainer's log directory.
+    A report (parameters, FLOPs, units per layer, ticket units honoured, latency, the ``evaluate``
+    results) is printed on rank zero, logged under ``pruning/``, kept as :attr:`report` and written as
+    ``pruning_report.json`` into ``report_dir`` (by default the logger's directory; without a logger no
+    file is written). A report that cannot be written is a warning, never a failed run.
 
     Args:
-        early_bird: the tracker whose ticket is pruned; it must be in the same trainer.
-        example_input: a model input used to trace the data flow; by default the first element of the
-            first training batch (a tensor, or the first item of a tuple/list batch), else the module's
-            ``example_input_array``.
+        early_bird: the tracker whose ticket is pruned, its ``prune_ratio``, or ``None``: the only tracker in
+            the trainer.
+        example_input: a model input used to trace the data flow (a tensor or a tuple of tensors); by
+            default the first element of the first training batch, else the module's ``example_input_array``.
         coupling: ``"all"`` prunes a channel shared by several BN layers (a residual sum) only if the
             ticket prunes it in every one of them; ``"mean_rank"`` ranks such channels by the group's
-            mean ``|gamma|``.
+            mean score and prunes as many as the ticket does on average.
         round_to: keep every coupled group's channel count a multiple of this (faster kernels), by keeping
             the next-best channels; ``None`` honours the ticket exactly.
         finetune_epochs: end the fit this many epochs after the prune; ``None`` trains to ``max_epochs``.
+            On resume the current value is used.
         restart_schedule: start the LR schedule afresh instead of continuing it.
         reset_optimizer_state: start the optimizer state (momentum, moments) from zero instead of
-            carrying the kept channels' state over.
+            carrying the kept units' state over.
         reinit: re-initialise the pruned network's weights (the Early-Bird paper's "re-init" variant); the
             optimizer state then starts from zero.
         measure_latency: time inference before and after on the example input (rank zero only).
+        recalibrate_batches: training batches on which BatchNorm running statistics are re-estimated right
+            after the surgery (0: off).
+        evaluate: ``fn(pl_module) -> float``, called before the prune, right after the surgery and after the
+            recalibration (on every rank, in eval mode, without gradients); the results go in the report.
+        ticket: ``"early_bird"`` prunes the tracker's ticket; ``"random"`` prunes a random ticket with the
+            same number of kept units in every entry (a control for benchmarks), drawn with ``seed``.
+        seed: the seed of the ``"random"`` ticket.
+        report_dir: the folder of ``pruning_report.json``; ``None``: the logger's ``log_dir`` (no file
+            without a logger).
 
     Raises:
-        ValueError: on a bad argument; at setup if ``early_bird`` is not in the trainer, its source is not
-            BatchNorm, the strategy shards parameters (FSDP, DeepSpeed) or launches by spawn/fork
-            (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``: use ``ddp``).
+        ValueError: on a bad argument (named in the message); at setup if the tracker is not in the
+            trainer, its source cannot remove units, the strategy shards parameters (FSDP, DeepSpeed) or
+            launches by spawn/fork (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``: use ``ddp``).
 
     Example::
 
         early_bird = EarlyBirdCallback(prune_ratio=0.5)
         trainer = Trainer(max_epochs=160,
-                          callbacks=[early_bird, WormCallback(early_bird), PruneAndFinetune(early_bird)])
+                          callbacks=[early_bird, WormCallback(), PruneAndFinetune(recalibrate_batches=10)])
         trainer.fit(model, datamodule)  # search, prune at the ticket, fine-tune to the end
     """
 
+    #: Marks callbacks that rebuild a pruned module from a checkpoint's plan (see EarlyBirdCallback).
+    applies_pruning_plans = True
+
     def __init__(
         self,
-        early_bird: EarlyBirdCallback,
+        early_bird: TrackerSpec = None,
         example_input: Tensor | tuple[Tensor, ...] | None = None,
-        coupling: str = "all",
+        coupling: Literal["all", "mean_rank"] = "all",
         round_to: int | None = None,
         finetune_epochs: int | None = None,
         restart_schedule: bool = False,
         reset_optimizer_state: bool = False,
         reinit: bool = False,
         measure_latency: bool = True,
+        recalibrate_batches: int = 0,
+        evaluate: Callable[["pl.LightningModule"], float] | None = None,
+        ticket: Literal["early_bird", "random"] = "early_bird",
+        seed: int = 0,
+        report_dir: str | None = None,
     ) -> None:
         super().__init__()
-        check_is_tracker(early_bird, type(self).__name__)
-        if coupling not in ("all", "mean_rank"):
-            raise ValueError(f"`coupling` must be 'all' or 'mean_rank', got {coupling!r}.")
-        if round_to is not None and not (isinstance(round_to, int) and round_to >= 1):
-            raise ValueError(f"`round_to` must be None or an integer >= 1, got {round_to!r}.")
-        if finetune_epochs is not None and not (isinstance(finetune_epochs, int) and finetune_epochs >= 0):
-            raise ValueError(f"`finetune_epochs` must be None or an integer >= 0, got {finetune_epochs!r}.")
-        self.early_bird = early_bird
+        name = type(self).__name__
+        check_tracker_spec(early_bird, name)
+        _check_example_input(example_input)
+        self.coupling = check_choice("coupling", coupling, COUPLINGS)
+        self.round_to = check_int("round_to", round_to, minimum=1, allow_none=True)
+        self.finetune_epochs = check_int("finetune_epochs", finetune_epochs, minimum=0, allow_none=True)
+        self.restart_schedule = check_bool("restart_schedule", restart_schedule)
+        self.reset_optimizer_state = check_bool("reset_optimizer_state", reset_optimizer_state)
+        self.reinit = check_bool("reinit", reinit)
+        self.measure_latency = check_bool("measure_latency", measure_latency)
+        self.recalibrate_batches = check_int("recalibrate_batches", recalibrate_batches, minimum=0)
+        if evaluate is not None and not callable(evaluate):
+            raise ValueError(f"`evaluate` must be None or a callable `fn(pl_module) -> float`, got {evaluate!r}.")
+        self.ticket = check_choice("ticket", ticket, TICKETS)
+        self.seed = check_int("seed", seed)
+        if report_dir is not None and not isinstance(report_dir, (str, os.PathLike)):
+            raise ValueError(f"`report_dir` must be None or a folder path, got {report_dir!r}.")
+        self._spec = early_bird
+        self.early_bird: EarlyBirdCallback | None = early_bird if isinstance(early_bird, EarlyBirdCallback) else None
         self.example_input = example_input
-        self.coupling = coupling
-        self.round_to = round_to
-        self.finetune_epochs = finetune_epochs
-        self.restart_schedule = restart_schedule
-        self.reset_optimizer_state = reset_optimizer_state
-        self.reinit = reinit
-        self.measure_latency = measure_latency
+        self.evaluate = evaluate
+        self.report_dir = None if report_dir is None else os.fspath(report_dir)
         self.report: dict[str, Any] | None = None
         self.report_path: str | None = None
         self.plan: PruningPlan | None = None
         self.pruned_epoch: int | None = None
         self.stop_epoch: int | None = None
-        early_bird.subscribe(self._on_search_update)
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(early_bird=self.early_bird.state_key)
+        return self._generate_state_key(early_bird=tracker_key(self._spec, self.early_bird))
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        self._reshape_before_weights_load(pl_module)
+        hooks = checkpoint_hooks(pl_module)
+        hooks.on_load[type(self).__name__] = lambda checkpoint: self._apply_checkpoint_plan(trainer, pl_module,
+                                                                                           checkpoint)
+        hooks.on_save[type(self).__name__] = self._save_plan
         if stage != "fit":
             return
-        check_strategy(trainer, type(self).__name__)
-        check_tracker_in_trainer(trainer, self)
+        name = type(self).__name__
+        check_strategy(trainer, name)
+        self.early_bird = find_tracker(trainer, self._spec, name)
         if sum(isinstance(c, PruneAndFinetune) for c in trainer.callbacks) > 1:
             raise ValueError("One model can be pruned by one PruneAndFinetune: keep one in the Trainer's callbacks.")
-        if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+        method = launcher_start_method(trainer)
+        if method is not None:
             raise ValueError(
-                f"PruneAndFinetune does not support the {trainer.strategy.launcher._start_method!r} launcher: it "
-                "copies the trained weights back into the main process's unpruned module. Use `strategy='ddp'` "
-                "(one process per device, started as scripts), which supports pruning mid-fit."
+                f"PruneAndFinetune does not support the {method!r} launcher: it copies the trained weights back "
+                "into the main process's unpruned module. Use `strategy='ddp'` (one process per device, started "
+                "as scripts), which supports pruning mid-fit."
             )
-        if not isinstance(self.early_bird.source, BatchNormSource):
+        source = self.early_bird.source
+        if type(source).prune is ScoreSource.prune:
             raise ValueError(
-                f"PruneAndFinetune prunes BatchNorm channels, but the tracker scores "
-                f"{type(self.early_bird.source).__name__}. Use the default source, or prune with your own surgery."
+                f"PruneAndFinetune cannot remove the units of {type(source).__name__}: it has no surgery. Track a "
+                "source that can be pruned (e.g. 'batchnorm', 'attention_heads'), or prune with your own surgery."
             )
 
-    def _reshape_before_weights_load(self, pl_module: "pl.LightningModule") -> None:
-        # Lightning restores the model weights before any callback state, and no callback hook runs in
-        # between (checked in 2.5/2.6); the LightningModule's `on_load_checkpoint` is the last hook before
-        # `load_state_dict`, and it sees the whole checkpoint. Wrap it on this instance (once, whatever the
-        # number of fits) so that a pruned checkpoint reshapes the fresh module first, in fit, validate,
-        # test and predict alike.
-        original = getattr(pl_module.on_load_checkpoint, "__wrapped__", pl_module.on_load_checkpoint)
+    def _save_plan(self, checkpoint: dict[str, Any]) -> None:
+        if self.plan is not None:  # the module's part: written for save_weights_only checkpoints as well
+            checkpoint.setdefault(CHECKPOINT_KEY, {})["pruning_plan"] = self.plan.to_dict()
 
-        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            state = checkpoint.get("callbacks", {}).get(self.state_key)
-            if state and state.get("plan") is not None and self.plan is None:
-                self.plan = PruningPlan.from_dict(state["plan"])
-                apply_plan(pl_module, self.plan)
-            original(checkpoint)
+    def _apply_checkpoint_plan(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                               checkpoint: dict[str, Any]) -> None:
+        plan = find_pruning_plan(checkpoint)
+        if plan is None or self.plan is not None:
+            return
+        apply_plan(pl_module, plan)
+        self.plan = plan
+        for tracker in trackers(trainer):  # a weights-only checkpoint has no tracker state to say so
+            if tracker.searching:
+                tracker.end_search()
 
-        on_load_checkpoint.__wrapped__ = original  # type: ignore[attr-defined]
-        pl_module.on_load_checkpoint = on_load_checkpoint
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        raise_for_unloadable_checkpoint(trainer, exception)
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.stop_epoch is not None:  # resumed after the prune: the fine-tuning still ends where it should
+            trainer.fit_loop.max_epochs = self.stop_epoch
 
     @override
     def on_train_batch_start(
@@ -161,10 +208,17 @@ class PruneAndFinetune(Callback):
         if self.example_input is None and self.plan is None:
             self.example_input = _first_input(batch, fallback=pl_module.example_input_array)
 
-    def _on_search_update(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.plan is not None or self.early_bird.ticket is None or not self.early_bird.searching:
+    @override
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.early_bird is None or trainer.sanity_checking:
             return
-        self.prune(trainer, pl_module)
+        self.early_bird.observe_epoch(trainer, pl_module)  # whatever the callbacks' order
+        if self._ticket_waiting():
+            self.prune(trainer, pl_module)
+
+    def _ticket_waiting(self) -> bool:
+        tracker = self.early_bird
+        return self.plan is None and tracker is not None and tracker.searching and tracker.ticket is not None
 
     def prune(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Prune the ticket now, rebuild the optimizers, end the search. Every rank calls it together."""
@@ -175,23 +229,31 @@ class PruneAndFinetune(Callback):
                 "`example_input_array` on your LightningModule)."
             )
         example = _to_device(example, pl_module.device)
+        tracker = self.early_bird
+        ticket = tracker.ticket
+        if self.ticket == "random":
+            from lightning_worm.core.recalibration import random_ticket
+
+            ticket = Mask.from_dict(random_ticket(ticket, torch.Generator().manual_seed(self.seed)))
+        evaluation = {"before": self._evaluate(pl_module)}
         old_optimizers = list(trainer.strategy.optimizers)
         old_schedulers = [cfg.scheduler for cfg in trainer.strategy.lr_scheduler_configs]
         params_before = dict(pl_module.named_parameters())
         measure = self.measure_latency and trainer.is_global_zero
-        report = prune_channels(pl_module, self.early_bird.ticket, example, coupling=self.coupling,
-                                round_to=self.round_to, measure_latency=measure)
-        self.plan, self.pruned_epoch = report.plan, trainer.current_epoch
+        report = tracker.source.prune(pl_module, ticket, example, coupling=self.coupling, round_to=self.round_to,
+                                      measure_latency=measure)
+        self.plan = report.plan
+        self.pruned_epoch = trainer.current_epoch
         if self.reinit:
             _reinitialise(pl_module)
+        evaluation["after_surgery"] = self._evaluate(pl_module)
+        used = self._recalibrate(trainer, pl_module)
+        if used:
+            evaluation["after_recalibration"] = self._evaluate(pl_module)
 
-        if isinstance(trainer.strategy, DDPStrategy):
-            # DDP's reducer holds the old parameters: wrap the pruned module again (private API, pinned
-            # by the DDP test for lightning>=2.5,<2.7). The new wrapper broadcasts rank 0's weights.
-            trainer.strategy.model = trainer.strategy.model.module
-            trainer.strategy.configure_ddp()
+        rewrap_ddp(trainer)
         trainer.strategy.setup_optimizers(trainer)
-        _optimizers_to_device(trainer.strategy.optimizers, trainer.strategy.root_device)
+        optimizers_to_device(trainer.strategy.optimizers, trainer.strategy.root_device)
         params_after = dict(pl_module.named_parameters())
         self._carry_optimizers(old_optimizers, trainer.strategy.optimizers, params_before, params_after,
                                report.kept_indices)
@@ -199,16 +261,53 @@ class PruneAndFinetune(Callback):
             for old, cfg in zip(old_schedulers, trainer.strategy.lr_scheduler_configs):
                 cfg.scheduler.load_state_dict(old.state_dict())
         if self.finetune_epochs is not None:
-            self.stop_epoch = trainer.current_epoch + 1 + self.finetune_epochs
+            self.stop_epoch = self.pruned_epoch + 1 + self.finetune_epochs
             trainer.fit_loop.max_epochs = self.stop_epoch
 
-        for tracker in trainer.callbacks:  # every tracker's masks are of the old shapes now
-            if isinstance(tracker, EarlyBirdCallback) and tracker.searching:
-                tracker.end_search(trainer, pl_module)
-        self.report = {"epoch": trainer.current_epoch, "ticket_epoch": self.early_bird.ticket_epoch,
-                       "prune_ratio": self.early_bird.prune_ratio, **report.to_dict()}
+        for other in trackers(trainer):  # every tracker's masks are of the old shapes now
+            if other.searching:
+                other.end_search()
+        self.report = {"epoch": self.pruned_epoch, "ticket_epoch": tracker.ticket_epoch,
+                       "prune_ratio": tracker.prune_ratio, "ticket": self.ticket, "source": tracker.source.key,
+                       "recalibration_batches": used, **report.to_dict()}
+        if self.evaluate is not None:
+            self.report["evaluation"] = evaluation
         self.report.pop("plan", None)
         self._publish(trainer, pl_module)
+
+    def _evaluate(self, pl_module: "pl.LightningModule") -> float | None:
+        if self.evaluate is None:
+            return None
+        training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                value = self.evaluate(pl_module)
+        finally:
+            pl_module.train(training)
+        return float(value) if isinstance(value, (int, float, Tensor)) else value
+
+    def _recalibrate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> int:
+        if not self.recalibrate_batches:
+            return 0
+        from lightning_worm.core.recalibration import recalibrate_batchnorm
+
+        loader = trainer.train_dataloader
+        if loader is None:
+            return 0
+
+        def batches() -> Any:
+            for i, batch in enumerate(loader):
+                if i == self.recalibrate_batches:
+                    return
+                yield _to_device(_first_input(batch, fallback=None, limit=None), pl_module.device)
+
+        used = recalibrate_batchnorm(pl_module, batches())
+        if trainer.world_size > 1:  # every rank keeps rank 0's statistics
+            buffers = {n: b.cpu() for n, b in pl_module.named_buffers()}
+            for name, value in decide_on_rank_zero(trainer, buffers).items():
+                pl_module.get_buffer(name).copy_(value)
+        return used
 
     def _carry_optimizers(
         self,
@@ -244,35 +343,41 @@ class PruneAndFinetune(Callback):
         kwargs: dict[str, Any] = dict(on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
         pl_module.log("pruning/params_ratio", r["params_after"] / r["params_before"], **kwargs)
         pl_module.log("pruning/flops_ratio", r["flops_after"] / r["flops_before"], **kwargs)
-        directory = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+        directory = self.report_dir or trainer.log_dir  # log_dir is a collective under DDP: every rank asks
         if not trainer.is_global_zero:
             return
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, "pruning_report.json")
-        with open(path, "w") as f:
-            json.dump(r, f, indent=2)
-        self.report_path = path
+        self.report_path = None
+        if directory is None:
+            where = "kept in `PruneAndFinetune.report` and in checkpoints (no logger, no `report_dir`: no file)"
+        else:
+            try:
+                os.makedirs(directory, exist_ok=True)
+                path = os.path.join(directory, "pruning_report.json")
+                with open(path, "w") as f:
+                    json.dump(r, f, indent=2, allow_nan=False, default=_json_default)
+                self.report_path = where = path
+            except (OSError, ValueError) as error:
+                where = "not written"
+                rank_zero_warn(f"PruneAndFinetune: could not write the pruning report into {directory!r} ({error}); "
+                               "the fit goes on, the report is in `PruneAndFinetune.report` and in checkpoints.")
         latency = ""
         if r.get("latency_before_ms") is not None:
             latency = f", latency {r['latency_before_ms']:.2f} -> {r['latency_after_ms']:.2f} ms"
         rank_zero_info(
             f"PruneAndFinetune: pruned the ticket of epoch {r['ticket_epoch']} at the end of epoch {r['epoch']}: "
             f"parameters {r['params_before']:,} -> {r['params_after']:,}, "
-            f"FLOPs {r['flops_before']:,} -> {r['flops_after']:,}{latency}. Report: {path}"
+            f"FLOPs {r['flops_before']:,} -> {r['flops_after']:,}{latency}. Report: {where}"
         )
-
-    @override
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.stop_epoch is not None:  # resumed after the prune: the fine-tuning still ends where it should
-            trainer.fit_loop.max_epochs = self.stop_epoch
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
+            "owner": PLAN_OWNER,
             "plan": None if self.plan is None else self.plan.to_dict(),
             "report": self.report,
             "pruned_epoch": self.pruned_epoch,
             "stop_epoch": self.stop_epoch,
+            "finetune_epochs": self.finetune_epochs,
         }
 
     @override
@@ -285,13 +390,33 @@ class PruneAndFinetune(Callback):
                 "The checkpoint holds a pruned model, but its plan was not applied before the weights loaded. "
                 "Resume through `trainer.fit(module, ckpt_path=...)` with this PruneAndFinetune in the callbacks."
             )
+        if self.pruned_epoch is not None:  # the current `finetune_epochs` decides where the fit ends
+            stop = None if self.finetune_epochs is None else self.pruned_epoch + 1 + self.finetune_epochs
+            if stop != self.stop_epoch:
+                rank_zero_info(
+                    f"PruneAndFinetune: `finetune_epochs` is {self.finetune_epochs} now "
+                    f"({state_dict.get('finetune_epochs', 'not recorded')} in the checkpoint): the fit ends "
+                    + (f"after epoch {stop - 1}." if stop is not None else "at `max_epochs`.")
+                )
+            self.stop_epoch = stop
 
 
-def _first_input(batch: Any, fallback: Any = None) -> Any:
+def _check_example_input(example: Any) -> None:
+    if example is None or isinstance(example, Tensor):
+        return
+    if isinstance(example, (tuple, list)) and example and all(isinstance(e, Tensor) for e in example):
+        return
+    raise ValueError(
+        f"`example_input` must be None, a tensor or a tuple of tensors shaped like one input batch, got "
+        f"{type(example).__name__}: e.g. `example_input=torch.randn(2, 3, 32, 32)`."
+    )
+
+
+def _first_input(batch: Any, fallback: Any = None, limit: int | None = 2) -> Any:
     if isinstance(batch, Tensor):
-        return batch[:2].detach()
+        return batch[:limit].detach()
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0][:2].detach()
+        return batch[0][:limit].detach()
     if fallback is not None:
         return fallback
     raise ValueError(
@@ -304,6 +429,12 @@ def _to_device(example: Any, device: torch.device) -> Any:
     if isinstance(example, Tensor):
         return example.to(device)
     return tuple(_to_device(e, device) for e in example)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def _slice_like(value: Any, old_param: Tensor, kept: list[Tensor | None] | None) -> Any:

@@ -1,33 +1,155 @@
-"""Global channel masks and the distance between two of them.
+"""Global masks over a model's scored units, and the distance between two of them.
 
-A mask is a ``dict[str, torch.BoolTensor]``: one 1-D tensor per tracked module (``True`` = keep),
-keyed by the module's name in ``named_modules()`` order.
+A :class:`Mask` is the one mask type of the library: an immutable mapping of entry name (a tracked
+module, or a part of one) to a boolean tensor shaped like that entry's scores (``True`` = keep), backed
+by one flat tensor and its layout. It packs to one bit per unit for the detector's window, history and
+checkpoints.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
 
-from lightning_worm.core.scores import BatchNormSource, ChannelSource
+from lightning_worm.core.sources import ScoreSource, resolve_source
+from lightning_worm.core.validation import check_int, check_number
 
-Mask = dict[str, Tensor]
+Layout = tuple[tuple[str, tuple[int, ...]], ...]
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+class Mask(Mapping[str, Tensor]):
+    """Keep-masks of several entries, backed by one flat bool tensor and its layout.
+
+    ``mask[name]`` is a read-only view shaped like that entry's scores; ``mask.flat`` is every unit in
+    layout order. Build one with :meth:`from_dict`, or get one from :func:`channel_mask`.
+
+    Args:
+        flat: 1-D bool tensor, every unit of every entry in layout order.
+        layout: ``(name, shape)`` pairs in order (a mapping works too).
+
+    Raises:
+        ValueError: if ``flat`` does not fill the layout exactly.
+
+    Example::
+
+        mask = Mask.from_dict({"bn1": torch.tensor([True, False]), "bn2": torch.tensor([True])})
+        mask["bn1"], mask.flat, mask.kept, mask.packed()
+    """
+
+    __slots__ = ("flat", "layout", "_offsets")
+
+    def __init__(self, flat: Tensor, layout: Union[Mapping[str, Sequence[int]], Sequence[tuple[str, Sequence[int]]]]):
+        items = layout.items() if isinstance(layout, Mapping) else layout
+        self.layout: Layout = tuple((str(name), tuple(int(s) for s in shape)) for name, shape in items)
+        flat = flat.reshape(-1)
+        if flat.dtype != torch.bool:
+            raise ValueError(f"A mask holds booleans, got {flat.dtype}.")
+        sizes = [math.prod(shape) for _, shape in self.layout]
+        if flat.numel() != sum(sizes):
+            raise ValueError(f"A flat mask of {flat.numel()} units cannot fill a layout of {sum(sizes)}.")
+        if len({name for name, _ in self.layout}) != len(self.layout):
+            raise ValueError("A mask layout names an entry twice.")
+        self.flat = flat
+        offsets, start = {}, 0
+        for (name, shape), size in zip(self.layout, sizes):
+            offsets[name] = (start, size, shape)
+            start += size
+        self._offsets = offsets
+
+    @classmethod
+    def from_dict(cls, masks: Mapping[str, Tensor]) -> "Mask":
+        """A :class:`Mask` from ``{name: bool tensor}`` (a :class:`Mask` is returned as it is).
+
+        Raises:
+            ValueError: if it is empty or an entry is not a boolean tensor.
+        """
+        if isinstance(masks, Mask):
+            return masks
+        if not isinstance(masks, Mapping) or not masks:
+            raise ValueError(f"A mask is a non-empty mapping of name to bool tensor, got {type(masks).__name__}.")
+        for name, m in masks.items():
+            if not isinstance(m, Tensor) or m.dtype != torch.bool:
+                raise ValueError(f"The mask of {name!r} must be a bool tensor, got "
+                                 f"{getattr(m, 'dtype', type(m).__name__)}.")
+        device = next(iter(masks.values())).device
+        flat = torch.cat([m.reshape(-1).to(device) for m in masks.values()])
+        return cls(flat, [(name, tuple(m.shape)) for name, m in masks.items()])
+
+    def __getitem__(self, name: str) -> Tensor:
+        start, size, shape = self._offsets[name]
+        return self.flat[start:start + size].view(shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._offsets)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __repr__(self) -> str:
+        return f"Mask({len(self)} entries, {self.kept}/{self.total} units kept)"
+
+    @property
+    def total(self) -> int:
+        """Number of units."""
+        return self.flat.numel()
+
+    @property
+    def kept(self) -> int:
+        """Number of units kept."""
+        return int(self.flat.sum())
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Units per entry."""
+        return {name: size for name, (_, size, _) in self._offsets.items()}
+
+    def to_dict(self) -> dict[str, Tensor]:
+        """``{name: bool tensor}``, copies."""
+        return {name: self[name].clone() for name in self}
+
+    def to(self, device: Any) -> "Mask":
+        return Mask(self.flat.to(device), self.layout)
+
+    def packed(self) -> Tensor:
+        """The units as bits: a 1-D uint8 CPU tensor of ``ceil(total / 8)`` bytes (:meth:`unpack` reverses)."""
+        flat = self.flat.cpu()
+        pad = (-flat.numel()) % 8
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        return (flat.view(-1, 8).to(torch.uint8) * _BITS).sum(dim=1, dtype=torch.uint8)
+
+    @classmethod
+    def unpack(cls, packed: Tensor, layout: Union[Layout, Mapping[str, Sequence[int]]]) -> "Mask":
+        """The :class:`Mask` that :meth:`packed` produced, given its layout."""
+        items = layout.items() if isinstance(layout, Mapping) else layout
+        total = sum(math.prod(shape) for _, shape in items)
+        bits = (packed.reshape(-1, 1) & _BITS.to(packed.device)).ne(0).reshape(-1)
+        return cls(bits[:total], layout)
+
+
+MaskLike = Union[Mask, Mapping[str, Tensor]]
 
 
 class NonFiniteScoreError(ValueError):
-    """Raised when channel scores hold NaN or infinity; ``layers`` names the offending modules."""
+    """Raised when scores hold NaN or infinity; ``layers`` names the offending entries."""
 
     def __init__(self, layers: list[str]) -> None:
         self.layers = layers
         super().__init__(
-            f"Non-finite channel scores (NaN or inf) in {len(layers)} layer(s): {', '.join(layers[:5])}"
+            f"Non-finite scores (NaN or inf) in {len(layers)} layer(s): {', '.join(layers[:5])}"
             + (" ..." if len(layers) > 5 else "")
             + ". The training has diverged there; lower the learning rate or enable gradient clipping."
         )
+
+    def __reduce__(self) -> tuple:  # picklable for the DDP broadcast
+        return (type(self), (self.layers,))
 
 
 @dataclass
@@ -36,9 +158,9 @@ class MaskResult:
 
     Attributes:
         mask: the mask, ``True`` = keep.
-        requested: ``round(prune_ratio * N)``, the channels the global ranking prunes.
-        pruned: the channels actually pruned (below ``requested`` when ``min_channels`` kept some back).
-        restored: per layer, how many channels ``min_channels`` kept back.
+        requested: ``round(prune_ratio * N)``, the units the global ranking prunes.
+        pruned: the units actually pruned (below ``requested`` when ``min_channels`` kept some back).
+        restored: per entry, how many units ``min_channels`` kept back.
     """
 
     mask: Mask
@@ -48,84 +170,90 @@ class MaskResult:
 
 
 def validate_ratio(prune_ratio: float) -> None:
-    if not (isinstance(prune_ratio, (int, float)) and 0.0 < prune_ratio < 1.0):
-        raise ValueError(f"`prune_ratio` must be in the open interval (0, 1), got {prune_ratio!r}.")
+    check_number("prune_ratio", prune_ratio, low=0.0, high=1.0, low_open=True, high_open=True)
 
 
 def validate_min_channels(min_channels: int) -> None:
-    if not (isinstance(min_channels, int) and min_channels >= 1):
-        raise ValueError(f"`min_channels` must be an integer >= 1, got {min_channels!r}.")
+    check_int("min_channels", min_channels, minimum=1)
 
 
 def mask_from_scores(scores: Mapping[str, Tensor], prune_ratio: float, min_channels: int = 1) -> MaskResult:
-    """Global mask from per-layer channel scores.
+    """Global mask from per-entry scores (any shapes).
 
-    The ``round(prune_ratio * N)`` channels with the smallest score over all ``N`` channels are pruned;
-    ties go by layer order, then channel index (a stable ascending sort). A layer left with fewer than
-    ``min_channels`` channels keeps its ``min_channels`` best ones instead (ties: lower index kept).
+    The ``round(prune_ratio * N)`` units with the smallest score over all ``N`` units are pruned; ties go
+    by entry order, then flat index (as a stable ascending sort would, in O(N) through ``kthvalue``). An
+    entry left with fewer than ``min_channels`` units keeps its ``min_channels`` best ones instead (ties:
+    lower index kept).
 
     Args:
-        scores: 1-D score tensor per layer, in layer order. Compared in float32 or wider.
-        prune_ratio: fraction of channels to prune, in (0, 1).
-        min_channels: channels every layer keeps at least (all of them if it has fewer).
+        scores: score tensor per entry, in order. Compared in float32 or wider.
+        prune_ratio: fraction of units to prune, in (0, 1).
+        min_channels: units every entry keeps at least (all of them if it has fewer).
 
     Raises:
-        ValueError: on a bad ratio, ``min_channels``, or no channel at all.
+        ValueError: on a bad ratio, ``min_channels``, or no unit at all.
         NonFiniteScoreError: if a score is NaN or infinite.
     """
     validate_ratio(prune_ratio)
     validate_min_channels(min_channels)
     names = list(scores)
-    if not names:
-        raise ValueError("No channels to mask: `scores` is empty.")
+    if not names or all(scores[n].numel() == 0 for n in names):
+        raise ValueError("No unit to mask: `scores` is empty.")
     device = scores[names[0]].device
-    flat = torch.cat([scores[n].reshape(-1).to(device, torch.promote_types(scores[n].dtype, torch.float32))
-                      for n in names])
-    sizes = [scores[n].numel() for n in names]
-    if not bool(torch.isfinite(flat).all()):
+    dtype = functools.reduce(torch.promote_types, (scores[n].dtype for n in names), torch.float32)
+    flat = torch.cat([scores[n].detach().reshape(-1).to(device, dtype) for n in names])
+    if not bool(torch.isfinite(flat.sum())):  # one reduction; the per-entry check only when it fails
         bad = [n for n in names if not bool(torch.isfinite(scores[n]).all())]
-        raise NonFiniteScoreError(bad)
+        if bad:
+            raise NonFiniteScoreError(bad)
 
     requested = round(prune_ratio * flat.numel())
-    keep = torch.ones(flat.numel(), dtype=torch.bool, device=device)
-    keep[torch.sort(flat, stable=True).indices[:requested]] = False
+    if requested == 0:
+        keep = torch.ones(flat.numel(), dtype=torch.bool, device=device)
+    else:
+        threshold = flat.kthvalue(requested).values
+        keep = flat > threshold
+        ties = ~keep & (flat == threshold)  # of the ties, the first `need` by position go (a stable sort)
+        need = requested - int((flat < threshold).sum())
+        extra = int(ties.sum()) - need
+        if extra > 0:
+            keep[ties.nonzero().flatten()[need:]] = True
 
-    layer_of = torch.repeat_interleave(torch.arange(len(names), device=device),
-                                       torch.tensor(sizes, device=device))
-    kept_per_layer = torch.zeros(len(names), dtype=torch.long, device=device).index_add_(0, layer_of, keep.long())
-    minimum = torch.tensor(sizes, device=device).clamp(max=min_channels)
-    segments = list(keep.split(sizes))
+    mask = Mask(keep, [(n, tuple(scores[n].shape)) for n in names])
     restored = {}
-    for i in torch.nonzero(kept_per_layer < minimum).flatten().tolist():
-        best = torch.sort(scores[names[i]].reshape(-1).float(), descending=True, stable=True).indices
-        segments[i] = torch.zeros_like(segments[i]).index_fill_(0, best[: int(minimum[i])], True)
-        restored[names[i]] = int(minimum[i] - kept_per_layer[i])
-    mask = {n: seg.clone() for n, seg in zip(names, segments)}
+    for name, size in mask.sizes.items():
+        minimum = min(size, min_channels)
+        entry = mask[name].reshape(-1)
+        kept = int(entry.sum())
+        if kept < minimum:
+            best = torch.sort(scores[name].reshape(-1).to(device, dtype), descending=True, stable=True).indices
+            entry.zero_().index_fill_(0, best[:minimum], True)
+            restored[name] = minimum - kept
     return MaskResult(mask=mask, requested=requested, pruned=requested - sum(restored.values()), restored=restored)
 
 
-def channel_scores(model: nn.Module, source: ChannelSource | None = None) -> dict[str, Tensor]:
-    """The channel scores of every tracked module of ``model`` (by default BN ``|gamma|``)."""
-    source = source or BatchNormSource()
-    return {name: source.scores(m) for name, m in source.tracked(model).items()}
+def channel_scores(model: nn.Module, source: str | ScoreSource | None = None) -> dict[str, Tensor]:
+    """The scores of every tracked entry of ``model`` (by default BatchNorm ``|gamma|``)."""
+    source = resolve_source(source)
+    return {name: source.scores(h) for name, h in source.tracked(model).items()}
 
 
 def channel_mask(
-    model: nn.Module, prune_ratio: float, min_channels: int = 1, source: ChannelSource | None = None
+    model: nn.Module, prune_ratio: float, min_channels: int = 1, source: str | ScoreSource | None = None
 ) -> Mask:
-    """Global channel mask of ``model`` at ``prune_ratio``.
+    """Global mask of ``model`` at ``prune_ratio``.
 
     Args:
-        model: any ``nn.Module``; its tracked channels are scored by ``source``.
-        prune_ratio: fraction of channels to prune, in (0, 1).
-        min_channels: channels every layer keeps at least.
-        source: what is scored; :class:`~lightning_worm.core.scores.BatchNormSource` by default.
+        model: any ``nn.Module``; its tracked units are scored by ``source``.
+        prune_ratio: fraction of units to prune, in (0, 1).
+        min_channels: units every entry keeps at least.
+        source: what is scored; :class:`~lightning_worm.BatchNormSource` by default.
 
     Returns:
-        ``dict[str, BoolTensor]`` per tracked module name, ``True`` = keep.
+        A :class:`Mask`: per tracked entry name a bool tensor shaped like its scores, ``True`` = keep.
 
     Raises:
-        ValueError: on bad arguments or if the model has no tracked channel.
+        ValueError: on bad arguments or if the model has no tracked unit.
         NonFiniteScoreError: if a score is NaN or infinite.
 
     Example::
@@ -133,31 +261,22 @@ def channel_mask(
         mask = channel_mask(model, prune_ratio=0.5)
         print({name: int(m.sum()) for name, m in mask.items()})  # channels kept per layer
     """
+    source = resolve_source(source)
     scores = channel_scores(model, source)
     if not scores:
-        raise ValueError(f"The model has no tracked channels ({(source or BatchNormSource()).description}).")
+        raise ValueError(f"The model has no tracked channels or units ({source.description}).")
     return mask_from_scores(scores, prune_ratio, min_channels).mask
 
 
-def flatten_mask(mask: Mapping[str, Tensor]) -> Tensor:
-    """Concatenate a mask's layers in their order into one 1-D bool tensor."""
-    return torch.cat([m.reshape(-1) for m in mask.values()])
-
-
-def unflatten_mask(flat: Tensor, like: Mapping[str, int]) -> Mask:
-    """Split a flat mask back into layers; ``like`` maps layer name to channel count, in order."""
-    if flat.numel() != sum(like.values()):
-        raise ValueError(f"A flat mask of {flat.numel()} channels cannot fill layers of {sum(like.values())}.")
-    return dict(zip(like, (t.clone() for t in flat.split(list(like.values())))))
-
-
-def mask_distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
-    """Normalised Hamming distance: the fraction of channels on which two masks differ.
+def mask_distance(a: MaskLike, b: MaskLike) -> float:
+    """Normalised Hamming distance: the fraction of units on which two masks differ.
 
     Raises:
-        ValueError: if the masks do not cover the same layers with the same channel counts.
+        ValueError: if the masks do not cover the same entries with the same shapes.
     """
-    if list(a) != list(b) or any(a[k].shape != b[k].shape for k in a):
-        raise ValueError("The two masks cover different layers or channel counts; compare masks of one model.")
-    fa, fb = flatten_mask(a), flatten_mask(b)
-    return float((fa != fb).sum()) / fa.numel() if fa.numel() else math.nan
+    a, b = Mask.from_dict(a), Mask.from_dict(b)
+    if a.layout != b.layout:
+        raise ValueError("The two masks cover different layers or channel counts (entries or shapes); compare masks of one model.")
+    if not a.total:
+        return math.nan
+    return float((a.flat != b.flat.to(a.flat.device)).sum()) / a.total

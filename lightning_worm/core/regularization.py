@@ -7,10 +7,11 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from lightning_worm.core.validation import check_number
+
 
 def validate_sparsity(sparsity: float) -> None:
-    if not (isinstance(sparsity, (int, float)) and sparsity >= 0.0):
-        raise ValueError(f"`sparsity` must be a number >= 0, got {sparsity!r}.")
+    check_number("sparsity", sparsity, low=0.0)
 
 
 @torch.no_grad()

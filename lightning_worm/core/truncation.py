@@ -1,4 +1,4 @@
-"""WORM gradient truncation: the chi schedules and the per-channel gradient multiply."""
+"""WORM gradient truncation: the chi schedules and the per-unit gradient multiply."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_worm.core.detector import validate_unit_interval
-from lightning_worm.core.scores import BatchNormSource, ChannelSource
+from lightning_worm.core.masks import Mask, MaskLike
+from lightning_worm.core.sources import ScoreSource, resolve_source
+from lightning_worm.core.validation import check_choice, check_number
 
-SCHEDULES = ("elbow", "fixed", "greedy")
+SCHEDULES = ("elbow", "fixed", "greedy", "two_stage")
 
 
 class ChiSchedule:
@@ -21,22 +22,30 @@ class ChiSchedule:
       ``chi`` for good (it never switches back).
     - ``"fixed"``: ``chi`` from the first mask on.
     - ``"greedy"``: chi = the latest mean distance clipped to [0, 1]; 1 while the window is not full.
+    - ``"two_stage"`` (the WORM code's transformer schedule): 1 while the window is not full, then the
+      epoch's mean distance, and ``low`` whenever the mean distance is below ``low_below``; recomputed
+      every epoch (not sticky).
 
     Args:
-        schedule: one of ``"elbow"``, ``"fixed"``, ``"greedy"``.
-        chi: the multiplier of masked-out channels' gradients, in [0, 1].
+        schedule: one of ``"elbow"``, ``"fixed"``, ``"greedy"``, ``"two_stage"``.
+        chi: the multiplier of masked-out units' gradients (``"elbow"``, ``"fixed"``), in [0, 1].
         elbow: mean-distance threshold of the ``"elbow"`` schedule, in [0, 1].
+        low: the ``"two_stage"`` multiplier once the search has nearly settled, in [0, 1].
+        low_below: the ``"two_stage"`` mean distance under which ``low`` is used, in [0, 1].
 
     Raises:
         ValueError: on an unknown schedule or a value outside [0, 1].
     """
 
-    def __init__(self, schedule: str = "elbow", chi: float = 0.003, elbow: float = 0.15) -> None:
-        if schedule not in SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {schedule!r}.")
-        validate_unit_interval("chi", chi)
-        validate_unit_interval("elbow", elbow)
-        self.schedule, self.chi, self.elbow = schedule, float(chi), float(elbow)
+    def __init__(
+        self, schedule: str = "elbow", chi: float = 0.003, elbow: float = 0.15, low: float = 0.01,
+        low_below: float = 0.015,
+    ) -> None:
+        self.schedule = check_choice("schedule", schedule, SCHEDULES)
+        self.chi = check_number("chi", chi, low=0.0, high=1.0)
+        self.elbow = check_number("elbow", elbow, low=0.0, high=1.0)
+        self.low = check_number("low", low, low=0.0, high=1.0)
+        self.low_below = check_number("low_below", low_below, low=0.0, high=1.0)
         self.value = 1.0
         self.switched = False
 
@@ -46,6 +55,11 @@ class ChiSchedule:
             self.switched, self.value = True, self.chi
         elif self.schedule == "greedy":
             self.value = 1.0 if math.isnan(mean_distance) else min(max(mean_distance, 0.0), 1.0)
+        elif self.schedule == "two_stage":
+            if math.isnan(mean_distance):
+                self.value = 1.0
+            else:
+                self.value = self.low if mean_distance < self.low_below else min(max(mean_distance, 0.0), 1.0)
         elif self.switched or mean_distance < self.elbow:  # NaN < elbow is False
             self.switched, self.value = True, self.chi
         return self.value
@@ -58,14 +72,16 @@ class ChiSchedule:
 
 
 class GradientTruncation:
-    """Multiplies the gradients of masked-out channels by chi; kept channels are untouched.
+    """Multiplies the gradients of masked-out units by chi; kept units are untouched.
 
     Call :meth:`set` whenever the mask or chi changes (once per epoch) and :meth:`apply` once per
     optimizer step on the final gradient (after the last backward of an accumulation, before clipping).
-    The per-step work is one fused ``_foreach_mul_`` over the tracked parameters, with no host sync.
+    Which parameters a masked-out unit truncates is the source's business
+    (:meth:`~lightning_worm.ScoreSource.gradient_factors`). The per-step work is one fused
+    ``_foreach_mul_`` over those parameters, with no host sync.
 
     Args:
-        model: the model whose tracked channels are truncated.
+        model: the model whose tracked units are truncated.
         source: what is scored; BatchNorm ``|gamma|`` by default (truncates BN weight and bias).
 
     Example::
@@ -77,39 +93,43 @@ class GradientTruncation:
         optimizer.step()
     """
 
-    def __init__(self, model: nn.Module, source: ChannelSource | None = None) -> None:
+    def __init__(self, model: nn.Module, source: str | ScoreSource | None = None) -> None:
         self.model = model
-        self.source = source or BatchNormSource()
+        self.source = resolve_source(source)
         self.chi = 1.0
         self.truncated_channels = 0
         self._params: list[Tensor] = []
         self._factors: list[Tensor] = []
 
-    def set(self, mask: Mapping[str, Tensor] | None, chi: float) -> None:
+    def set(self, mask: MaskLike | None, chi: float) -> None:
         """Use ``mask`` (``True`` = keep) and multiplier ``chi`` from now on; ``None`` or chi = 1 disables.
 
         Raises:
-            ValueError: if the mask names a module that is not tracked or has the wrong channel count.
+            ValueError: if the mask names an entry that is not tracked or has the wrong shape.
         """
-        validate_unit_interval("chi", chi)
-        self.chi = float(chi)
+        self.chi = check_number("chi", chi, low=0.0, high=1.0)
         self._params, self._factors = [], []
         self.truncated_channels = 0
         if mask is None or self.chi == 1.0:
             return
-        modules = self.source.tracked(self.model)
+        mask = Mask.from_dict(mask)
+        handles = self.source.tracked(self.model)
+        factors: dict[int, tuple[Tensor, Tensor]] = {}  # one factor per parameter (packed q/k share one)
         for name, keep in mask.items():
-            if name not in modules:
-                raise ValueError(f"The mask names {name!r}, which is not a tracked module of the model.")
-            for param in self.source.channel_parameters(modules[name]):
-                if param.shape[0] != keep.numel():
-                    raise ValueError(
-                        f"The mask of {name!r} has {keep.numel()} channels, the parameter {param.shape[0]}."
-                    )
-                factor = torch.where(keep.to(param.device), 1.0, self.chi).to(param.dtype)
-                self._params.append(param)
-                self._factors.append(factor.view(-1, *([1] * (param.dim() - 1))))
+            if name not in handles:
+                raise ValueError(f"The mask names {name!r}, which is not a tracked module or entry of the model ({self.source.key}).")
+            if self.source.count(handles[name]) != keep.numel():
+                raise ValueError(
+                    f"The mask of {name!r} has {keep.numel()} channels (units), the model's entry "
+                    f"{self.source.count(handles[name])}: the mask is of another model."
+                )
+            for param, factor in self.source.gradient_factors(handles[name], keep, self.chi):
+                if id(param) in factors:
+                    factor = factors[id(param)][1] * factor
+                factors[id(param)] = (param, factor)
             self.truncated_channels += int((~keep).sum())
+        self._params = [param for param, _ in factors.values()]
+        self._factors = [factor for _, factor in factors.values()]
 
     @torch.no_grad()
     def apply(self) -> None:

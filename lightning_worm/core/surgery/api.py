@@ -15,18 +15,7 @@ from lightning_worm.core.surgery import decision as decisions
 from lightning_worm.core.surgery.graph import build_graph, cut, output_shapes, plan_cuts, removed_out_channels
 from lightning_worm.core.surgery.plan import KeptIndices, PruningPlan, PruningReport, register_replay, replay
 
-try:  # the score-source seam
-    from lightning_worm.core.sources import BatchNormSource, resolve_source
-except ImportError:  # pragma: no cover - before the seam landed
-    from lightning_worm.core.scores import BatchNormSource
-
-    def resolve_source(source: Any) -> Any:
-        if source is None or source == "batchnorm":
-            return BatchNormSource()
-        if isinstance(source, str):
-            raise ValueError(f"Unknown `source` {source!r}: use 'batchnorm' or a source instance.")
-        return source
-
+from lightning_worm.core.sources import resolve_source
 
 __all__ = ["DEFAULT_COUPLING", "apply_plan", "prune_channels"]
 
@@ -239,11 +228,11 @@ def _scored_modules(model: nn.Module, source: Any) -> dict[str, nn.Module]:
     tracked = source.tracked(model)
     own = {id(m) for m in model.modules()}
     for name, handle in tracked.items():
-        if not isinstance(handle, nn.Module) or id(handle) not in own:
+        if not isinstance(handle, nn.Module) or id(handle) not in own or source.scores(handle).dim() != 1:
             raise ValueError(
                 f"prune_channels removes output channels of modules, but {type(source).__name__} tracks entry "
-                f"{name!r} as a {type(handle).__name__}. Prune with the source's own `prune`, or track channels "
-                "(e.g. BatchNormSource)."
+                f"{name!r} as a {type(handle).__name__} (scores must be 1-D, one per output channel of the "
+                "entry's module). Prune with the source's own `prune`, or track channels (e.g. BatchNormSource)."
             )
     return tracked
 

@@ -1,0 +1,94 @@
+"""The private Lightning API lightning-worm relies on (lightning>=2.5,<2.7), and why.
+
+Each function names the internal it touches; ``tests/test_internals.py`` pins every one of them, so that a
+Lightning release that changes one fails there with the name of the change, not deep inside a fit.
+Everything else in the callbacks uses public hooks and properties only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+
+#: The internals used here, for the README and the pinning test.
+USED = (
+    "DDPStrategy.configure_ddp() and assigning DDPStrategy.model: wrap the pruned module in DDP again mid-fit",
+    "DDPStrategy.launcher._start_method: refuse spawn/fork launchers, which copy dense weights back",
+    "LightningModule.on_load_checkpoint / on_save_checkpoint replaced on the instance: reshape a fresh module "
+    "before pruned weights load, and write the pruning plan into weights-only checkpoints too",
+)
+
+
+def rewrap_ddp(trainer: "pl.Trainer") -> None:
+    """Wrap the (pruned) LightningModule in a new ``DistributedDataParallel`` on every rank.
+
+    DDP's reducer holds the old parameters after a prune. Lightning has no public call to re-wrap a model
+    mid-fit; ``configure_ddp`` (private) wraps ``strategy.model`` again, and the new wrapper broadcasts
+    rank 0's weights. The caller rebuilds the optimizers afterwards.
+    """
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy):
+        strategy.model = strategy.model.module
+        strategy.configure_ddp()
+
+
+def launcher_start_method(trainer: "pl.Trainer") -> str | None:
+    """``"spawn"``, ``"fork"`` or ``"forkserver"`` when the strategy starts its processes that way, else ``None``.
+
+    Such launchers copy the trained weights back into the main process's module at the end of the fit;
+    the public ``strategy_name`` does not say which launcher a custom DDPStrategy uses.
+    """
+    launcher = getattr(trainer.strategy, "launcher", None)
+    return getattr(launcher, "_start_method", None)
+
+
+class CheckpointHooks:
+    """Functions run from the LightningModule's own ``on_save_checkpoint`` / ``on_load_checkpoint``.
+
+    Lightning restores the model weights before any callback state, and no callback hook runs in
+    between (checked in 2.5/2.6); the module's ``on_load_checkpoint`` is the last hook before
+    ``load_state_dict`` and sees the whole checkpoint. Likewise only the module's ``on_save_checkpoint``
+    runs for ``save_weights_only`` checkpoints. So the hooks are replaced on the instance (once, however
+    many fits and callbacks use them), calling the registered functions and then the user's own hook.
+    """
+
+    def __init__(self) -> None:
+        self.on_save: dict[str, Callable[[dict[str, Any]], None]] = {}
+        self.on_load: dict[str, Callable[[dict[str, Any]], None]] = {}
+
+
+def checkpoint_hooks(pl_module: "pl.LightningModule") -> CheckpointHooks:
+    """The :class:`CheckpointHooks` of ``pl_module``, installed on first use."""
+    hooks = pl_module.__dict__.get("_lightning_worm_checkpoint_hooks")
+    if hooks is not None:
+        return hooks
+    hooks = CheckpointHooks()
+    original_save, original_load = pl_module.on_save_checkpoint, pl_module.on_load_checkpoint
+
+    def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
+        for fn in list(hooks.on_save.values()):
+            fn(checkpoint)
+        original_save(checkpoint)
+
+    def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+        for fn in list(hooks.on_load.values()):
+            fn(checkpoint)
+        original_load(checkpoint)
+
+    # Instance attributes: not saved by `save_hyperparameters`, not pickled into checkpoints.
+    object.__setattr__(pl_module, "on_save_checkpoint", on_save_checkpoint)
+    object.__setattr__(pl_module, "on_load_checkpoint", on_load_checkpoint)
+    pl_module.__dict__["_lightning_worm_checkpoint_hooks"] = hooks
+    return hooks
+
+
+def optimizers_to_device(optimizers: list[torch.optim.Optimizer], device: torch.device) -> None:
+    """Move every tensor of the optimizers' state to ``device`` (public torch API only)."""
+    for optimizer in optimizers:
+        for state in optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.device != device and key != "step":
+                    state[key] = value.to(device)

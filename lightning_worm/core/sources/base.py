@@ -1,0 +1,121 @@
+"""The score-source protocol: the seam between a model and the ticket search.
+
+A :class:`ScoreSource` says what the search tracks in a model: which *entries* exist (a BatchNorm
+layer's channels, an attention block's heads, a projection's weights), the importance score of each
+unit of an entry (any shape: one per channel, one per head, one per weight), how a keep-mask of those
+units turns into gradient factors (what WORM multiplies), which parameters the sparsity term
+regularises, and, optionally, how to remove pruned units physically. Detection, distances,
+truncation, checkpoints and logging only ever see a source's output; they know nothing of module types.
+
+An entry's *handle* (what :meth:`ScoreSource.tracked` returns per entry name) is opaque to the core:
+usually the module itself, or a small object naming a part of a module (a packed projection's query
+rows). Every other method takes that handle.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+class ScoreSource:
+    """Base class of score sources.
+
+    Subclasses implement ``candidates`` and ``scores``, and usually ``skip_reason``,
+    ``gradient_factors`` and ``sparsity_parameters``; ``prune`` where units can be removed.
+    """
+
+    #: The short name of the source (``EarlyBirdCallback(source=key)``, state keys, YAML).
+    key: str = "custom"
+    #: A short human description of what is tracked, for messages.
+    description: str = "units"
+
+    def candidates(self, model: nn.Module) -> Iterator[tuple[str, Any]]:
+        """Yield ``(entry name, handle)`` for every entry of the kind this source scores, tracked or not."""
+        raise NotImplementedError
+
+    def skip_reason(self, handle: Any) -> str | None:
+        """Why a candidate is not tracked (``None`` if it is)."""
+        return None
+
+    def scores(self, handle: Any) -> Tensor:
+        """The importance score of each unit of the entry (any shape), in float32 or wider."""
+        raise NotImplementedError
+
+    def count(self, handle: Any) -> int:
+        """The number of units of the entry."""
+        return self.scores(handle).numel()
+
+    def gradient_factors(self, handle: Any, keep: Tensor, chi: float) -> list[tuple[Tensor, Tensor]]:
+        """``(parameter, factor)`` pairs: WORM multiplies ``parameter.grad`` by ``factor`` (broadcastable).
+
+        ``keep`` is the entry's boolean mask, shaped like its scores (``True`` = keep). Parameters not
+        returned are never touched. The default truncates nothing.
+        """
+        return []
+
+    def sparsity_parameters(self, handle: Any) -> list[Tensor]:
+        """Parameters that the sparsity term ``s * sign(p)`` regularises (none by default)."""
+        return []
+
+    def prune(self, model: nn.Module, ticket: Any, example_input: Any, **options: Any) -> Any:
+        """Remove the ticket's pruned units physically, in place; returns a ``PruningReport``.
+
+        Raises:
+            NotImplementedError: if this source cannot remove units (the message says what to do instead).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot remove pruned units physically: prune with your own surgery, or "
+            "track a source that supports it (e.g. BatchNormSource)."
+        )
+
+    def tracked(self, model: nn.Module) -> dict[str, Any]:
+        """The tracked entries of ``model`` (entry name -> handle), in model order."""
+        return {name: h for name, h in self.candidates(model) if self.skip_reason(h) is None}
+
+    def skipped(self, model: nn.Module) -> dict[str, str]:
+        """The candidates left out, by entry name, with the reason."""
+        out = {}
+        for name, handle in self.candidates(model):
+            reason = self.skip_reason(handle)
+            if reason is not None:
+                out[name] = reason
+        return out
+
+    def summary(self, model: nn.Module) -> str:
+        """One line saying what is tracked in ``model`` and what is left out (printed once at setup)."""
+        tracked = self.tracked(model)
+        units = sum(self.count(h) for h in tracked.values())
+        line = f"tracking {units} units ({self.description}) in {len(tracked)} entries"
+        skipped = self.skipped(model)
+        if skipped:
+            line += "; left out: " + ", ".join(f"{n} ({why})" for n, why in skipped.items())
+        return line
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ChannelSource(ScoreSource):
+    """A source whose units are the channels of a module: dim 0 of its per-channel parameters.
+
+    Subclasses implement ``candidates``, ``scores`` (1-D, one score per channel),
+    ``channel_parameters`` (truncated by WORM along dim 0) and ``sparsity_parameters``.
+    """
+
+    description = "channels"
+
+    def channel_parameters(self, handle: Any) -> list[Tensor]:
+        """Parameters with one entry per channel along dim 0 (truncated by WORM)."""
+        raise NotImplementedError
+
+    def gradient_factors(self, handle: Any, keep: Tensor, chi: float) -> list[tuple[Tensor, Tensor]]:
+        out = []
+        for param in self.channel_parameters(handle):
+            if param.shape[0] != keep.numel():
+                raise ValueError(f"A mask of {keep.numel()} channels does not fit a parameter of {param.shape[0]}.")
+            factor = torch.where(keep.to(param.device), 1.0, chi).to(param.dtype)
+            out.append((param, factor.view(-1, *([1] * (param.dim() - 1)))))
+        return out

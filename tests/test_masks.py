@@ -1,0 +1,176 @@
+"""The one mask type, the O(N) global ranking, packed detector storage, the two-stage schedule, sources."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_worm import BatchNormSource, ChiSchedule, Mask, ScoreSource, TicketDetector, mask_distance
+from lightning_worm.core import SOURCES, mask_from_scores, resolve_source
+
+
+def sorted_reference(scores, ratio):
+    """The definition: a stable ascending sort of all units, the first round(ratio * N) pruned."""
+    flat = torch.cat([s.reshape(-1).double() for s in scores.values()])
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    keep[torch.sort(flat, stable=True).indices[: round(ratio * flat.numel())]] = False
+    return keep
+
+
+class TestMask:
+    def test_views_layout_and_dict_roundtrip(self):
+        mask = Mask.from_dict({"a": torch.tensor([True, False, True]), "b": torch.tensor([[False, True]])})
+        assert list(mask) == ["a", "b"] and len(mask) == 2
+        assert mask.layout == (("a", (3,)), ("b", (1, 2)))
+        assert torch.equal(mask["b"], torch.tensor([[False, True]]))
+        assert mask.kept == 3 and mask.total == 5 and mask.sizes == {"a": 3, "b": 2}
+        assert Mask.from_dict(mask) is mask
+        again = Mask.from_dict(mask.to_dict())
+        assert torch.equal(again.flat, mask.flat) and again.layout == mask.layout
+
+    @pytest.mark.parametrize("total", [1, 7, 8, 9, 1000, 12345])
+    def test_packed_is_one_bit_per_unit_and_roundtrips(self, total):
+        flat = torch.rand(total, generator=torch.Generator().manual_seed(total)) > 0.5
+        mask = Mask(flat, [("x", (total,))])
+        packed = mask.packed()
+        assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(total / 8)
+        assert torch.equal(Mask.unpack(packed, mask.layout).flat, flat)
+
+    @pytest.mark.parametrize("bad", [{}, {"a": torch.ones(3)}, {"a": [True]}, "not a mask"])
+    def test_bad_masks_are_refused(self, bad):
+        with pytest.raises(ValueError, match="mask"):
+            Mask.from_dict(bad)
+
+    def test_flat_must_fill_layout(self):
+        with pytest.raises(ValueError, match="cannot fill"):
+            Mask(torch.ones(3, dtype=torch.bool), [("a", (2,))])
+
+    def test_distance_is_the_fraction_of_differing_units(self):
+        a = {"w": torch.tensor([[True, True], [False, False]])}
+        b = {"w": torch.tensor([[True, False], [False, True]])}
+        assert mask_distance(a, b) == 0.5
+        assert mask_distance(Mask.from_dict(a), b) == 0.5
+
+
+class TestGlobalRanking:
+    @pytest.mark.parametrize("seed", range(5))
+    @pytest.mark.parametrize("ratio", [0.1, 0.5, 0.6])
+    def test_equals_a_stable_sort_with_ties_and_any_shapes(self, seed, ratio):
+        g = torch.Generator().manual_seed(seed)
+        scores = {  # few distinct values: ties everywhere, across entries
+            "conv": torch.randint(0, 4, (5, 3), generator=g).float(),
+            "bn": torch.randint(0, 4, (7,), generator=g).float(),
+            "heads": torch.randint(0, 4, (2, 2, 2), generator=g).double(),
+        }
+        result = mask_from_scores(scores, ratio)
+        assert result.restored == {}  # no entry emptied: the ranking alone decides
+        assert torch.equal(result.mask.flat, sorted_reference(scores, ratio))
+        assert result.mask["conv"].shape == (5, 3) and result.mask["heads"].shape == (2, 2, 2)
+
+    def test_all_equal_scores_prune_by_order(self):
+        result = mask_from_scores({"a": torch.ones(4), "b": torch.ones(4)}, 0.5)
+        # "a" goes first (layer order); min_channels=1 then keeps its first channel back
+        assert result.mask["a"].tolist() == [True, False, False, False] and result.mask["b"].tolist() == [True] * 4
+        assert result.restored == {"a": 1}
+
+    def test_min_channels_on_a_multidimensional_entry(self):
+        result = mask_from_scores({"a": torch.tensor([[0.1, 0.2], [0.3, 0.05]]), "b": torch.ones(4)}, 0.5,
+                                  min_channels=2)
+        assert result.mask["a"].tolist() == [[False, True], [True, False]]
+        assert result.restored == {"a": 2} and result.pruned == result.requested - 2
+
+    @pytest.mark.parametrize("bad", [float("inf"), float("nan"), True, 0.0, 1.0, "0.5"])
+    def test_ratio_must_be_a_finite_number_in_the_open_interval(self, bad):
+        with pytest.raises(ValueError, match="prune_ratio"):
+            mask_from_scores({"a": torch.ones(4)}, bad)
+
+
+class TestDetectorStorage:
+    def test_masks_are_stored_as_bits(self):
+        detector = TicketDetector(window=3, threshold=0.0)
+        n = 8000
+        for epoch in range(5):
+            detector.update({"w": torch.arange(n) % (epoch + 2) == 0})
+        # window 3 + history 5 (ticket none yet): one bit per unit per stored mask
+        assert detector.stored_bytes == (3 + 5) * n // 8
+        state = detector.state_dict()
+        assert all(t.dtype == torch.uint8 for t in state["masks"] + state["history"])
+        assert torch.equal(detector.history[-1], torch.arange(n) % 6 == 0)
+
+    def test_accept_first_window_false_refuses_the_first_full_check(self):
+        same = {"w": torch.tensor([True, False, True, False])}
+        eager, patient = TicketDetector(3, 0.1), TicketDetector(3, 0.1, accept_first_window=False)
+        for _ in range(3):
+            eager.update(same), patient.update(same)
+        assert eager.ticket_epoch == 2 and patient.ticket_epoch is None
+        patient.update(same)
+        assert patient.ticket_epoch == 3
+
+    def test_unpacked_state_of_version_0_1_loads(self):
+        old = {"window": 2, "threshold": 0.5, "layout": [["bn", 4]],
+               "masks": [torch.tensor([True, False, True, True])], "distances": [math.nan],
+               "mean_distances": [math.nan], "history": [torch.tensor([True, False, True, True])],
+               "history_epochs": [0], "ticket": None, "ticket_epoch": None}
+        detector = TicketDetector(2, 0.5)
+        detector.load_state_dict(old)
+        assert detector.mask["bn"].tolist() == [True, False, True, True]
+        detector.update({"bn": torch.tensor([True, False, True, False])})
+        assert detector.distances[-1] == 0.25 and detector.ticket_epoch == 1
+
+    @pytest.mark.parametrize("kwargs", [dict(window=True), dict(window=2.0), dict(threshold=float("nan")),
+                                        dict(threshold=True), dict(accept_first_window="no")])
+    def test_bad_arguments(self, kwargs):
+        with pytest.raises(ValueError):
+            TicketDetector(**kwargs)
+
+
+def test_two_stage_schedule_on_a_hand_written_history():
+    schedule = ChiSchedule("two_stage")
+    history = [math.nan, math.nan, 0.3, 0.05, 0.012, 0.02, 0.0, 0.2]
+    assert [schedule.update(d) for d in history] == [1.0, 1.0, 0.3, 0.05, 0.01, 0.02, 0.01, 0.2]
+
+
+@pytest.mark.parametrize("kwargs", [dict(chi=float("inf")), dict(chi=True), dict(elbow=-0.1),
+                                    dict(schedule="nope"), dict(low=2.0)])
+def test_chi_schedule_refuses_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        ChiSchedule(**kwargs)
+
+
+class TestSources:
+    def test_registry_and_resolution(self):
+        assert isinstance(resolve_source(None), BatchNormSource)
+        assert isinstance(resolve_source("batchnorm"), BatchNormSource)
+        assert SOURCES["batchnorm"] is BatchNormSource
+        source = BatchNormSource()
+        assert resolve_source(source) is source
+
+    @pytest.mark.parametrize("bad", ["batch_norm", 3, nn.BatchNorm2d(2)])
+    def test_bad_sources_are_named(self, bad):
+        with pytest.raises(ValueError, match="source"):
+            resolve_source(bad)
+
+    def test_a_source_with_elementwise_units(self):
+        class LinearWeights(ScoreSource):
+            key = "linear_weights"
+
+            def candidates(self, model):
+                return ((n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear))
+
+            def scores(self, module):
+                return module.weight.detach().abs()
+
+            def gradient_factors(self, module, keep, chi):
+                return [(module.weight, torch.where(keep, 1.0, chi))]
+
+        from lightning_worm import GradientTruncation, channel_mask
+
+        model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        mask = channel_mask(model, 0.5, source=LinearWeights())
+        assert mask["0"].shape == (4, 3) and mask.total == 20 and mask.kept == 10
+        truncation = GradientTruncation(model, LinearWeights())
+        truncation.set(mask, chi=0.0)
+        model(torch.randn(5, 3)).sum().backward()
+        truncation.apply()
+        assert torch.all(model[0].weight.grad[~mask["0"]] == 0) and model[0].bias.grad.abs().sum() > 0

@@ -1,0 +1,99 @@
+"""The callbacks act in their own hooks from the tracker's state: no order, construction or listing matters."""
+
+import itertools
+
+import pytest
+import torch
+
+from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback
+from tests.helpers import TinyNet, tiny_loader, trainer
+
+BUILDERS = {
+    "early_bird": lambda eb: eb,
+    "worm": lambda eb: WormCallback(eb, schedule="elbow", elbow=1.0),
+    "prune": lambda eb: PruneAndFinetune(eb, measure_latency=False),
+}
+
+
+def run(construction, reverse_list, discover=False):
+    torch.manual_seed(0)
+    eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, verbose=False)
+    built = {}
+    for name in construction:  # the order the user builds them in
+        built[name] = BUILDERS[name](None if discover and name != "early_bird" else eb)
+    listed = [built["early_bird"], built["worm"], built["prune"]]
+    if reverse_list:
+        listed.reverse()
+    model = TinyNet()
+    t = trainer(callbacks=listed, max_epochs=4)
+    t.fit(model, tiny_loader())
+    worm, prune = built["worm"], built["prune"]
+    return dict(chi=worm.chi, truncated=worm.truncated_channels, ticket=eb.ticket_epoch, pruned=prune.pruned_epoch,
+                distances=eb.distances, weights=[p.detach().clone() for p in model.parameters()],
+                logged_chi=float(t.callback_metrics["worm/chi"]))
+
+
+@pytest.mark.slow
+def test_every_construction_and_list_order_gives_the_same_fit():
+    results = [run(order, reverse) for order in itertools.permutations(BUILDERS) for reverse in (False, True)]
+    assert len(results) == 12
+    first = results[0]
+    assert first["chi"] == 0.003 and first["ticket"] == 1 and first["pruned"] == 1 and first["truncated"] == 0
+    for other in results[1:]:
+        assert {k: other[k] for k in ("chi", "truncated", "ticket", "pruned", "distances", "logged_chi")} == {
+            k: first[k] for k in ("chi", "truncated", "ticket", "pruned", "distances", "logged_chi")}
+        assert all(torch.equal(a, b) for a, b in zip(other["weights"], first["weights"]))
+
+
+def test_followers_find_their_tracker_in_the_trainer():
+    given, found = run(list(BUILDERS), False), run(list(BUILDERS), False, discover=True)
+    assert given["chi"] == found["chi"] and given["pruned"] == found["pruned"]
+    assert all(torch.equal(a, b) for a, b in zip(given["weights"], found["weights"]))
+
+
+def test_a_worm_outside_the_trainer_does_nothing():
+    torch.manual_seed(0)
+    eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=0.0, verbose=False)
+    stray = WormCallback(eb, schedule="fixed", chi=0.5)  # built, never added
+    real = WormCallback(eb, schedule="fixed", chi=0.003)
+    t = trainer(callbacks=[eb, real], max_epochs=3)
+    t.fit(TinyNet(), tiny_loader())
+    assert float(t.callback_metrics["worm/chi"]) == pytest.approx(0.003) and stray.truncated_channels == 0
+
+
+def test_two_worms_on_one_tracker_are_refused():
+    eb = EarlyBirdCallback()
+    t = trainer(callbacks=[eb, WormCallback(eb), WormCallback()], max_epochs=1)
+    with pytest.raises(ValueError, match="Two WormCallbacks follow"):
+        t.fit(TinyNet(), tiny_loader())
+
+
+def test_several_trackers_are_told_apart_by_prune_ratio():
+    torch.manual_seed(0)
+    low, high = EarlyBirdCallback(prune_ratio=0.25, window=2), EarlyBirdCallback(prune_ratio=0.5, window=2)
+    worm_low, worm_high = WormCallback(0.25, schedule="fixed"), WormCallback(0.5, schedule="fixed")
+    t = trainer(callbacks=[worm_high, high, worm_low, low], max_epochs=2)
+    t.fit(TinyNet(), tiny_loader())
+    assert worm_low.early_bird is low and worm_high.early_bird is high
+    assert worm_low.truncated_channels == 6 and worm_high.truncated_channels == 12
+    assert "worm_0.25/chi" in t.callback_metrics and "earlybird_0.5/ticket_found" in t.callback_metrics
+
+
+@pytest.mark.parametrize(("callbacks", "match"), [
+    (lambda: [WormCallback()], "needs an EarlyBirdCallback in the same Trainer"),
+    (lambda: [EarlyBirdCallback(0.3), EarlyBirdCallback(0.5), WormCallback()], "cannot tell which of 2"),
+    (lambda: [EarlyBirdCallback(0.3), WormCallback(0.5)], "designates 0"),
+    (lambda: [EarlyBirdCallback(0.5), PruneAndFinetune(EarlyBirdCallback(0.5))], "not in this Trainer"),
+])
+def test_tracker_not_found_is_named(callbacks, match):
+    t = trainer(callbacks=callbacks(), max_epochs=1)
+    with pytest.raises(ValueError, match=match):
+        t.fit(TinyNet(), tiny_loader())
+
+
+@pytest.mark.parametrize("bad", [True, 1.5, "0.5", 0.0, TinyNet])
+def test_bad_tracker_spec_is_refused_at_construction(bad):
+    with pytest.raises(ValueError, match="`early_bird` must be"):
+        WormCallback(bad)
+    with pytest.raises(ValueError, match="`early_bird` must be"):
+        PruneAndFinetune(bad)
