@@ -54,10 +54,13 @@ def prune_channels(
         source: the score source of the ticket (a ``ScoreSource``, a name such as ``"batchnorm"``, or
             ``None`` for BatchNorm): it says which modules the ticket names and scores their channels.
             Its entries' handles must be modules whose output channels are the units.
-        coupling: ``"mean_rank"`` (default: rank coupled channels by their mean score, prune as many as
-            the ticket does on average; removes the requested fraction) or ``"all"`` (a coupled channel
-            goes only if the ticket prunes it in every coupled layer; removes far less on residual
-            networks).
+        coupling: how channels coupled across layers (a residual sum, a depthwise pair) are chosen:
+            ``"vote"`` (default) removes as many as the ticket prunes there on average, those the ticket
+            prunes in most coupled layers first, then by mean score; where nothing is coupled it removes
+            exactly the ticket. ``"mean_rank"`` removes as many, ranked by mean score only. ``"all"``
+            removes a coupled channel only if the ticket prunes it in every coupled layer (on residual
+            networks with independent scores that is rare: at a 50 % ticket it removed 0.6-28 % on the
+            torchvision ResNet, RegNet, DenseNet and MobileNet families).
         round_to: keep a multiple of this many channels in every pruned group (``None``: the ticket as is).
         measure_latency: time the model before and after (``torch.utils.benchmark``, eval mode, no grad).
         latency_repeats: timed forward passes (median), after 3 warm-up passes.
