@@ -766,3 +766,16 @@ def test_torch_pruning_is_patched_only_inside_the_library_calls():
     with pytest.raises(ValueError):
         prune_channels(model, {}, torch.randn(2, 3, 16, 16))
     assert not tpi.patch_active()
+
+
+def test_a_plan_naming_a_lazy_or_non_affine_layer_says_why():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallVGG(width=8))
+    _, report = pruned_copy(model, global_ticket(model), torch.randn(2, 3, 16, 16))
+    fresh = SmallVGG(width=8)
+    fresh.features[1] = nn.LazyBatchNorm2d()
+    with pytest.raises(ValueError, match=r"channels_before\['features.1'\].*LazyBatchNorm2d.*lazy, not materialised"):
+        apply_plan(fresh, report.plan)
+    fresh.features[1] = nn.BatchNorm2d(8, affine=False)
+    with pytest.raises(ValueError, match=r"channels_before\['features.1'\].*not affine"):
+        apply_plan(fresh, report.plan)

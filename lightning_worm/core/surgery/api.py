@@ -367,7 +367,16 @@ def _check_plan_fits(model: nn.Module, plan: PruningPlan, candidates: Mapping[st
             f"The plan names modules this model lacks: {_few(list(map(repr, missing)))}.{made_for} "
             "Build the model with the same arguments."
         )
-    counts = {name: _count(source, candidates[name]) for name in plan.channels_before}
+    counts = {}
+    for name in plan.channels_before:
+        try:
+            counts[name] = _count(source, candidates[name])
+        except Exception as error:  # noqa: BLE001 - e.g. a lazy or non-affine module
+            reason = source.skip_reason(candidates[name]) or f"{type(error).__name__}: {error}"
+            raise ValueError(
+                f"Plan entry channels_before[{name!r}]: the model's {type(candidates[name]).__name__} there has no "
+                f"channels to count ({reason}).{made_for} Build the model as the pruned one was built."
+            ) from error
     if counts != plan.channels_before:
         hint = (
             "It looks already pruned; apply a plan to a freshly built model only."
