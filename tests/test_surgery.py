@@ -779,3 +779,15 @@ def test_a_plan_naming_a_lazy_or_non_affine_layer_says_why():
     fresh.features[1] = nn.BatchNorm2d(8, affine=False)
     with pytest.raises(ValueError, match=r"channels_before\['features.1'\].*not affine"):
         apply_plan(fresh, report.plan)
+
+
+def test_a_mask_from_the_core_is_a_ticket():
+    from lightning_worm.core.masks import Mask, channel_mask
+
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallResNet(width=8))
+    ticket = channel_mask(model, 0.5)
+    assert isinstance(ticket, Mask)
+    pruned, report = pruned_copy(model, ticket, torch.randn(2, 3, 8, 8))
+    assert report.ticket_pruned == round(0.5 * sum(report.channels_before.values()))
+    assert abs(report.removed_fraction - 0.5) <= 0.05
