@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tests.helpers import batchnorms, randomize_batchnorms, global_ticket, silence_removed_channels
-from lightning_worm.core.scores import BatchNormSource
+from lightning_worm.core.sources import BatchNormSource
 from lightning_worm.core.surgery import PruningPlan, apply_plan, prune_channels
 
 # ----------------------------------------------------------------------------------------- models
@@ -561,7 +561,7 @@ def test_a_source_whose_entries_are_not_modules_is_refused():
         def skip_reason(self, handle):
             return None
 
-    with pytest.raises(ValueError, match="removes output channels of modules.*'stem.1:half' as a tuple"):
+    with pytest.raises(ValueError, match="removes output channels of modules.*'stem.1:half' as a tuple.*1-D"):
         prune_channels(SmallResNet(), {"stem.1:half": torch.ones(8, dtype=torch.bool)}, torch.randn(2, 3, 8, 8),
                        source=Parts())
 
@@ -766,3 +766,28 @@ def test_torch_pruning_is_patched_only_inside_the_library_calls():
     with pytest.raises(ValueError):
         prune_channels(model, {}, torch.randn(2, 3, 16, 16))
     assert not tpi.patch_active()
+
+
+def test_a_plan_naming_a_lazy_or_non_affine_layer_says_why():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallVGG(width=8))
+    _, report = pruned_copy(model, global_ticket(model), torch.randn(2, 3, 16, 16))
+    fresh = SmallVGG(width=8)
+    fresh.features[1] = nn.LazyBatchNorm2d()
+    with pytest.raises(ValueError, match=r"channels_before\['features.1'\].*LazyBatchNorm2d.*lazy, not materialised"):
+        apply_plan(fresh, report.plan)
+    fresh.features[1] = nn.BatchNorm2d(8, affine=False)
+    with pytest.raises(ValueError, match=r"channels_before\['features.1'\].*not affine"):
+        apply_plan(fresh, report.plan)
+
+
+def test_a_mask_from_the_core_is_a_ticket():
+    from lightning_worm.core.masks import Mask, channel_mask
+
+    torch.manual_seed(0)
+    model = randomize_batchnorms(SmallResNet(width=8))
+    ticket = channel_mask(model, 0.5)
+    assert isinstance(ticket, Mask)
+    pruned, report = pruned_copy(model, ticket, torch.randn(2, 3, 8, 8))
+    assert report.ticket_pruned == round(0.5 * sum(report.channels_before.values()))
+    assert abs(report.removed_fraction - 0.5) <= 0.05

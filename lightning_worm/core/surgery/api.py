@@ -15,18 +15,7 @@ from lightning_worm.core.surgery import decision as decisions
 from lightning_worm.core.surgery.graph import build_graph, cut, output_shapes, plan_cuts, removed_out_channels
 from lightning_worm.core.surgery.plan import KeptIndices, PruningPlan, PruningReport, register_replay, replay
 
-try:  # the score-source seam
-    from lightning_worm.core.sources import BatchNormSource, resolve_source
-except ImportError:  # pragma: no cover - before the seam landed
-    from lightning_worm.core.scores import BatchNormSource
-
-    def resolve_source(source: Any) -> Any:
-        if source is None or source == "batchnorm":
-            return BatchNormSource()
-        if isinstance(source, str):
-            raise ValueError(f"Unknown `source` {source!r}: use 'batchnorm' or a source instance.")
-        return source
-
+from lightning_worm.core.sources import resolve_source
 
 __all__ = ["DEFAULT_COUPLING", "apply_plan", "prune_channels"]
 
@@ -65,10 +54,13 @@ def prune_channels(
         source: the score source of the ticket (a ``ScoreSource``, a name such as ``"batchnorm"``, or
             ``None`` for BatchNorm): it says which modules the ticket names and scores their channels.
             Its entries' handles must be modules whose output channels are the units.
-        coupling: ``"mean_rank"`` (default: rank coupled channels by their mean score, prune as many as
-            the ticket does on average; removes the requested fraction) or ``"all"`` (a coupled channel
-            goes only if the ticket prunes it in every coupled layer; removes far less on residual
-            networks).
+        coupling: how channels coupled across layers (a residual sum, a depthwise pair) are chosen:
+            ``"vote"`` (default) removes as many as the ticket prunes there on average, those the ticket
+            prunes in most coupled layers first, then by mean score; where nothing is coupled it removes
+            exactly the ticket. ``"mean_rank"`` removes as many, ranked by mean score only. ``"all"``
+            removes a coupled channel only if the ticket prunes it in every coupled layer (on residual
+            networks with independent scores that is rare: at a 50 % ticket it removed 0.6-28 % on the
+            torchvision ResNet, RegNet, DenseNet and MobileNet families).
         round_to: keep a multiple of this many channels in every pruned group (``None``: the ticket as is).
         measure_latency: time the model before and after (``torch.utils.benchmark``, eval mode, no grad).
         latency_repeats: timed forward passes (median), after 3 warm-up passes.
@@ -239,11 +231,11 @@ def _scored_modules(model: nn.Module, source: Any) -> dict[str, nn.Module]:
     tracked = source.tracked(model)
     own = {id(m) for m in model.modules()}
     for name, handle in tracked.items():
-        if not isinstance(handle, nn.Module) or id(handle) not in own:
+        if not isinstance(handle, nn.Module) or id(handle) not in own or source.scores(handle).dim() != 1:
             raise ValueError(
                 f"prune_channels removes output channels of modules, but {type(source).__name__} tracks entry "
-                f"{name!r} as a {type(handle).__name__}. Prune with the source's own `prune`, or track channels "
-                "(e.g. BatchNormSource)."
+                f"{name!r} as a {type(handle).__name__} (scores must be 1-D, one per output channel of the "
+                "entry's module). Prune with the source's own `prune`, or track channels (e.g. BatchNormSource)."
             )
     return tracked
 
@@ -375,7 +367,16 @@ def _check_plan_fits(model: nn.Module, plan: PruningPlan, candidates: Mapping[st
             f"The plan names modules this model lacks: {_few(list(map(repr, missing)))}.{made_for} "
             "Build the model with the same arguments."
         )
-    counts = {name: _count(source, candidates[name]) for name in plan.channels_before}
+    counts = {}
+    for name in plan.channels_before:
+        try:
+            counts[name] = _count(source, candidates[name])
+        except Exception as error:  # noqa: BLE001 - e.g. a lazy or non-affine module
+            reason = source.skip_reason(candidates[name]) or f"{type(error).__name__}: {error}"
+            raise ValueError(
+                f"Plan entry channels_before[{name!r}]: the model's {type(candidates[name]).__name__} there has no "
+                f"channels to count ({reason}).{made_for} Build the model as the pruned one was built."
+            ) from error
     if counts != plan.channels_before:
         hint = (
             "It looks already pruned; apply a plan to a freshly built model only."

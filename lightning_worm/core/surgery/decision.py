@@ -155,13 +155,13 @@ def _score_units(
     unowned = 0
     for name, mask in masks.items():
         channels = channel_units.get((graph.module2node.get(modules[name]), True), {})
-        for idx, (keep, gamma) in enumerate(zip(mask.tolist(), scores[name])):
+        for idx, (keep, score) in enumerate(zip(mask.tolist(), scores[name])):
             unit = channels.get(idx)
             if unit is None:
                 unowned += not keep
                 continue
             unit.scored_channels.append((name, idx))
-            unit.score += gamma
+            unit.score += score
             unit.ticket_pruned += not keep
     for unit in {id(u): u for chs in channel_units.values() for u in chs.values()}.values():
         unit.score /= max(len(unit.scored_channels), 1)
