@@ -71,11 +71,6 @@ def find_tracker(trainer: "pl.Trainer", early_bird: TrackerSpec, who: str) -> Ea
     return matches[0]
 
 
-def log_prefix(trainer: "pl.Trainer", tracker: EarlyBirdCallback, name: str) -> str:
-    """``name``, namespaced by the tracker's prune ratio when several trackers run."""
-    return name if len(trackers(trainer)) < 2 else f"{name}_{tracker.prune_ratio:g}"
-
-
 def tracker_key(early_bird: TrackerSpec, resolved: EarlyBirdCallback | None) -> str:
     """The part of a follower's state key that names its tracker (stable before and after it is found)."""
     tracker = resolved if resolved is not None else early_bird

@@ -190,6 +190,3 @@ class TicketDetector:
         self._ticket = ticket
         self.ticket_epoch = state["ticket_epoch"]
 
-
-def validate_unit_interval(name: str, value: float) -> None:
-    check_number(name, value, low=0.0, high=1.0)
