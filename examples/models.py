@@ -39,6 +39,28 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def _conv_bn_stack(cfg: Sequence[Union[int, str]], in_channels: int, width: float,
+                   dims: int) -> tuple[nn.Sequential, int]:
+    """Conv (3x3, no bias) -> BN -> ReLU per number in ``cfg``, a 2x2 max-pool per ``"M"``, in 1-D or 2-D.
+
+    Returns the stack and its number of output channels.
+    """
+    if dims == 1:
+        conv, bn, pool = nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d
+    else:
+        conv, bn, pool = nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d
+    layers: list[nn.Module] = []
+    for item in cfg:
+        if item == "M":
+            layers.append(pool(kernel_size=2, stride=2))
+            continue
+        out_channels = _scaled(int(item), width)
+        layers += [conv(in_channels, out_channels, kernel_size=3, padding=1, bias=False), bn(out_channels),
+                   nn.ReLU(inplace=True)]
+        in_channels = out_channels
+    return nn.Sequential(*layers), in_channels
+
+
 class CifarVGG(nn.Module):
     """VGG with BatchNorm for 32x32 inputs: ``features`` -> ``avgpool`` -> linear ``classifier``.
 
@@ -58,20 +80,7 @@ class CifarVGG(nn.Module):
     def __init__(self, cfg: Sequence[Union[int, str]], num_classes: int = 10, width: float = 1.0) -> None:
         super().__init__()
         _check_width(width)
-        layers: list[nn.Module] = []
-        in_channels = 3
-        for item in cfg:
-            if item == "M":
-                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-                continue
-            out_channels = _scaled(int(item), width)
-            layers += [
-                nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-                nn.BatchNorm2d(out_channels),
-                nn.ReLU(inplace=True),
-            ]
-            in_channels = out_channels
-        self.features = nn.Sequential(*layers)
+        self.features, in_channels = _conv_bn_stack(cfg, 3, width, dims=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(in_channels, num_classes)
         _init_weights(self)
@@ -178,20 +187,7 @@ class CNN1D(nn.Module):
         super().__init__()
         _check_width(width)
         self.input_shape = (in_channels, length)
-        layers: list[nn.Module] = []
-        channels = in_channels
-        for item in cfg:
-            if item == "M":
-                layers.append(nn.MaxPool1d(kernel_size=2, stride=2))
-                continue
-            out_channels = _scaled(int(item), width)
-            layers += [
-                nn.Conv1d(channels, out_channels, kernel_size=3, padding=1, bias=False),
-                nn.BatchNorm1d(out_channels),
-                nn.ReLU(inplace=True),
-            ]
-            channels = out_channels
-        self.features = nn.Sequential(*layers)
+        self.features, channels = _conv_bn_stack(cfg, in_channels, width, dims=1)
         self.avgpool = nn.AdaptiveAvgPool1d(1)
         self.classifier = nn.Linear(channels, num_classes)
         _init_weights(self)

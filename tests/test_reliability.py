@@ -257,3 +257,43 @@ def test_resuming_from_a_garbage_file_names_it(tmp_path):
     bad.write_bytes(b"\x80\x02]")  # a three-byte pickle fragment: Lightning fails with a bare IndexError
     with pytest.raises(ValueError, match=r"Cannot resume from the checkpoint .*garbage\.ckpt"):
         fit(tmp_path, max_epochs=2, ckpt_path=str(bad))
+
+
+# ----------------------------------------------------------------------------- modules that outlive a fit
+
+def test_an_earlier_fits_callbacks_do_not_judge_a_resume_of_the_same_module(tmp_path):
+    fit(tmp_path / "a", extra=[checkpointing(tmp_path / "a")], enable_checkpointing=True)  # a pruned checkpoint
+    model = TinyNet()
+    trainer(tmp_path / "b", callbacks=[EarlyBirdCallback(verbose=False)], max_epochs=1).fit(model, tiny_loader())
+    # The same module object, now resumed from the pruned checkpoint with the right callbacks: the first fit's
+    # tracker (no PruneAndFinetune in its Trainer) must not refuse it.
+    _, resumed, _, prune = fit(tmp_path / "c", max_epochs=4, ckpt_path=tmp_path / "a" / "last.ckpt", model=model)
+    assert prune.plan is not None and resumed.features[4].num_features < 16
+
+
+def test_a_pruned_module_fitted_again_is_fine_tuned_as_it_is_and_its_checkpoints_describe_it(tmp_path):
+    _, model, eb, _ = fit(tmp_path / "a")
+    widths = [m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert eb.ticket_epoch is not None and widths != [8, 16]
+    # A second fit with fresh callbacks and a weights-only checkpoint: no second search or prune, and the
+    # checkpoint (written by a PruneAndFinetune that pruned nothing itself) still holds the module's plan.
+    again_eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, verbose=False)
+    again = PruneAndFinetune(again_eb, measure_latency=False)
+    t = trainer(tmp_path / "b", callbacks=[again_eb, again, checkpointing(tmp_path / "b", save_weights_only=True)],
+                max_epochs=3, enable_checkpointing=True)
+    t.fit(model, tiny_loader())
+    assert [m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d)] == widths
+    assert again_eb.ticket_epoch is None and not again_eb.searching and again.pruned_epoch is None
+    loaded = load_pruned(TinyNet, tmp_path / "b" / "last.ckpt")
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_a_pruned_module_saved_by_a_trainer_without_the_library_still_describes_itself(tmp_path):
+    _, model, *_ = fit(tmp_path / "a")
+    t = trainer(tmp_path / "b", max_epochs=1)
+    t.fit(model, tiny_loader())
+    t.save_checkpoint(tmp_path / "plain.ckpt", weights_only=True)
+    loaded = load_pruned(TinyNet, tmp_path / "plain.ckpt")
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.equal(loaded(x), model.eval()(x))

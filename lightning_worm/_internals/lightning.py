@@ -58,6 +58,9 @@ class CheckpointHooks:
     def __init__(self) -> None:
         self.on_save: dict[str, Callable[[dict[str, Any]], None]] = {}
         self.on_load: dict[str, Callable[[dict[str, Any]], None]] = {}
+        #: The pruning plan applied to this module (a dict), kept with the module rather than with the
+        #: callback that pruned it, so that every later checkpoint of the module describes it.
+        self.plan: dict[str, Any] | None = None
 
 
 def checkpoint_hooks(pl_module: "pl.LightningModule") -> CheckpointHooks:
@@ -83,6 +86,14 @@ def checkpoint_hooks(pl_module: "pl.LightningModule") -> CheckpointHooks:
     object.__setattr__(pl_module, "on_load_checkpoint", on_load_checkpoint)
     pl_module.__dict__["_lightning_worm_checkpoint_hooks"] = hooks
     return hooks
+
+
+def attached_trainer(pl_module: "pl.LightningModule") -> "pl.Trainer | None":
+    """The trainer ``pl_module`` is attached to now, or ``None`` (public API: ``trainer`` raises when detached)."""
+    try:
+        return pl_module.trainer
+    except RuntimeError:
+        return None
 
 
 def optimizers_to_device(optimizers: list[torch.optim.Optimizer], device: torch.device) -> None:

@@ -6,6 +6,7 @@ import ast
 import math
 import weakref
 from collections import deque
+from functools import partial
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -16,7 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_worm._internals.lightning import checkpoint_hooks
+from lightning_worm._internals.lightning import attached_trainer, checkpoint_hooks
 from lightning_worm.callbacks.strategy import check_strategy, decide_on_rank_zero
 from lightning_worm.checkpoint import find_pruning_plan, raise_for_unloadable_checkpoint
 from lightning_worm.core.detector import TicketDetector
@@ -185,20 +186,9 @@ class EarlyBirdCallback(Callback):
             )
         if self.verbose:
             rank_zero_info(f"{type(self).__name__}: {self.source.summary(pl_module)}")
-        checkpoint_hooks(pl_module).on_load[f"{type(self).__name__}:{id(self)}"] = (
-            lambda checkpoint: self._check_resumable(trainer, checkpoint)
-        )
-
-    def _check_resumable(self, trainer: "pl.Trainer", checkpoint: dict[str, Any]) -> None:
-        """Run before the weights load: a pruned checkpoint needs a PruneAndFinetune to be resumed."""
-        if find_pruning_plan(checkpoint) is not None and not any(
-            getattr(c, "applies_pruning_plans", False) for c in trainer.callbacks
-        ):
-            raise ValueError(
-                "The checkpoint holds a pruned model (a PruneAndFinetune pruned it), but this Trainer has no "
-                "PruneAndFinetune to rebuild it before its weights load. Resume with the same callbacks, "
-                "PruneAndFinetune included, or load it for inference with `lightning_worm.load_pruned`."
-            )
+        # One check per module, whatever the trackers: it reads the trainer the module is in when it runs, so a
+        # module fitted again (new Trainer, other callbacks) is not judged by an earlier fit's callbacks.
+        checkpoint_hooks(pl_module).on_load[type(self).__name__] = partial(_check_resumable, pl_module)
 
     @override
     def on_load_checkpoint(
@@ -391,3 +381,18 @@ def _settings_from_key(key: str) -> dict[str, Any]:
     except (ValueError, SyntaxError):
         return {}
     return settings if isinstance(settings, dict) else {}
+
+
+def _check_resumable(pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+    """Run before the weights load: a pruned checkpoint needs a PruneAndFinetune in the module's Trainer."""
+    trainer = attached_trainer(pl_module)
+    if trainer is None or checkpoint_hooks(pl_module).plan is not None:
+        return  # no fit, or the module object is pruned already and its weights fit as they are
+    if find_pruning_plan(checkpoint) is not None and not any(
+        getattr(c, "applies_pruning_plans", False) for c in trainer.callbacks
+    ):
+        raise ValueError(
+            "The checkpoint holds a pruned model (a PruneAndFinetune pruned it), but this Trainer has no "
+            "PruneAndFinetune to rebuild it before its weights load. Resume with the same callbacks, "
+            "PruneAndFinetune included, or load it for inference with `lightning_worm.load_pruned`."
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from functools import partial
 from typing import Any, Callable, Literal, Mapping
 
 import lightning.pytorch as pl
@@ -15,6 +16,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_worm._internals.lightning import (
+    attached_trainer,
     checkpoint_hooks,
     launcher_start_method,
     optimizers_to_device,
@@ -163,9 +165,15 @@ class PruneAndFinetune(Callback):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         hooks = checkpoint_hooks(pl_module)
-        hooks.on_load[type(self).__name__] = lambda checkpoint: self._apply_checkpoint_plan(trainer, pl_module,
-                                                                                           checkpoint)
-        hooks.on_save[type(self).__name__] = self._save_plan
+        # The hooks live on the module and outlast this fit: they read the trainer the module is in when they
+        # run, and the plan is the module's (any later checkpoint of the pruned module describes it).
+        hooks.on_load[type(self).__name__] = partial(self._apply_checkpoint_plan, pl_module)
+        hooks.on_save["pruning_plan"] = partial(_save_module_plan, hooks)
+        if hooks.plan is not None and self.plan is None:  # fitted (or evaluated) again after an earlier prune
+            self.plan = PruningPlan.from_dict(hooks.plan)
+            adopted = True
+        else:
+            adopted = False
         if stage != "fit":
             return
         name = type(self).__name__
@@ -186,18 +194,23 @@ class PruneAndFinetune(Callback):
                 f"PruneAndFinetune cannot remove the units of {type(source).__name__}: it has no surgery. Track a "
                 "source that can be pruned (e.g. 'batchnorm', 'attention_heads'), or prune with your own surgery."
             )
+        if adopted:
+            rank_zero_info(f"{name}: {type(pl_module).__name__} was pruned in an earlier fit; it is fine-tuned as it "
+                           "is (no second search, no second prune).")
+            for tracker in trackers(trainer):
+                if tracker.searching:
+                    tracker.end_search()
 
-    def _save_plan(self, checkpoint: dict[str, Any]) -> None:
-        if self.plan is not None:  # the module's part: written for save_weights_only checkpoints as well
-            checkpoint.setdefault(CHECKPOINT_KEY, {})["pruning_plan"] = self.plan.to_dict()
-
-    def _apply_checkpoint_plan(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
-                               checkpoint: dict[str, Any]) -> None:
+    def _apply_checkpoint_plan(self, pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+        trainer = attached_trainer(pl_module)
+        if trainer is None or not any(c is self for c in trainer.callbacks):
+            return  # an earlier fit's callback: the callbacks of the module's current Trainer decide
         plan = find_pruning_plan(checkpoint)
         if plan is None or self.plan is not None:
             return
         apply_plan(pl_module, plan)
         self.plan = plan
+        checkpoint_hooks(pl_module).plan = plan.to_dict()
         for tracker in trackers(trainer):  # a weights-only checkpoint has no tracker state to say so
             if tracker.searching:
                 tracker.end_search()
@@ -253,6 +266,7 @@ class PruneAndFinetune(Callback):
         report = tracker.source.prune(pl_module, ticket, example, coupling=self.coupling, round_to=self.round_to,
                                       measure_latency=measure)
         self.plan = report.plan
+        checkpoint_hooks(pl_module).plan = report.plan.to_dict()
         self.pruned_epoch = trainer.current_epoch
         if self.reinit:
             _reinitialise(pl_module)
@@ -422,6 +436,12 @@ class PruneAndFinetune(Callback):
                     + (f"after epoch {stop - 1}." if stop is not None else "at `max_epochs`.")
                 )
             self.stop_epoch = stop
+
+
+def _save_module_plan(hooks: Any, checkpoint: dict[str, Any]) -> None:
+    """Write the module's pruning plan into the module's part of the checkpoint (weights-only ones too)."""
+    if hooks.plan is not None:
+        checkpoint.setdefault(CHECKPOINT_KEY, {})["pruning_plan"] = hooks.plan
 
 
 def _check_example_input(example: Any) -> None:
