@@ -26,12 +26,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from examples.callbacks import AccuracyAroundPrune
 from examples.module import ImageClassifier
@@ -208,31 +208,45 @@ def _strict_json(value: Any) -> Any:
 
 @rank_zero_only
 def _write_artefacts(cli: WormCLI, summary: dict[str, Any], run_dir: Path) -> None:
+    """Figures, TensorBoard images and ``summary.json``; a file that cannot be written is a warning, not a lost run."""
     eb = cli.early_bird
     figures = {
         "mask_distances": plotting.plot_mask_distances(
             eb.distances, eb.mean_distances, threshold=eb.threshold,
             elbow=cli.worm.schedule.elbow if cli.worm and cli.worm.schedule.schedule == "elbow" else None,
-            ticket_epoch=eb.ticket_epoch, path=run_dir / "mask_distances.png"),
+            ticket_epoch=eb.ticket_epoch),
     }
     if len(eb.detector.history) >= 2:
-        figures["distance_matrix"] = plotting.plot_distance_matrix(
-            eb.detector.history, epochs=eb.detector.history_epochs, path=run_dir / "distance_matrix.png")
+        figures["distance_matrix"] = plotting.plot_distance_matrix(eb.detector.history,
+                                                                   epochs=eb.detector.history_epochs)
     if summary["channels_after"]:
-        figures["channels"] = plotting.plot_channels(summary["channels_before"], summary["channels_after"],
-                                                     path=run_dir / "channels.png")
-    summary["figures"] = [str(run_dir / f"{name}.png") for name in figures]
+        figures["channels"] = plotting.plot_channels(summary["channels_before"], summary["channels_after"])
+    saved = [run_dir / f"{name}.png" for name, figure in figures.items()
+             if _write(run_dir / f"{name}.png", lambda path, f=figure: f.savefig(path, dpi=150))]
+    summary["figures"] = [str(path) for path in saved]
     if isinstance(cli.trainer.logger, TensorBoardLogger):
         for name, figure in figures.items():
             cli.trainer.logger.experiment.add_figure(f"lightning_worm/{name}", figure, cli.trainer.global_step)
         cli.trainer.logger.finalize("success")  # close the writer that add_figure reopened after the test
     # every file of the run directory that this run wrote, and only those
     report = Path(cli.prune.report_path) if cli.prune and cli.prune.report_path else None
-    written = [Path(summary["checkpoint"]), report, *map(Path, summary["figures"]), run_dir / "config.yaml"]
-    summary["files"] = sorted({p.name for p in written if p is not None and p.parent == run_dir and p.is_file()}
-                              | {"summary.json"})
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+    written = [Path(summary["checkpoint"]), report, *saved, run_dir / "config.yaml"]
+    files = {p.name for p in written if p is not None and p.parent == run_dir and p.is_file()}
+    summary["files"] = sorted(files | {"summary.json"})
+    text = json.dumps(summary, indent=2, allow_nan=False)
+    if not _write(run_dir / "summary.json", lambda path: path.write_text(text)):
+        summary["files"].remove("summary.json")
     print(format_summary(summary, run_dir))
+
+
+def _write(path: Path, write: Callable[[Path], Any]) -> bool:
+    """Write one artefact; on a full disk or a read-only folder warn (naming the file and the cause), return False."""
+    try:
+        write(path)
+    except OSError as error:
+        rank_zero_warn(f"Could not write {path} ({error}); the run goes on without it.")
+        return False
+    return True
 
 
 def format_summary(s: dict[str, Any], run_dir: Path) -> str:

@@ -99,6 +99,21 @@ def test_fast_dev_run_lists_only_files_it_wrote(capsys):
     strict_json(run_dir / "summary.json")
 
 
+def test_artefacts_that_cannot_be_written_are_warnings_not_a_lost_run(capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def disk_full(self, path, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    with pytest.warns(UserWarning, match=r"Could not write .*mask_distances\.png .*No space left"):
+        summary = main(TINY)
+    run_dir = Path(summary["checkpoint"]).parent
+    assert summary["figures"] == [] and not list(run_dir.glob("*.png"))
+    assert (run_dir / "pruned.ckpt").is_file() and strict_json(run_dir / "summary.json") == summary
+    assert "summary.json" in summary["files"] and "lightning-worm: summary" in capsys.readouterr().out
+
+
 def cli_error(args: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
         build_cli(args)

@@ -126,6 +126,18 @@ def test_bad_arguments_are_named_at_construction(factory, name):
         factory()
 
 
+def test_numpy_integers_are_integers():
+    import numpy as np
+
+    from lightning_worm.core.masks import Mask
+
+    eb = EarlyBirdCallback(window=np.int64(3), min_channels=np.int32(1))
+    assert eb.detector.window == 3 and type(eb.detector.window) is int
+    for _ in range(4):
+        eb.detector.update(Mask.from_dict({"bn": torch.tensor([True, False, True])}))
+    assert eb.detector.ticket is not None
+
+
 @pytest.mark.parametrize(("changed", "named"), [
     ({"prune_ratio": 0.25}, "prune_ratio=0.5 in the checkpoint, prune_ratio=0.25 now"),
     ({"window": 3}, "window=2 in the checkpoint, window=3 now"),

@@ -393,7 +393,17 @@ def check(name: str) -> Optional[str]:
     if problem is None:
         return None
     return (
-        f"Torch-Pruning {tp.__version__} / torch {torch.__version__} changed the internal {name!r} "
+        f"Torch-Pruning {_installed_version()} / torch {torch.__version__} changed the internal {name!r} "
         f"({INTERNALS[name]}): {problem}. Update lightning_worm/_internals/torch_pruning.py and the "
         "torch-pruning bound in pyproject.toml."
     )
+
+
+def _installed_version() -> str:
+    """The installed distribution's version (torch-pruning 1.6.1's ``__version__`` still says 1.6.0)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch-pruning")
+    except PackageNotFoundError:
+        return str(getattr(tp, "__version__", "unknown"))

@@ -57,7 +57,7 @@ class TicketDetector:
         self.keep_history = check_bool("keep_history", keep_history)
         self.accept_first_window = check_bool("accept_first_window", accept_first_window)
         self.layout: tuple | None = None
-        self._masks: deque[Tensor] = deque(maxlen=window)
+        self._masks: deque[Tensor] = deque(maxlen=self.window)
         self._full_checks = 0
         self.distances: list[float] = []
         self.mean_distances: list[float] = []

@@ -15,8 +15,8 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_worm._internals.torch import BatchNormBase
 from lightning_worm.core.validation import check_int
 
 __all__ = ["has_running_statistics", "random_ticket", "recalibrate_batchnorm"]
@@ -36,8 +36,8 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
     return model(inputs.to(device))
 
 
-def _layers_with_statistics(model: nn.Module) -> list[_BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+def _layers_with_statistics(model: nn.Module) -> list[BatchNormBase]:
+    return [m for m in model.modules() if isinstance(m, BatchNormBase) and m.track_running_stats
             and m.running_mean is not None]
 
 

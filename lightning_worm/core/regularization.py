@@ -7,6 +7,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from lightning_worm._internals.torch import foreach_add_sign_
 from lightning_worm.core.validation import check_number
 
 
@@ -34,4 +35,4 @@ def add_sparsity_gradient(params: Iterable[Tensor], sparsity: float) -> None:
     params = [p for p in params if p.grad is not None]
     if sparsity == 0.0 or not params:
         return
-    torch._foreach_add_([p.grad for p in params], torch._foreach_sign(params), alpha=sparsity)
+    foreach_add_sign_([p.grad for p in params], params, alpha=sparsity)

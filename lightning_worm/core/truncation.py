@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from lightning_worm._internals.torch import foreach_mul_
 from lightning_worm.core.masks import Mask, MaskLike
 from lightning_worm.core.sources import ScoreSource, resolve_source
 from lightning_worm.core.validation import check_choice, check_number
@@ -137,4 +138,4 @@ class GradientTruncation:
         pairs = [(p.grad, f) for p, f in zip(self._params, self._factors) if p.grad is not None]
         if pairs:
             grads, factors = zip(*pairs)
-            torch._foreach_mul_(list(grads), list(factors))
+            foreach_mul_(grads, factors)

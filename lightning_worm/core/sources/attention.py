@@ -24,6 +24,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_worm._internals.torch import mha_packs_qkv
 from lightning_worm.core.sources.base import ScoreSource
 
 #: Child names of separate query/key/value projections, tried in this order.
@@ -86,7 +87,7 @@ class AttentionBlock:
             return linear.weight, rows, linear.bias, rows, f"{prefix}{self.projections[0]}:{part}"
         mha = self.module
         rows = slice(i * mha.embed_dim, (i + 1) * mha.embed_dim)
-        if mha._qkv_same_embed_dim:
+        if mha_packs_qkv(mha):
             return mha.in_proj_weight, rows, mha.in_proj_bias, rows, f"{self.name}:{part}"
         return getattr(mha, f"{part}_proj_weight"), slice(None), mha.in_proj_bias, rows, f"{self.name}:{part}"
 

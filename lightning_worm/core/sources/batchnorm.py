@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import UninitializedParameter
 
+from lightning_worm._internals.torch import BatchNormBase
 from lightning_worm.core.sources.base import ScaleSource
 
 
 class BatchNormSource(ScaleSource):
     """Channels are the output channels of BatchNorm layers, scored by ``|gamma|``.
 
-    Tracks every ``_BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants once materialised)
+    Tracks every BatchNorm layer (BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants once materialised)
     that is affine and whose weight requires grad. WORM truncates the gradients of its weight and bias;
     the sparsity term regularises its weight (network slimming). Pruned channels are removed with
     :func:`~lightning_worm.prune_channels`.
@@ -29,7 +29,7 @@ class BatchNormSource(ScaleSource):
 
     def candidates(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         for name, module in model.named_modules():
-            if isinstance(module, _BatchNorm):
+            if isinstance(module, BatchNormBase):
                 yield name, module
 
     def skip_reason(self, module: nn.Module) -> str | None:

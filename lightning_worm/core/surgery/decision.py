@@ -35,11 +35,12 @@ from typing import Any, Optional
 from torch import Tensor, nn
 from torch_pruning.dependency import Node
 
+from lightning_worm._internals.torch import ConvNd
 from lightning_worm._internals import torch_pruning as tpi
 from lightning_worm.core.surgery.graph import SurgeryGraph
 
 COUPLINGS = ("vote", "mean_rank", "all")
-ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+ROOT_TYPES = (ConvNd, nn.Linear)
 
 
 class _UnionFind:
@@ -79,7 +80,7 @@ _ChannelUnits = dict[tuple[Node, bool], dict[int, _Unit]]
 def _channel_groups(graph: SurgeryGraph, node: Node, is_out: bool) -> tuple[int, Optional[int]]:
     """(channel groups, channels) of a node on one side; depthwise convolutions count as one group."""
     module = node.module
-    if isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels:
+    if isinstance(module, ConvNd) and module.groups == module.out_channels:
         return 1, None
     pruner = graph.get_pruner_of_module(module)
     groups = pruner.get_out_channel_groups(module) if is_out else pruner.get_in_channel_groups(module)
