@@ -245,18 +245,27 @@ def test_callbacks_in_yaml_parse_and_fit():
     assert cli.worm.early_bird is cli.early_bird and cli.prune.early_bird is cli.early_bird
 
 
-def test_callbacks_in_yaml_in_a_plain_lightning_cli():
-    """The same `trainer:` part in a LightningCLI of the user's own (no example-job options)."""
+@pytest.mark.slow
+def test_callbacks_in_yaml_in_a_plain_lightning_cli(tmp_path):
+    """The same `trainer:` part, as a YAML file of the user's own LightningCLI (no example-job options), to the prune."""
     import yaml
     from lightning.pytorch.cli import LightningCLI
 
     config = yaml.safe_load((CONFIGS / "callbacks_in_yaml.yaml").read_text())
     for key in ("early_bird", "worm", "prune"):
         del config[key]
-    config["trainer"].update(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False)
-    cli = LightningCLI(ImageClassifier, subclass_mode_data=True, run=False, args=config,
+    config["trainer"].update(max_epochs=3, limit_train_batches=2, limit_val_batches=1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    early_bird_args = config["trainer"]["callbacks"][0]["init_args"]
+    early_bird_args.update(window=2, threshold=1.0)  # a ticket at the end of epoch 1, pruned there
+    config["trainer"]["callbacks"][1]["init_args"].update(elbow=1.0)
+    path = tmp_path / "user.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = LightningCLI(ImageClassifier, subclass_mode_data=True, run=False, args=["--config", str(path)],
                        auto_configure_optimizers=False)
     early_bird, worm, prune = cli.trainer.callbacks[:3]
+    assert (type(early_bird), type(worm), type(prune)) == (EarlyBirdCallback, WormCallback, PruneAndFinetune)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    assert len(early_bird.distances) == 1 and worm.early_bird is early_bird and prune.early_bird is early_bird
+    assert worm.early_bird is early_bird and prune.early_bird is early_bird
+    assert early_bird.ticket_epoch == 1 and prune.pruned_epoch == 1 and worm.schedule.switched
+    assert prune.report["params_after"] < prune.report["params_before"] and cli.trainer.current_epoch == 3
