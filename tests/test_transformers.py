@@ -6,6 +6,7 @@ random-config Hugging Face BERT and Llama models (built from a config, never dow
 
 import ast
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from lightning_worm.core.sources.attention_surgery import (
     replay_heads,
 )
 from lightning_worm.core.surgery import PruningPlan
+from tests.helpers import SizedMix
 
 transformers = pytest.importorskip("transformers")
 
@@ -197,6 +199,37 @@ def test_user_named_modules_and_projections():
         AttentionQKSource(modules=["mix"]).tracked(CustomNet())
     with pytest.raises(ValueError, match="3 names"):
         AttentionQKSource(projections=("a", "b"))
+
+
+class SizedMixNet(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.mix = SizedMix()
+
+    def forward(self, x):
+        return self.mix(x)
+
+
+def test_a_head_plan_keeps_the_sources_options_and_the_pruned_head_count():
+    from lightning_worm import apply_plan
+
+    source = AttentionHeadSource(modules=["mix"], projections=("wq", "wk", "wv"), num_heads=2)
+    model, x = SizedMixNet().eval(), torch.randn(2, 3, 8)
+    ticket = {"mix": torch.tensor([True, False])}
+    expected = zero_heads(model, ticket, source)(x)
+    with pytest.warns(UserWarning, match="no attribute the head prune can fix"):
+        report = prune_heads(model, ticket, source, x, measure_latency=False)
+    assert torch.equal(model(x), expected)
+    block = source.tracked(model)["mix"]
+    assert (block.num_heads, block.head_dim) == (1, 4)  # the pruned module's count, not the source's num_heads=2
+    assert report.plan.options["source_options"] == {"modules": ["mix"], "projections": ["wq", "wk", "wv"],
+                                                     "num_heads": 2}
+    fresh = SizedMixNet(seed=1)
+    apply_plan(fresh, json.loads(json.dumps(report.plan.to_dict())))  # no source given: the plan's own
+    assert fresh.mix.wq.out_features == fresh.mix.o.in_features == 4
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh.eval()(x), model(x))
 
 
 def test_setup_summary_says_what_is_tracked():

@@ -2,12 +2,14 @@
 
 import math
 
+import lightning as L
 import pytest
 import torch
+from torch import nn
 
 from examples.vit import ViTClassifier
 from lightning_worm import AttentionHeadSource, AttentionQKSource, EarlyBirdCallback, PruneAndFinetune, WormCallback
-from tests.helpers import tiny_loader, trainer
+from tests.helpers import SizedMix, tiny_loader, trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -128,3 +130,55 @@ def test_a_head_pruned_checkpoint_reloads_in_a_fresh_process(tmp_path):
                           cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(root)},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+class MixClassifier(L.LightningModule):
+    """Pixels as 3-wide tokens through one attention block of its own (``SizedMix``: 2 heads, no head count)."""
+
+    def __init__(self, lr: float = 3e-3):
+        super().__init__()
+        self.save_hyperparameters()
+        self.embed, self.mix, self.head = nn.Linear(3, 8), SizedMix(), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.mix(self.embed(x.flatten(2).transpose(1, 2))).mean(1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+def mix_source():
+    return AttentionHeadSource(modules=["mix"], projections=("wq", "wk", "wv"), num_heads=2)
+
+
+@pytest.mark.filterwarnings("ignore:The attention modules")  # SizedMix has no head count: it splits by size
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # the resumed fit saves nothing
+def test_a_named_head_source_resumes_and_reloads_after_the_prune(tmp_path):
+    """The plan records the source's options: resuming and load_pruned find the named block again."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_worm import load_pruned
+
+    def fit(max_epochs, ckpt_path=None, saver=None):
+        torch.manual_seed(0)
+        model = MixClassifier()
+        eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source=mix_source(), verbose=False)
+        prune = PruneAndFinetune(eb, measure_latency=False)
+        t = trainer(tmp_path, callbacks=[eb, prune, *([saver] if saver else [])], max_epochs=max_epochs,
+                    enable_checkpointing=bool(saver))
+        t.fit(model, tiny_loader(), ckpt_path=ckpt_path)
+        return model, prune
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    full, prune = fit(3, saver=saver)
+    assert prune.pruned_epoch == 1 and full.mix.wq.out_features == full.mix.o.in_features == 4
+    resumed, _ = fit(3, ckpt_path=tmp_path / "ckpt" / "epoch=1.ckpt")
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    loaded = load_pruned(MixClassifier, tmp_path / "ckpt" / "epoch=2.ckpt")
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded(x), full.eval()(x))
