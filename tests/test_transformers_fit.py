@@ -50,17 +50,34 @@ def test_elementwise_search_state_round_trips(tmp_path):
     assert torch.equal(again.mask.flat, eb.mask.flat) and again.distances[1:] == eb.distances[1:]
 
 
-def prune_fit(tmp_path, max_epochs=4):
+def spy_on_carry(prune, seen):
+    """Fill ``seen`` at the prune: each optimizer state by parameter name, before (cloned) and after the carry."""
+    carry = prune._carry_optimizers
+
+    def spy(old, new, before, after, kept):
+        name_of = {id(p): n for n, p in before.items()}
+        seen["old"] = {name_of[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in old[0].state.items()}
+        carry(old, new, before, after, kept)
+        seen["new"] = {n: {k: v.clone() for k, v in new[0].state[p].items()} for n, p in after.items()
+                       if p in new[0].state}
+
+    prune._carry_optimizers = spy
+
+
+def prune_fit(tmp_path, max_epochs=4, seen=None):
     model = tiny_vit()
     eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source=AttentionHeadSource())
     prune = PruneAndFinetune(eb, measure_latency=False)
+    if seen is not None:
+        spy_on_carry(prune, seen)
     t = trainer(tmp_path, callbacks=[eb, WormCallback(eb, schedule="fixed", chi=0.01), prune], max_epochs=max_epochs)
     t.fit(model, tiny_loader())
     return t, model, eb, prune
 
 
 def test_prune_and_finetune_removes_heads_mid_fit_and_slices_adam_state(tmp_path):
-    t, model, eb, prune = prune_fit(tmp_path)
+    seen = {}
+    t, model, eb, prune = prune_fit(tmp_path, seen=seen)
     kept = {n: int(m.sum()) for n, m in eb.ticket.items()}
     for name, count in kept.items():
         attn = model.get_submodule(name)
@@ -70,6 +87,49 @@ def test_prune_and_finetune_removes_heads_mid_fit_and_slices_adam_state(tmp_path
     for name, p in model.named_parameters():
         assert state[p]["exp_avg"].shape == p.shape, name  # Adam moments sliced with the heads
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 4)
+    # The values, head by head: new head j holds the moments of the kept old head h, rows (q/k/v) and columns (out).
+    old, new = seen["old"], seen["new"]
+    assert set(new) == set(old)
+    cut = set()
+    for name, keep in eb.ticket.items():
+        heads = torch.nonzero(keep).flatten().tolist()
+        assert len(heads) < 4
+        for j, h in enumerate(heads):
+            rows, old_rows = slice(4 * j, 4 * j + 4), slice(4 * h, 4 * h + 4)
+            for param in [f"{name}.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")]:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    assert torch.equal(new[param][key][rows], old[param][key][old_rows]), (param, key, h)
+                cut.add(param)
+            out = f"{name}.out_proj.weight"
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(new[out][key][:, rows], old[out][key][:, old_rows]), (out, key, h)
+            cut.add(out)
+    for param in set(old) - cut:  # everything else carried as it was
+        for key, value in old[param].items():
+            assert torch.equal(new[param][key], value), (param, key)
+
+
+def test_elementwise_prune_carries_the_optimizer_state_of_the_renamed_weights(tmp_path):
+    """torch's pruning renames `q_proj.weight` to `q_proj.weight_orig`; its Adam moments go on, value for value."""
+    model = tiny_vit()
+    eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source="attention_qk", verbose=False)
+    prune = PruneAndFinetune(eb, measure_latency=False)
+    seen = {}
+    spy_on_carry(prune, seen)
+    t = trainer(tmp_path, callbacks=[eb, prune], max_epochs=3)
+    with pytest.warns(UserWarning, match="saves no time"):
+        t.fit(model, tiny_loader())
+    assert prune.pruned_epoch == 1
+    old, new = seen["old"], seen["new"]
+    renamed = {n.replace(".weight_orig", ".weight"): n for n in new}
+    assert set(renamed) == set(old) and len(old) == len(list(model.parameters()))
+    assert sum(n.endswith(("q_proj.weight_orig", "k_proj.weight_orig")) for n in new) == 4
+    for name, state in old.items():
+        assert state.keys() == new[renamed[name]].keys(), name
+        for key, value in state.items():
+            assert torch.equal(new[renamed[name]][key], value), (name, key)
+    query = model.model.blocks[0].attn.q_proj.weight_orig
+    assert int(t.optimizers[0].state[query]["step"]) == 3 * 8  # the moments kept counting across the prune
 
 
 def test_pruned_checkpoint_reloads_bit_identically(tmp_path):

@@ -359,6 +359,9 @@ class PruneAndFinetune(Callback):
                 f"{len(old_optimizers)} before: it must build the same optimizers from `self.parameters()`."
             )
         name_of = {id(p): n for n, p in before.items()}
+        # A parameter the surgery kept as it was is matched by identity: an element-wise ticket renames
+        # `weight` to `weight_orig` (torch.nn.utils.prune) but keeps the Parameter. Cut ones are new: by name.
+        same = {id(p): p for p in after.values()}
         for old, new in zip(old_optimizers, new_optimizers):
             if not self.restart_schedule:  # the schedule's current lr (and momentum, ...) go on
                 for old_group, new_group in zip(old.param_groups, new.param_groups):
@@ -367,9 +370,11 @@ class PruneAndFinetune(Callback):
                 continue
             for param, state in old.state.items():
                 name = name_of.get(id(param))
-                if name is None or name not in after:
+                if name is None:
                     continue
-                new_param = after[name]
+                new_param = same.get(id(param), after.get(name))
+                if new_param is None:
+                    continue
                 new.state[new_param] = {
                     key: _slice_like(value, param, kept.get(name)) for key, value in state.items()
                 }
