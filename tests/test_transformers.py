@@ -435,6 +435,11 @@ def test_multihead_attention_heads_cannot_be_removed():
     with pytest.raises(NotImplementedError, match="AttentionQKSource") as error:
         AttentionHeadSource().prune(model, {"layers.0.self_attn": torch.tensor([True, False, True, True])})
     assert str(error.value) == MHA_REFUSAL
+    with pytest.raises(ValueError, match="'layers.0.self_attn', 'layers.1.self_attn'.*cannot lose heads"):
+        AttentionHeadSource().check_prunable(model)
+    AttentionHeadSource().check_prunable(vit())  # separate projections: heads can go
+    with pytest.raises(ValueError, match="LayerNormSource cannot remove channels"):
+        LayerNormSource().check_prunable(vit())
 
 
 def test_layernorm_prune_is_refused_with_what_to_use_instead():

@@ -242,3 +242,30 @@ def test_a_named_head_source_resumes_and_reloads_after_the_prune(tmp_path):
     loaded = load_pruned(MixClassifier, tmp_path / "ckpt" / "epoch=2.ckpt")
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(loaded(x), full.eval()(x))
+
+
+class EncoderClassifier(MixClassifier):
+    """Pixels as tokens through an ``nn.TransformerEncoder`` (``nn.MultiheadAttention`` blocks)."""
+
+    def __init__(self, lr: float = 3e-3):
+        super().__init__(lr)
+        self.mix = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1)
+
+
+@pytest.mark.parametrize("case", ["layernorm", "mha_heads"])
+def test_a_source_that_cannot_prune_this_model_is_refused_when_the_fit_starts(tmp_path, case):
+    """Not at the ticket after a whole search: before the first training step."""
+    if case == "layernorm":
+        model, source, match = tiny_vit(), "layernorm", "LayerNormSource cannot remove channels physically"
+    else:
+        torch.manual_seed(0)
+        model, source, match = EncoderClassifier(), "attention_heads", "nn.MultiheadAttention cannot lose heads"
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source=source, verbose=False)
+    t = trainer(tmp_path, callbacks=[eb, PruneAndFinetune(eb, measure_latency=False)], max_epochs=3)
+    with pytest.raises(ValueError, match=match) as error:
+        t.fit(model, tiny_loader())
+    assert t.global_step == 0 and t.current_epoch == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # not one step taken
+    if case == "mha_heads":
+        assert "'mix.layers.0.self_attn'" in str(error.value) and "AttentionQKSource" in str(error.value)

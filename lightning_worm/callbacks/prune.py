@@ -27,7 +27,6 @@ from lightning_worm.callbacks.strategy import check_strategy, decide_on_rank_zer
 from lightning_worm.callbacks.tracking import TrackerSpec, check_tracker_spec, find_tracker, tracker_key, trackers
 from lightning_worm.checkpoint import CHECKPOINT_KEY, PLAN_OWNER, find_pruning_plan, raise_for_unloadable_checkpoint
 from lightning_worm.core.masks import Mask
-from lightning_worm.core.sources import ScoreSource
 from lightning_worm.core.surgery import DEFAULT_COUPLING, PruningPlan, apply_plan
 from lightning_worm.core.surgery.decision import COUPLINGS
 from lightning_worm.core.validation import check_bool, check_choice, check_int
@@ -93,8 +92,10 @@ class PruneAndFinetune(Callback):
 
     Raises:
         ValueError: on a bad argument (named in the message); at setup if the tracker is not in the
-            trainer, its source cannot remove units, the strategy shards parameters (FSDP, DeepSpeed) or
-            launches by spawn/fork (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``: use ``ddp``).
+            trainer, its source cannot remove units from this model (``ScoreSource.check_prunable``: a source
+            without surgery, LayerNorm channels, heads of ``nn.MultiheadAttention``), the strategy shards
+            parameters (FSDP, DeepSpeed) or launches by spawn/fork (``ddp_spawn``, ``ddp_fork``,
+            ``ddp_notebook``: use ``ddp``).
 
     Example::
 
@@ -188,12 +189,8 @@ class PruneAndFinetune(Callback):
                 "into the main process's unpruned module. Use `strategy='ddp'` (one process per device, started "
                 "as scripts), which supports pruning mid-fit."
             )
-        source = self.early_bird.source
-        if type(source).prune is ScoreSource.prune:
-            raise ValueError(
-                f"PruneAndFinetune cannot remove the units of {type(source).__name__}: it has no surgery. Track a "
-                "source that can be pruned (e.g. 'batchnorm', 'attention_heads'), or prune with your own surgery."
-            )
+        if not adopted:  # refused now, not at the ticket after a whole search
+            self.early_bird.source.check_prunable(pl_module)
         if adopted:
             rank_zero_info(f"{name}: {type(pl_module).__name__} was pruned in an earlier fit; it is fine-tuned as it "
                            "is (no second search, no second prune).")

@@ -420,6 +420,22 @@ class AttentionHeadSource(_AttentionSource):
                 factors[id(param)][1][rows] = row_factor.to(param.dtype)
         return [(p, f.view(-1, *([1] * (p.dim() - 1)))) for p, f in factors.values()]
 
+    def check_prunable(self, model: nn.Module) -> None:
+        """Refuse a model with tracked ``nn.MultiheadAttention`` blocks: they cannot lose heads.
+
+        Raises:
+            ValueError: naming the blocks, what to use instead, and how to leave them out.
+        """
+        from lightning_worm.core.sources.attention_surgery import MHA_REFUSAL
+
+        mha = [name for name, block in self.tracked(model).items() if block.layout == "mha"]
+        if mha:
+            raise ValueError(
+                f"{len(mha)} tracked attention block(s) are nn.MultiheadAttention ({', '.join(map(repr, mha[:3]))}"
+                f"{', ...' if len(mha) > 3 else ''}), so PruneAndFinetune could not remove their heads at the ticket. "
+                f"{MHA_REFUSAL} To prune the other blocks' heads, name them: `AttentionHeadSource(modules=[...])`."
+            )
+
     def prune(self, model: nn.Module, ticket: Any, example_input: Any = None, **options: Any) -> Any:
         from lightning_worm.core.sources.attention_surgery import prune_heads
 

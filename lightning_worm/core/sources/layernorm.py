@@ -9,6 +9,14 @@ from torch import nn
 from lightning_worm.core.sources.base import ScaleSource
 
 
+REFUSAL = (
+    "LayerNormSource cannot remove channels physically: a transformer's LayerNorm channels are its residual "
+    "stream, shared by every block, so removing one couples the whole model. To make the model smaller, track "
+    "`AttentionHeadSource()` (removes whole heads); to keep LayerNorm tracking, set `PruneAndFinetune` aside and "
+    "use the ticket for analysis or WORM only."
+)
+
+
 def _is_norm(module: nn.Module) -> bool:
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         return True
@@ -53,10 +61,8 @@ class LayerNormSource(ScaleSource):
             return "weight frozen (requires_grad=False)"
         return None
 
+    def check_prunable(self, model: nn.Module) -> None:
+        raise ValueError(REFUSAL)
+
     def prune(self, model: nn.Module, ticket: Any, example_input: Any = None, **options: Any) -> Any:
-        raise NotImplementedError(
-            "LayerNormSource cannot remove channels physically: a transformer's LayerNorm channels are its "
-            "residual stream, shared by every block, so removing one couples the whole model. To make the model "
-            "smaller, track `AttentionHeadSource()` (removes whole heads); to keep LayerNorm tracking, set "
-            "`PruneAndFinetune` aside and use the ticket for analysis or WORM only."
-        )
+        raise NotImplementedError(REFUSAL)
