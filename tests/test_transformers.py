@@ -442,6 +442,64 @@ def test_multihead_attention_heads_cannot_be_removed():
         LayerNormSource().check_prunable(vit())
 
 
+class TinyGemmaRMSNorm(nn.Module):
+    """Gemma's convention: the scale is ``1 + weight``, the weight starts at 0."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + self.weight)
+
+
+class PlainGemmaRMSNorm(TinyGemmaRMSNorm):
+    """Named like Gemma, scales by ``weight`` (as Gemma 4's norm does): the name alone decides nothing."""
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class Norms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gemma, self.plain, self.ln = TinyGemmaRMSNorm(4), PlainGemmaRMSNorm(4), nn.LayerNorm(4)
+        for norm in (self.gemma, self.plain, self.ln):
+            norm.weight.data = torch.tensor([-1.0, -0.5, 0.0, 0.5])
+
+
+def test_gemma_style_rmsnorm_is_scored_by_one_plus_its_weight():
+    model, source = Norms(), LayerNormSource()
+    assert list(source.tracked(model)) == ["gemma", "plain", "ln"]
+    assert source.scores(model.gemma).tolist() == [0.0, 0.5, 1.0, 1.5]  # |1 + w|: w = -1 is the channel off
+    assert source.scores(model.plain).tolist() == source.scores(model.ln).tolist() == [1.0, 0.5, 0.0, 0.5]
+    assert source.sparsity_parameters(model.gemma) == []  # sign(w) would pull the scale to 1, not 0
+    assert source.sparsity_parameters(model.ln) == [model.ln.weight]
+    mask = channel_mask(nn.ModuleDict({"gemma": model.gemma}), 0.25, source=source)
+    assert mask["gemma"].tolist() == [False, True, True, True]
+    model.plain.worm_scale_offset = 1.0  # the attribute decides over the code
+    assert source.scores(model.plain).tolist() == [0.0, 0.5, 1.0, 1.5]
+    # A norm whose code cannot be read is left out with the fix, until it says its convention.
+    namespace = {}
+    exec("def forward(self, x):\n    return x * (1.0 + self.weight)", {}, namespace)
+    unread = type("GeneratedRMSNorm", (nn.Module,), {"forward": namespace["forward"]})()
+    unread.weight = nn.Parameter(torch.zeros(4))
+    holder = nn.ModuleDict({"unread": unread})
+    assert "worm_scale_offset = 0.0" in source.skipped(holder)["unread"]
+    unread.worm_scale_offset = 1.0
+    assert source.scores(source.tracked(holder)["unread"]).tolist() == [1.0] * 4
+
+
+def test_transformers_gemma_rmsnorm_is_scored_by_one_plus_its_weight():
+    gemma = pytest.importorskip("transformers.models.gemma.modeling_gemma")
+    llama_norm = pytest.importorskip("transformers.models.llama.modeling_llama").LlamaRMSNorm(4)
+    norm = gemma.GemmaRMSNorm(4)  # a module, no weights downloaded
+    norm.weight.data = torch.tensor([-1.0, -0.5, 0.0, 0.5])
+    llama_norm.weight.data = norm.weight.data.clone()
+    assert LayerNormSource().scores(norm).tolist() == [0.0, 0.5, 1.0, 1.5]
+    assert LayerNormSource().scores(llama_norm).tolist() == [1.0, 0.5, 0.0, 0.5]
+
+
 def test_layernorm_prune_is_refused_with_what_to_use_instead():
     with pytest.raises(NotImplementedError, match="AttentionHeadSource"):
         LayerNormSource().prune(vit(), channel_mask(vit(), 0.5, source=LayerNormSource()))
