@@ -25,6 +25,7 @@ from lightning_worm import (
 from lightning_worm.core.sources import SOURCES, resolve_source
 from lightning_worm.core.sources.attention import find_attention
 from lightning_worm.core.sources.attention_surgery import (
+    ELEMENTWISE_NOTE,
     MHA_REFUSAL,
     prune_elementwise,
     prune_heads,
@@ -329,12 +330,14 @@ def test_final_prune_honours_the_ticket():
     assert all(torch.equal(now[n], before[n]) for n in untouched)  # values, biases, MLPs, head: as they were
     assert report.ticket_pruned == report.pruned_from_ticket == ticket.total - ticket.kept
     assert report.params_after == report.params_before  # nothing removed: no time saved
+    assert report.note == report.to_dict()["note"] == ELEMENTWISE_NOTE and "saves no time" in report.note
 
     heads = vit()
     head_ticket = {"blocks.0.attn": torch.tensor([True, False, True, False]),
                    "blocks.1.attn": torch.tensor([True, True, False, True])}
     report = prune_heads(heads, head_ticket, measure_latency=False)
     assert report.channels_after == {"blocks.0.attn": 2, "blocks.1.attn": 3}
+    assert report.note is None and "note" not in report.to_dict()
     assert report.plan.pruned_groups == [["blocks.0.attn", [1, 3], "blocks.0.attn.out_proj"],
                                          ["blocks.1.attn", [2], "blocks.1.attn.out_proj"]]
 

@@ -132,6 +132,21 @@ def test_elementwise_prune_carries_the_optimizer_state_of_the_renamed_weights(tm
     assert int(t.optimizers[0].state[query]["step"]) == 3 * 8  # the moments kept counting across the prune
 
 
+def test_the_elementwise_report_and_summary_say_that_no_time_is_saved(tmp_path, lightning_info):
+    import json
+
+    from lightning_worm.core.sources.attention_surgery import ELEMENTWISE_NOTE
+
+    eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source="attention_qk", verbose=False)
+    prune = PruneAndFinetune(eb, measure_latency=False, report_dir=str(tmp_path / "report"))
+    with pytest.warns(UserWarning, match="saves no time"):
+        trainer(tmp_path, callbacks=[eb, prune], max_epochs=2).fit(tiny_vit(), tiny_loader())
+    assert prune.report["note"] == ELEMENTWISE_NOTE
+    assert json.loads((tmp_path / "report" / "pruning_report.json").read_text())["note"] == ELEMENTWISE_NOTE
+    summary = next(r.getMessage() for r in lightning_info.records if r.getMessage().startswith("PruneAndFinetune: pruned"))
+    assert ELEMENTWISE_NOTE in summary
+
+
 def test_pruned_checkpoint_reloads_bit_identically(tmp_path):
     from lightning_worm import load_pruned
 

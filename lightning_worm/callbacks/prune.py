@@ -53,7 +53,8 @@ class PruneAndFinetune(Callback):
     weights load, and :func:`~lightning_worm.load_pruned` rebuilds the pruned module for inference.
 
     A report (parameters, FLOPs, units per layer, ticket units honoured, latency, the ``evaluate``
-    results) is printed on rank zero, logged under ``pruning/``, kept as :attr:`report` and written as
+    results, and a ``note`` where the numbers need one: an element-wise ticket saves no time) is printed
+    on rank zero, logged under ``pruning/``, kept as :attr:`report` and written as
     ``pruning_report.json`` into ``report_dir`` (by default the logger's directory; without a logger no
     file is written). A report that cannot be written is a warning, never a failed run.
 
@@ -402,10 +403,11 @@ class PruneAndFinetune(Callback):
         latency = ""
         if r.get("latency_before_ms") is not None:
             latency = f", latency {r['latency_before_ms']:.2f} -> {r['latency_after_ms']:.2f} ms"
+        note = f" {r['note']}" if r.get("note") else ""
         rank_zero_info(
             f"PruneAndFinetune: pruned the ticket of epoch {r['ticket_epoch']} at the end of epoch {r['epoch']}: "
             f"parameters {r['params_before']:,} -> {r['params_after']:,}, "
-            f"FLOPs {r['flops_before']:,} -> {r['flops_after']:,}{latency}. Report: {where}"
+            f"FLOPs {r['flops_before']:,} -> {r['flops_after']:,}{latency}.{note} Report: {where}"
         )
 
     @override

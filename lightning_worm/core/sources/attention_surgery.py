@@ -438,7 +438,8 @@ def prune_elementwise(
     checkpoint reloads through the plan (``kind="elementwise"``) and ``load_pruned``.
 
     Returns:
-        A ``PruningReport`` counting weights; parameters and FLOPs are unchanged (dense kernels).
+        A ``PruningReport`` counting weights; parameters and FLOPs are unchanged (dense kernels), and its
+        ``note`` says that no time is saved.
     """
     from torch.nn.utils import prune
 
@@ -467,7 +468,7 @@ def prune_elementwise(
         kept_for_round_to=0, kept_unprunable=0, latency_before_ms=latency_before,
         latency_after_ms=_latency(model, inputs, measure_latency, latency_repeats),
         kept_indices={}, coupling="elementwise (fixed zeros: no time saved)", round_to=None,
-        flops_batch=batch_size(inputs) if inputs else 1, prunable=sum(before.values()),
+        flops_batch=batch_size(inputs) if inputs else 1, prunable=sum(before.values()), note=ELEMENTWISE_NOTE,
     )
 
 
