@@ -300,6 +300,57 @@ def test_head_truncation_scales_the_heads_qkv_rows_and_nothing_else():
             assert torch.equal(p.grad, torch.ones_like(p)), name
 
 
+class MHANet(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        torch.manual_seed(0)
+        self.att = nn.MultiheadAttention(16, 4, batch_first=True, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"kdim": 8, "vdim": 8}], ids=["packed in_proj", "separate q/k/v weights"])
+def test_head_truncation_on_multihead_attention_scales_exactly_the_heads_rows(kwargs):
+    """Head 1 of 4 (size 4): rows 4..7 of each of q, k, v, in ``in_proj_weight`` (or ``q/k/v_proj_weight``) and
+    ``in_proj_bias``; the output projection and the other heads untouched."""
+    model, source = MHANet(**kwargs), AttentionHeadSource()
+    truncation = GradientTruncation(model, source)
+    truncation.set({"att": torch.tensor([True, False, True, True])}, chi=0.5)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    truncation.apply()
+    expected = {name: torch.ones_like(p) for name, p in model.named_parameters()}
+    for i, part in enumerate("qkv"):
+        if kwargs:
+            expected[f"att.{part}_proj_weight"][4:8] = 0.5
+        else:
+            expected["att.in_proj_weight"][16 * i + 4:16 * i + 8] = 0.5
+        expected["att.in_proj_bias"][16 * i + 4:16 * i + 8] = 0.5
+    assert {n for n, e in expected.items() if not e.eq(1).all()} == (
+        {"att.q_proj_weight", "att.k_proj_weight", "att.v_proj_weight", "att.in_proj_bias"} if kwargs
+        else {"att.in_proj_weight", "att.in_proj_bias"})
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, expected[name]), name
+    assert truncation.truncated_channels == 1
+
+
+def test_layernorm_truncation_scales_exactly_the_masked_channels_weight_and_bias():
+    model, source = vit(), LayerNormSource()
+    keep = {name: torch.ones(32, dtype=torch.bool) for name in source.tracked(model)}
+    keep["blocks.0.norm2"][[3, 17]] = False
+    keep["norm"][0] = False
+    truncation = GradientTruncation(model, source)
+    truncation.set(keep, chi=0.25)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    truncation.apply()
+    expected = {name: torch.ones_like(p) for name, p in model.named_parameters()}
+    for norm, channels in (("blocks.0.norm2", [3, 17]), ("norm", [0])):
+        for param in ("weight", "bias"):
+            expected[f"{norm}.{param}"][channels] = 0.25
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, expected[name]), name
+    assert truncation.truncated_channels == 3
+
+
 def test_grouped_query_head_truncation_scales_whole_groups():
     model = llama(kv_heads=2)
     source = AttentionHeadSource()

@@ -182,6 +182,33 @@ def test_resume_mid_search_equals_the_uninterrupted_fit(tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # the resumed fit saves nothing
+def test_resume_after_a_head_prune_equals_the_uninterrupted_fit(tmp_path):
+    """4 epochs in one go vs 2 epochs (the prune at the end of the second) and a resume: the same weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(max_epochs, ckpt_path=None, checkpoint=None):
+        model = tiny_vit()
+        eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source="attention_heads", verbose=False)
+        prune = PruneAndFinetune(eb, measure_latency=False)
+        extra = [checkpoint] if checkpoint else []
+        t = trainer(tmp_path, callbacks=[eb, WormCallback(eb, schedule="fixed", chi=0.01), prune, *extra],
+                    max_epochs=max_epochs, enable_checkpointing=bool(checkpoint))
+        t.fit(model, tiny_loader(), ckpt_path=ckpt_path)
+        return model, eb, prune, t
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    full, eb_full, prune_full, _ = fit(4, checkpoint=saver)
+    resumed, eb_resumed, prune_resumed, t = fit(4, ckpt_path=tmp_path / "ckpt" / "epoch=1.ckpt")
+    assert prune_full.pruned_epoch == prune_resumed.pruned_epoch == 1 and t.current_epoch == 4
+    assert [b.attn.num_heads for b in resumed.model.blocks] == [b.attn.num_heads for b in full.model.blocks] == [
+        int(m.sum()) for m in eb_full.ticket.values()]
+    assert torch.equal(eb_resumed.ticket.flat, eb_full.ticket.flat) and not eb_resumed.searching
+    assert full.state_dict().keys() == resumed.state_dict().keys()
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_a_head_pruned_checkpoint_reloads_in_a_fresh_process(tmp_path):
     """The head replay is found after a plain `import lightning_worm`, not only where the prune ran."""
     import subprocess
