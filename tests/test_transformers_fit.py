@@ -143,7 +143,8 @@ def test_the_elementwise_report_and_summary_say_that_no_time_is_saved(tmp_path, 
         trainer(tmp_path, callbacks=[eb, prune], max_epochs=2).fit(tiny_vit(), tiny_loader())
     assert prune.report["note"] == ELEMENTWISE_NOTE
     assert json.loads((tmp_path / "report" / "pruning_report.json").read_text())["note"] == ELEMENTWISE_NOTE
-    summary = next(r.getMessage() for r in lightning_info.records if r.getMessage().startswith("PruneAndFinetune: pruned"))
+    summary = next(m for m in (r.getMessage() for r in lightning_info.records)
+                   if m.startswith("PruneAndFinetune: pruned"))
     assert ELEMENTWISE_NOTE in summary
 
 
