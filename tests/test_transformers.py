@@ -534,13 +534,16 @@ def test_gemma_style_rmsnorm_is_scored_by_one_plus_its_weight():
     assert mask["gemma"].tolist() == [False, True, True, True]
     model.plain.worm_scale_offset = 1.0  # the attribute decides over the code
     assert source.scores(model.plain).tolist() == [0.0, 0.5, 1.0, 1.5]
-    # A norm whose code cannot be read is left out with the fix, until it says its convention.
+    # Without readable code, a Gemma-named norm is left out with the fix until it says its convention; others
+    # scale by weight.
     namespace = {}
     exec("def forward(self, x):\n    return x * (1.0 + self.weight)", {}, namespace)
-    unread = type("GeneratedRMSNorm", (nn.Module,), {"forward": namespace["forward"]})()
-    unread.weight = nn.Parameter(torch.zeros(4))
-    holder = nn.ModuleDict({"unread": unread})
-    assert "worm_scale_offset = 0.0" in source.skipped(holder)["unread"]
+    unread = type("UnreadGemmaRMSNorm", (nn.Module,), {"forward": namespace["forward"]})()
+    plain = type("UnreadRMSNorm", (nn.Module,), {"forward": namespace["forward"]})()
+    unread.weight, plain.weight = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.full((4,), 0.5))
+    holder = nn.ModuleDict({"unread": unread, "plain": plain})
+    assert "worm_scale_offset = 1.0" in source.skipped(holder)["unread"] and list(source.tracked(holder)) == ["plain"]
+    assert source.scores(plain).tolist() == [0.5] * 4
     unread.worm_scale_offset = 1.0
     assert source.scores(source.tracked(holder)["unread"]).tolist() == [1.0] * 4
 

@@ -37,11 +37,15 @@ def _is_norm(module: nn.Module) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _offset_of_class(cls: type) -> Optional[float]:
-    """1.0 if the class's forward scales by ``(1 + weight)``, 0.0 if not, ``None`` if its code cannot be read."""
+    """1.0 if the class's forward scales by ``(1 + weight)``, else 0.0; ``None`` if that cannot be told.
+
+    Without readable code (a ``.pyc``-only install), a class named like Gemma's norms cannot be told (Gemma 1-3
+    scale by ``1 + weight``, Gemma 4 by ``weight``); any other class scales by ``weight``.
+    """
     try:
         code = inspect.getsource(cls.forward)
     except (OSError, TypeError):
-        return None
+        return None if "Gemma" in cls.__name__ else 0.0
     return 1.0 if _OFFSET_CODE.search(code) else 0.0
 
 
@@ -71,7 +75,7 @@ class LayerNormSource(ScaleSource):
     A Gemma-style RMSNorm scales by ``gamma = 1 + weight`` (its weight starts at 0): its channels are
     scored by ``|1 + weight|``, and the sparsity term leaves it alone (it would pull the scale to 1, not
     0). It is recognised by its forward's code (``1.0 + self.weight``); set ``module.worm_scale_offset =
-    1.0`` (or ``0.0``) to say it, which a norm whose code cannot be read must do to be tracked.
+    1.0`` (or ``0.0``) to say it, which a ``*Gemma*`` norm whose code cannot be read must do to be tracked.
 
     Pruning LayerNorm channels physically is refused: in a transformer they are the residual stream,
     shared by every block, the embeddings and the classifier, so one channel can only go everywhere at
@@ -100,8 +104,8 @@ class LayerNormSource(ScaleSource):
         if not weight.requires_grad:
             return "weight frozen (requires_grad=False)"
         if scale_offset(module) is None:
-            return (f"cannot tell whether it scales by weight or by 1 + weight (its forward's code cannot be read): "
-                    f"set `module.{SCALE_OFFSET_ATTR} = 0.0` (or 1.0, Gemma-style)")
+            return (f"a Gemma-style norm whose forward's code cannot be read, so whether it scales by weight or by "
+                    f"1 + weight is unknown: set `module.{SCALE_OFFSET_ATTR} = 1.0` (or 0.0)")
         return None
 
     def scores(self, module: nn.Module) -> Tensor:
