@@ -53,6 +53,20 @@ class TinyNet(L.LightningModule):
                                weight_decay=self.hparams.weight_decay)
 
 
+class SizedMix(nn.Module):
+    """Attention of its own: projections ``wq``/``wk``/``wv``/``o``, no head count; it splits heads by ``size``."""
+
+    def __init__(self, dim=8, size=4):
+        super().__init__()
+        self.size = size
+        self.wq, self.wk, self.wv, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, -1, self.size).transpose(1, 2) for p in (self.wq, self.wk, self.wv))
+        return self.o(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+
 def trainer(tmp_path=None, **kwargs) -> L.Trainer:
     """A quiet CPU trainer."""
     defaults = dict(

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(out: Path, *args: str) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tests.ddp.fit_transformer", str(out), *args], cwd=ROOT, env=env,
+    # In the test's folder, not the checkout: whatever the ranks write lands there (imports go by PYTHONPATH).
+    proc = subprocess.run([sys.executable, "-m", "tests.ddp.fit_transformer", str(out), *args], cwd=out, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
@@ -28,6 +29,7 @@ def same(a, b):
 def test_two_process_head_search_agrees(tmp_path):
     r0, r1 = run(tmp_path)
     assert r0["world_size"] == 2 and r0["ticket_epoch"] == r1["ticket_epoch"] == 1
+    assert r0["cwd"] == r1["cwd"] == str(tmp_path)  # both ranks ran in the test's folder
     assert same(r0["distances"], r1["distances"])
     assert {k: v.tolist() for k, v in r0["mask"].items()} == {k: v.tolist() for k, v in r1["mask"].items()}
     assert list(r0["mask"]) == ["model.blocks.0.attn", "model.blocks.1.attn"]

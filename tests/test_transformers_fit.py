@@ -2,12 +2,14 @@
 
 import math
 
+import lightning as L
 import pytest
 import torch
+from torch import nn
 
 from examples.vit import ViTClassifier
 from lightning_worm import AttentionHeadSource, AttentionQKSource, EarlyBirdCallback, PruneAndFinetune, WormCallback
-from tests.helpers import tiny_loader, trainer
+from tests.helpers import SizedMix, tiny_loader, trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,17 +50,34 @@ def test_elementwise_search_state_round_trips(tmp_path):
     assert torch.equal(again.mask.flat, eb.mask.flat) and again.distances[1:] == eb.distances[1:]
 
 
-def prune_fit(tmp_path, max_epochs=4):
+def spy_on_carry(prune, seen):
+    """Fill ``seen`` at the prune: each optimizer state by parameter name, before (cloned) and after the carry."""
+    carry = prune._carry_optimizers
+
+    def spy(old, new, before, after, kept):
+        name_of = {id(p): n for n, p in before.items()}
+        seen["old"] = {name_of[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in old[0].state.items()}
+        carry(old, new, before, after, kept)
+        seen["new"] = {n: {k: v.clone() for k, v in new[0].state[p].items()} for n, p in after.items()
+                       if p in new[0].state}
+
+    prune._carry_optimizers = spy
+
+
+def prune_fit(tmp_path, max_epochs=4, seen=None):
     model = tiny_vit()
     eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source=AttentionHeadSource())
     prune = PruneAndFinetune(eb, measure_latency=False)
+    if seen is not None:
+        spy_on_carry(prune, seen)
     t = trainer(tmp_path, callbacks=[eb, WormCallback(eb, schedule="fixed", chi=0.01), prune], max_epochs=max_epochs)
     t.fit(model, tiny_loader())
     return t, model, eb, prune
 
 
 def test_prune_and_finetune_removes_heads_mid_fit_and_slices_adam_state(tmp_path):
-    t, model, eb, prune = prune_fit(tmp_path)
+    seen = {}
+    t, model, eb, prune = prune_fit(tmp_path, seen=seen)
     kept = {n: int(m.sum()) for n, m in eb.ticket.items()}
     for name, count in kept.items():
         attn = model.get_submodule(name)
@@ -68,6 +87,65 @@ def test_prune_and_finetune_removes_heads_mid_fit_and_slices_adam_state(tmp_path
     for name, p in model.named_parameters():
         assert state[p]["exp_avg"].shape == p.shape, name  # Adam moments sliced with the heads
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 4)
+    # The values, head by head: new head j holds the moments of the kept old head h, rows (q/k/v) and columns (out).
+    old, new = seen["old"], seen["new"]
+    assert set(new) == set(old)
+    cut = set()
+    for name, keep in eb.ticket.items():
+        heads = torch.nonzero(keep).flatten().tolist()
+        assert len(heads) < 4
+        for j, h in enumerate(heads):
+            rows, old_rows = slice(4 * j, 4 * j + 4), slice(4 * h, 4 * h + 4)
+            for param in [f"{name}.{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")]:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    assert torch.equal(new[param][key][rows], old[param][key][old_rows]), (param, key, h)
+                cut.add(param)
+            out = f"{name}.out_proj.weight"
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(new[out][key][:, rows], old[out][key][:, old_rows]), (out, key, h)
+            cut.add(out)
+    for param in set(old) - cut:  # everything else carried as it was
+        for key, value in old[param].items():
+            assert torch.equal(new[param][key], value), (param, key)
+
+
+def test_elementwise_prune_carries_the_optimizer_state_of_the_renamed_weights(tmp_path):
+    """torch's pruning renames `q_proj.weight` to `q_proj.weight_orig`; its Adam moments go on, value for value."""
+    model = tiny_vit()
+    eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source="attention_qk", verbose=False)
+    prune = PruneAndFinetune(eb, measure_latency=False)
+    seen = {}
+    spy_on_carry(prune, seen)
+    t = trainer(tmp_path, callbacks=[eb, prune], max_epochs=3)
+    with pytest.warns(UserWarning, match="saves no time"):
+        t.fit(model, tiny_loader())
+    assert prune.pruned_epoch == 1
+    old, new = seen["old"], seen["new"]
+    renamed = {n.replace(".weight_orig", ".weight"): n for n in new}
+    assert set(renamed) == set(old) and len(old) == len(list(model.parameters()))
+    assert sum(n.endswith(("q_proj.weight_orig", "k_proj.weight_orig")) for n in new) == 4
+    for name, state in old.items():
+        assert state.keys() == new[renamed[name]].keys(), name
+        for key, value in state.items():
+            assert torch.equal(new[renamed[name]][key], value), (name, key)
+    query = model.model.blocks[0].attn.q_proj.weight_orig
+    assert int(t.optimizers[0].state[query]["step"]) == 3 * 8  # the moments kept counting across the prune
+
+
+def test_the_elementwise_report_and_summary_say_that_no_time_is_saved(tmp_path, lightning_info):
+    import json
+
+    from lightning_worm.core.sources.attention_surgery import ELEMENTWISE_NOTE
+
+    eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source="attention_qk", verbose=False)
+    prune = PruneAndFinetune(eb, measure_latency=False, report_dir=str(tmp_path / "report"))
+    with pytest.warns(UserWarning, match="saves no time"):
+        trainer(tmp_path, callbacks=[eb, prune], max_epochs=2).fit(tiny_vit(), tiny_loader())
+    assert prune.report["note"] == ELEMENTWISE_NOTE
+    assert json.loads((tmp_path / "report" / "pruning_report.json").read_text())["note"] == ELEMENTWISE_NOTE
+    summary = next(m for m in (r.getMessage() for r in lightning_info.records)
+                   if m.startswith("PruneAndFinetune: pruned"))
+    assert ELEMENTWISE_NOTE in summary
 
 
 def test_pruned_checkpoint_reloads_bit_identically(tmp_path):
@@ -105,6 +183,33 @@ def test_resume_mid_search_equals_the_uninterrupted_fit(tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # the resumed fit saves nothing
+def test_resume_after_a_head_prune_equals_the_uninterrupted_fit(tmp_path):
+    """4 epochs in one go vs 2 epochs (the prune at the end of the second) and a resume: the same weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(max_epochs, ckpt_path=None, checkpoint=None):
+        model = tiny_vit()
+        eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source="attention_heads", verbose=False)
+        prune = PruneAndFinetune(eb, measure_latency=False)
+        extra = [checkpoint] if checkpoint else []
+        t = trainer(tmp_path, callbacks=[eb, WormCallback(eb, schedule="fixed", chi=0.01), prune, *extra],
+                    max_epochs=max_epochs, enable_checkpointing=bool(checkpoint))
+        t.fit(model, tiny_loader(), ckpt_path=ckpt_path)
+        return model, eb, prune, t
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    full, eb_full, prune_full, _ = fit(4, checkpoint=saver)
+    resumed, eb_resumed, prune_resumed, t = fit(4, ckpt_path=tmp_path / "ckpt" / "epoch=1.ckpt")
+    assert prune_full.pruned_epoch == prune_resumed.pruned_epoch == 1 and t.current_epoch == 4
+    assert [b.attn.num_heads for b in resumed.model.blocks] == [b.attn.num_heads for b in full.model.blocks] == [
+        int(m.sum()) for m in eb_full.ticket.values()]
+    assert torch.equal(eb_resumed.ticket.flat, eb_full.ticket.flat) and not eb_resumed.searching
+    assert full.state_dict().keys() == resumed.state_dict().keys()
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_a_head_pruned_checkpoint_reloads_in_a_fresh_process(tmp_path):
     """The head replay is found after a plain `import lightning_worm`, not only where the prune ran."""
     import subprocess
@@ -128,3 +233,82 @@ def test_a_head_pruned_checkpoint_reloads_in_a_fresh_process(tmp_path):
                           cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(root)},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+class MixClassifier(L.LightningModule):
+    """Pixels as 3-wide tokens through one attention block of its own (``SizedMix``: 2 heads, no head count)."""
+
+    def __init__(self, lr: float = 3e-3):
+        super().__init__()
+        self.save_hyperparameters()
+        self.embed, self.mix, self.head = nn.Linear(3, 8), SizedMix(), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.mix(self.embed(x.flatten(2).transpose(1, 2))).mean(1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+def mix_source():
+    return AttentionHeadSource(modules=["mix"], projections=("wq", "wk", "wv"), num_heads=2)
+
+
+@pytest.mark.filterwarnings("ignore:The attention modules")  # SizedMix has no head count: it splits by size
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # the resumed fit saves nothing
+def test_a_named_head_source_resumes_and_reloads_after_the_prune(tmp_path):
+    """The plan records the source's options: resuming and load_pruned find the named block again."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_worm import load_pruned
+
+    def fit(max_epochs, ckpt_path=None, saver=None):
+        torch.manual_seed(0)
+        model = MixClassifier()
+        eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source=mix_source(), verbose=False)
+        prune = PruneAndFinetune(eb, measure_latency=False)
+        t = trainer(tmp_path, callbacks=[eb, prune, *([saver] if saver else [])], max_epochs=max_epochs,
+                    enable_checkpointing=bool(saver))
+        t.fit(model, tiny_loader(), ckpt_path=ckpt_path)
+        return model, prune
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    full, prune = fit(3, saver=saver)
+    assert prune.pruned_epoch == 1 and full.mix.wq.out_features == full.mix.o.in_features == 4
+    resumed, _ = fit(3, ckpt_path=tmp_path / "ckpt" / "epoch=1.ckpt")
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    loaded = load_pruned(MixClassifier, tmp_path / "ckpt" / "epoch=2.ckpt")
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded(x), full.eval()(x))
+
+
+class EncoderClassifier(MixClassifier):
+    """Pixels as tokens through an ``nn.TransformerEncoder`` (``nn.MultiheadAttention`` blocks)."""
+
+    def __init__(self, lr: float = 3e-3):
+        super().__init__(lr)
+        self.mix = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1)
+
+
+@pytest.mark.parametrize("case", ["layernorm", "mha_heads"])
+def test_a_source_that_cannot_prune_this_model_is_refused_when_the_fit_starts(tmp_path, case):
+    """Not at the ticket after a whole search: before the first training step."""
+    if case == "layernorm":
+        model, source, match = tiny_vit(), "layernorm", "LayerNormSource cannot remove channels physically"
+    else:
+        torch.manual_seed(0)
+        model, source, match = EncoderClassifier(), "attention_heads", "nn.MultiheadAttention cannot lose heads"
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source=source, verbose=False)
+    t = trainer(tmp_path, callbacks=[eb, PruneAndFinetune(eb, measure_latency=False)], max_epochs=3)
+    with pytest.raises(ValueError, match=match) as error:
+        t.fit(model, tiny_loader())
+    assert t.global_step == 0 and t.current_epoch == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # not one step taken
+    if case == "mha_heads":
+        assert "'mix.layers.0.self_attn'" in str(error.value) and "AttentionQKSource" in str(error.value)

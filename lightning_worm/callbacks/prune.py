@@ -27,7 +27,6 @@ from lightning_worm.callbacks.strategy import check_strategy, decide_on_rank_zer
 from lightning_worm.callbacks.tracking import TrackerSpec, check_tracker_spec, find_tracker, tracker_key, trackers
 from lightning_worm.checkpoint import CHECKPOINT_KEY, PLAN_OWNER, find_pruning_plan, raise_for_unloadable_checkpoint
 from lightning_worm.core.masks import Mask
-from lightning_worm.core.sources import ScoreSource
 from lightning_worm.core.surgery import DEFAULT_COUPLING, PruningPlan, apply_plan
 from lightning_worm.core.surgery.decision import COUPLINGS
 from lightning_worm.core.validation import check_bool, check_choice, check_int
@@ -54,7 +53,8 @@ class PruneAndFinetune(Callback):
     weights load, and :func:`~lightning_worm.load_pruned` rebuilds the pruned module for inference.
 
     A report (parameters, FLOPs, units per layer, ticket units honoured, latency, the ``evaluate``
-    results) is printed on rank zero, logged under ``pruning/``, kept as :attr:`report` and written as
+    results, and a ``note`` where the numbers need one: an element-wise ticket saves no time) is printed
+    on rank zero, logged under ``pruning/``, kept as :attr:`report` and written as
     ``pruning_report.json`` into ``report_dir`` (by default the logger's directory; without a logger no
     file is written). A report that cannot be written is a warning, never a failed run.
 
@@ -93,8 +93,10 @@ class PruneAndFinetune(Callback):
 
     Raises:
         ValueError: on a bad argument (named in the message); at setup if the tracker is not in the
-            trainer, its source cannot remove units, the strategy shards parameters (FSDP, DeepSpeed) or
-            launches by spawn/fork (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``: use ``ddp``).
+            trainer, its source cannot remove units from this model (``ScoreSource.check_prunable``: a source
+            without surgery, LayerNorm channels, heads of ``nn.MultiheadAttention``), the strategy shards
+            parameters (FSDP, DeepSpeed) or launches by spawn/fork (``ddp_spawn``, ``ddp_fork``,
+            ``ddp_notebook``: use ``ddp``).
 
     Example::
 
@@ -188,12 +190,8 @@ class PruneAndFinetune(Callback):
                 "into the main process's unpruned module. Use `strategy='ddp'` (one process per device, started "
                 "as scripts), which supports pruning mid-fit."
             )
-        source = self.early_bird.source
-        if type(source).prune is ScoreSource.prune:
-            raise ValueError(
-                f"PruneAndFinetune cannot remove the units of {type(source).__name__}: it has no surgery. Track a "
-                "source that can be pruned (e.g. 'batchnorm', 'attention_heads'), or prune with your own surgery."
-            )
+        if not adopted:  # refused now, not at the ticket after a whole search
+            self.early_bird.source.check_prunable(pl_module)
         if adopted:
             rank_zero_info(f"{name}: {type(pl_module).__name__} was pruned in an earlier fit; it is fine-tuned as it "
                            "is (no second search, no second prune).")
@@ -359,6 +357,9 @@ class PruneAndFinetune(Callback):
                 f"{len(old_optimizers)} before: it must build the same optimizers from `self.parameters()`."
             )
         name_of = {id(p): n for n, p in before.items()}
+        # A parameter the surgery kept as it was is matched by identity: an element-wise ticket renames
+        # `weight` to `weight_orig` (torch.nn.utils.prune) but keeps the Parameter. Cut ones are new: by name.
+        same = {id(p): p for p in after.values()}
         for old, new in zip(old_optimizers, new_optimizers):
             if not self.restart_schedule:  # the schedule's current lr (and momentum, ...) go on
                 for old_group, new_group in zip(old.param_groups, new.param_groups):
@@ -367,9 +368,11 @@ class PruneAndFinetune(Callback):
                 continue
             for param, state in old.state.items():
                 name = name_of.get(id(param))
-                if name is None or name not in after:
+                if name is None:
                     continue
-                new_param = after[name]
+                new_param = same.get(id(param), after.get(name))
+                if new_param is None:
+                    continue
                 new.state[new_param] = {
                     key: _slice_like(value, param, kept.get(name)) for key, value in state.items()
                 }
@@ -400,10 +403,11 @@ class PruneAndFinetune(Callback):
         latency = ""
         if r.get("latency_before_ms") is not None:
             latency = f", latency {r['latency_before_ms']:.2f} -> {r['latency_after_ms']:.2f} ms"
+        note = f" {r['note']}" if r.get("note") else ""
         rank_zero_info(
             f"PruneAndFinetune: pruned the ticket of epoch {r['ticket_epoch']} at the end of epoch {r['epoch']}: "
             f"parameters {r['params_before']:,} -> {r['params_after']:,}, "
-            f"FLOPs {r['flops_before']:,} -> {r['flops_after']:,}{latency}. Report: {where}"
+            f"FLOPs {r['flops_before']:,} -> {r['flops_after']:,}{latency}.{note} Report: {where}"
         )
 
     @override

@@ -1,9 +1,10 @@
 """A 2-process CPU DDP fit (gloo) of a tiny ViT with attention-head Early-Bird + WORM (+ the head prune).
 
-Run from the repository root: ``python -m tests.ddp.fit_transformer OUT_DIR [prune]``. Each rank saves
-its masks, decisions and (pruned) weights.
+Run with the repository root importable: ``PYTHONPATH=ROOT python -m tests.ddp.fit_transformer OUT_DIR
+[prune]``. Each rank saves its masks, decisions, (pruned) weights and working directory.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,7 @@ def main(out: Path, prune: bool) -> None:
     trainer.fit(model, tiny_loader(n=128))
     torch.save({
         "world_size": trainer.world_size,
+        "cwd": os.getcwd(),
         "distances": eb.distances,
         "ticket_epoch": eb.ticket_epoch,
         "ticket": None if eb.ticket is None else eb.ticket.to_dict(),

@@ -43,6 +43,9 @@ _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 _KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 _HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "d_head", "dim_head")
 _PARTS = ("q", "k", "v")
+#: Attribute that a head prune sets on the attention module: ``(num_heads, num_kv_heads)`` after the cut. It
+#: outranks a source's ``num_heads=``, which counts the heads of the unpruned module.
+PRUNED_HEADS_ATTR = "_lightning_worm_heads"
 
 
 @dataclass(eq=False)
@@ -126,6 +129,9 @@ def _read_heads(block: AttentionBlock, num_heads: Optional[int]) -> AttentionBlo
     config = getattr(module, "config", None)
     q_rows = block.weight("q").shape[0]
     k_rows = block.weight("k").shape[0]
+    pruned = getattr(module, PRUNED_HEADS_ATTR, None)
+    if isinstance(pruned, tuple) and len(pruned) == 2:  # cut by a head prune: the counts it left
+        num_heads = pruned[0]
     # The module's own attributes first: a config is shared by every layer and says nothing of a pruned one.
     heads = num_heads or _int_attr([module], _HEAD_ATTRS)
     head_dim = _int_attr([module], _HEAD_DIM_ATTRS)
@@ -236,6 +242,14 @@ class _AttentionSource(ScoreSource):
 
     def blocks(self, model: nn.Module) -> dict[str, AttentionBlock]:
         return find_attention(model, self.modules, self.projections, self.num_heads)
+
+    def options(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-serialisable: ``type(source)(**source.options())`` is an equal source.
+
+        A pruning plan records them, so that its replay (``load_pruned``, resuming) finds the same blocks.
+        """
+        return {"modules": self.modules, "projections": None if self.projections is None else list(self.projections),
+                "num_heads": self.num_heads}
 
     def __repr__(self) -> str:
         args = [f"{k}={v!r}" for k, v in (("modules", self.modules), ("projections", self.projections),
@@ -406,6 +420,22 @@ class AttentionHeadSource(_AttentionSource):
                     factors[id(param)] = [param, torch.ones(param.shape[0], dtype=param.dtype, device=param.device)]
                 factors[id(param)][1][rows] = row_factor.to(param.dtype)
         return [(p, f.view(-1, *([1] * (p.dim() - 1)))) for p, f in factors.values()]
+
+    def check_prunable(self, model: nn.Module) -> None:
+        """Refuse a model with tracked ``nn.MultiheadAttention`` blocks: they cannot lose heads.
+
+        Raises:
+            ValueError: naming the blocks, what to use instead, and how to leave them out.
+        """
+        from lightning_worm.core.sources.attention_surgery import MHA_REFUSAL
+
+        mha = [name for name, block in self.tracked(model).items() if block.layout == "mha"]
+        if mha:
+            raise ValueError(
+                f"{len(mha)} tracked attention block(s) are nn.MultiheadAttention ({', '.join(map(repr, mha[:3]))}"
+                f"{', ...' if len(mha) > 3 else ''}), so PruneAndFinetune could not remove their heads at the ticket. "
+                f"{MHA_REFUSAL} To prune the other blocks' heads, name them: `AttentionHeadSource(modules=[...])`."
+            )
 
     def prune(self, model: nn.Module, ticket: Any, example_input: Any = None, **options: Any) -> Any:
         from lightning_worm.core.sources.attention_surgery import prune_heads

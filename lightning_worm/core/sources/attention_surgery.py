@@ -27,9 +27,11 @@ from torch import Tensor, nn
 from lightning_worm.core.measure import batch_size, forward_flops, latency_ms
 from lightning_worm.core.sources.attention import (
     _HEAD_ATTRS,
+    _HEAD_DIM_ATTRS,
     _KV_HEAD_ATTRS,
     _PARTS,
     OUTPUT_NAMES,
+    PRUNED_HEADS_ATTR,
     AttentionBlock,
     AttentionHeadSource,
     AttentionQKSource,
@@ -209,6 +211,8 @@ def _cut_heads(model: nn.Module, block: AttentionBlock, removed_units: list[int]
             setattr(module, attr, kv_heads)
     if isinstance(getattr(module, "all_head_size", None), int):  # Hugging Face BERT family
         module.all_head_size = heads * block.head_dim
+    # Read back by the sources, before a `num_heads=` given for the unpruned module.
+    setattr(module, PRUNED_HEADS_ATTR, (heads, kv_heads))
     block.num_heads, block.num_kv_heads = heads, kv_heads
     return kept
 
@@ -231,7 +235,8 @@ def prune_heads(
         model: the model; block names in ``ticket`` are relative to it.
         ticket: ``{attention module name: BoolTensor[units]}`` (``True`` = keep), as
             :class:`~lightning_worm.AttentionHeadSource` masks it. Unnamed blocks keep all their heads.
-        source: the source that recognised the blocks (its ``modules``/``projections``/``num_heads``).
+        source: the source that recognised the blocks (its ``modules``/``projections``/``num_heads``, recorded
+            in the plan, so that the replay finds the same blocks).
         example_input: one input batch (``model(*inputs)``): FLOPs and latency are measured on it, and the
             dependency graph needs it for blocks without their own output projection.
         round_to: keep a multiple of this many units per block (the next-best heads are kept back).
@@ -278,6 +283,14 @@ def prune_heads(
         if units:
             removed[name] = units
 
+    unfixable = [n for n in removed if not any(isinstance(getattr(blocks[n].module, a, None), int)
+                                               for a in _HEAD_ATTRS + _HEAD_DIM_ATTRS)]
+    if unfixable:
+        warnings.warn(
+            f"The attention modules {unfixable[:3]} say their head count through no attribute the head prune can fix "
+            f"({', '.join(_HEAD_ATTRS + _HEAD_DIM_ATTRS)}): after the cut their forward must split the rows into "
+            "heads by the head size (e.g. `q.view(b, n, -1, head_size)`). If it uses a head count of its own, name "
+            "that attribute `num_heads`.", UserWarning, stacklevel=2)
     outputs = {n: _own_output(blocks[n]) for n in removed}
     missing = [blocks[n] for n, out in outputs.items() if out is None]
     if missing:
@@ -302,7 +315,7 @@ def prune_heads(
         channels_after=channels_after,
         kind="heads",
         source=AttentionHeadSource.key,
-        options={"heads_before": heads_before},
+        options={"heads_before": heads_before, "source_options": source.options()},
     )
     ticket_pruned = sum(int((~m).sum()) for m in masks.values())
     return PruningReport(
@@ -334,11 +347,18 @@ def prune_heads(
 def replay_heads(model: nn.Module, plan: Union[PruningPlan, Mapping[str, Any]], source: Any = None) -> KeptIndices:
     """Repeat a head prune on a freshly built model (``apply_plan`` dispatches ``kind="heads"`` here).
 
+    Args:
+        model: a model built like the pruned one, not yet pruned.
+        plan: the head plan (or its ``to_dict()``).
+        source: an ``AttentionHeadSource`` to find the blocks with; by default one built from the options the
+            plan recorded (``modules``, ``projections``, ``num_heads`` of the source that pruned).
+
     Raises:
         ValueError: if the plan does not fit the model (names the block at fault); the model is then unchanged.
     """
     plan = plan if isinstance(plan, PruningPlan) else PruningPlan.from_dict(plan)
-    source = source if isinstance(source, AttentionHeadSource) else AttentionHeadSource()
+    if not isinstance(source, AttentionHeadSource):
+        source = _recorded_source(plan)
     blocks = source.tracked(model)
     counts = {name: blocks[name].num_kv_heads for name in plan.channels_before if name in blocks}
     missing = [n for n in plan.channels_before if n not in blocks]
@@ -357,6 +377,17 @@ def replay_heads(model: nn.Module, plan: Union[PruningPlan, Mapping[str, Any]], 
     for name, units, output in plan.pruned_groups:
         kept.update(_cut_heads(model, blocks[name], list(units), output))
     return kept
+
+
+def _recorded_source(plan: PruningPlan) -> AttentionHeadSource:
+    """The source a head plan was made with (plans without recorded options: the default source)."""
+    options = plan.options.get("source_options") or {}
+    try:
+        return AttentionHeadSource(**options)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"The head plan records source options {options!r} that AttentionHeadSource does not take "
+                         f"({error}): pass the source as `apply_plan(model, plan, source=AttentionHeadSource(...))`."
+                         ) from error
 
 
 def _has_linear(model: nn.Module, name: str) -> bool:
@@ -407,7 +438,8 @@ def prune_elementwise(
     checkpoint reloads through the plan (``kind="elementwise"``) and ``load_pruned``.
 
     Returns:
-        A ``PruningReport`` counting weights; parameters and FLOPs are unchanged (dense kernels).
+        A ``PruningReport`` counting weights; parameters and FLOPs are unchanged (dense kernels), and its
+        ``note`` says that no time is saved.
     """
     from torch.nn.utils import prune
 
@@ -436,7 +468,7 @@ def prune_elementwise(
         kept_for_round_to=0, kept_unprunable=0, latency_before_ms=latency_before,
         latency_after_ms=_latency(model, inputs, measure_latency, latency_repeats),
         kept_indices={}, coupling="elementwise (fixed zeros: no time saved)", round_to=None,
-        flops_batch=batch_size(inputs) if inputs else 1, prunable=sum(before.values()),
+        flops_batch=batch_size(inputs) if inputs else 1, prunable=sum(before.values()), note=ELEMENTWISE_NOTE,
     )
 
 

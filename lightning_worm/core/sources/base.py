@@ -71,6 +71,21 @@ class ScoreSource:
             "track a source that supports it (e.g. BatchNormSource)."
         )
 
+    def check_prunable(self, model: nn.Module) -> None:
+        """Refuse, before a search, a ticket that :meth:`prune` could not remove from ``model``.
+
+        ``PruneAndFinetune`` calls it when the fit starts, so that a refusal does not wait for the ticket.
+        The default accepts every model if the source overrides :meth:`prune`.
+
+        Raises:
+            ValueError: naming why the units cannot be removed and what to do instead.
+        """
+        if type(self).prune is ScoreSource.prune:
+            raise ValueError(
+                f"PruneAndFinetune cannot remove the units of {type(self).__name__}: it has no surgery. Track a "
+                "source that can be pruned (e.g. 'batchnorm', 'attention_heads'), or prune with your own surgery."
+            )
+
     def tracked(self, model: nn.Module) -> dict[str, Any]:
         """The tracked entries of ``model`` (entry name -> handle), in model order."""
         return {name: h for name, h in self.candidates(model) if self.skip_reason(h) is None}

@@ -126,6 +126,7 @@ class PruningReport:
         ticket_agreement: the fraction of the ticket's pruned units that were removed
             (``pruned_from_ticket / ticket_pruned``; 1.0 if the ticket prunes nothing).
         removed_fraction: the fraction of the prunable units removed; compare with the ticket's ratio.
+        note: what the numbers do not say, for the reader (an element-wise ticket saves no time), or ``None``.
     """
 
     plan: PruningPlan
@@ -149,6 +150,7 @@ class PruningReport:
     round_to: Optional[int] = None
     flops_batch: int = 1
     prunable: int = 0
+    note: Optional[str] = None
 
     @property
     def ticket_agreement(self) -> float:
@@ -159,8 +161,13 @@ class PruningReport:
         return (self.pruned_from_ticket + self.pruned_outside_ticket) / self.prunable if self.prunable else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (tensors become lists), with ``ticket_agreement`` and ``removed_fraction``."""
+        """A JSON-serialisable dict (tensors become lists), with ``ticket_agreement`` and ``removed_fraction``.
+
+        ``note`` is there only if the report has one.
+        """
         out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        if out["note"] is None:
+            del out["note"]
         out["plan"] = self.plan.to_dict()
         out["kept_indices"] = {
             name: [None if idx is None else idx.tolist() for idx in dims] for name, dims in self.kept_indices.items()
