@@ -119,6 +119,7 @@ def test_report_is_strict_json(tmp_path):
     (lambda: PruneAndFinetune(ticket="lottery"), "ticket"),
     (lambda: PruneAndFinetune(seed=True), "seed"),
     (lambda: PruneAndFinetune(report_dir=3), "report_dir"),
+    (lambda: PruneAndFinetune(report_dir=""), "report_dir"),
     (lambda: PruneAndFinetune(reinit="yes"), "reinit"),
 ])
 def test_bad_arguments_are_named_at_construction(factory, name):

@@ -70,7 +70,9 @@ class PruneAndFinetune(Callback):
             on ResNets and MobileNets). See ``prune_channels``.
         round_to: keep every coupled group's channel count a multiple of this (faster kernels), by keeping
             the next-best channels; ``None`` honours the ticket exactly.
-        finetune_epochs: end the fit this many epochs after the prune; ``None`` trains to ``max_epochs``.
+        finetune_epochs: end the fit this many epochs after the prune (the fit's ``max_epochs`` is set to
+            that epoch, so it may end before or after the Trainer's own ``max_epochs``: the prune's epoch is
+            not known in advance); ``None`` trains to ``max_epochs``.
             On resume the current value is used.
         restart_schedule: start the LR schedule afresh instead of continuing it.
         reset_optimizer_state: start the optimizer state (momentum, moments) from zero instead of
@@ -145,7 +147,7 @@ class PruneAndFinetune(Callback):
             raise ValueError(f"`evaluate` must be None or a callable `fn(pl_module) -> float`, got {evaluate!r}.")
         self.ticket = check_choice("ticket", ticket, TICKETS)
         self.seed = check_int("seed", seed)
-        if report_dir is not None and not isinstance(report_dir, (str, os.PathLike)):
+        if report_dir is not None and (not isinstance(report_dir, (str, os.PathLike)) or not os.fspath(report_dir)):
             raise ValueError(f"`report_dir` must be None or a folder path, got {report_dir!r}.")
         self._spec = early_bird
         self.early_bird: EarlyBirdCallback | None = early_bird if isinstance(early_bird, EarlyBirdCallback) else None
