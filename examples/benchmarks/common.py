@@ -74,6 +74,8 @@ class Settings:
         window: Early-Bird window (the paper's 5; ``tiny`` shortens it so the tests find a ticket).
         threshold: Early-Bird threshold.
         workers: training runs in parallel, one process each with one torch thread (1: in this process).
+        transformer_parts: the parts of the transformer benchmark to rerun (``mask_cost``, ``bert_heads``,
+            ``vit``); the others are kept from the earlier results.
     """
 
     mode: str = "quick"
@@ -107,6 +109,7 @@ class Settings:
     window: int = 5
     threshold: float = 0.1
     workers: int = 1
+    transformer_parts: tuple[str, ...] = ("mask_cost", "bert_heads", "vit")
 
     @property
     def device(self) -> torch.device:

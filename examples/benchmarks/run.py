@@ -7,6 +7,7 @@ Usage::
     python -m examples.benchmarks.run --only ticket,end_to_end   # the claims on MNIST-1D, 5 seeds, both recipes
     python -m examples.benchmarks.run --accelerator gpu    # the GPU rows (batch 128, bf16-mixed)
     python -m examples.benchmarks.run --only latency,overhead --threads 1
+    python -m examples.benchmarks.run --only transformer --transformer-parts mask_cost   # keeps the other rows
 
 The ``ticket`` and ``end_to_end`` benchmarks share one set of training runs (:mod:`examples.benchmarks.claims`),
 made once per process on ``--workers`` processes.
@@ -62,6 +63,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=None,
                         help="training runs in parallel for the ticket and end-to-end benchmarks, one process and "
                              "one torch thread each (default: the usable cores, at most 4; 1 on a GPU)")
+    parser.add_argument("--transformer-parts", default=None,
+                        help="comma-separated parts of the transformer benchmark to rerun: mask_cost, bert_heads, "
+                             "vit (default: all); the others keep their earlier results in the report")
     parser.add_argument("--data-dir", default="data", help="directory holding cifar-10-batches-py")
     parser.add_argument("--docs", type=Path, default=REPO / "docs",
                         help="where benchmarks.md and benchmarks/ are written (default: the repository's docs/)")
@@ -87,6 +91,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Section]:
         overrides["threads"] = args.threads
     if args.recipes is not None:
         overrides["recipes"] = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
+    if args.transformer_parts is not None:
+        overrides["transformer_parts"] = tuple(p.strip() for p in args.transformer_parts.split(",") if p.strip())
     if args.workers is not None:
         if args.workers < 1:
             raise ValueError(f"`--workers` must be at least 1, got {args.workers}.")
@@ -135,10 +141,12 @@ def _write(docs: Path, out: Path, settings: Settings, env: dict[str, Any], secti
     rel = lambda p: Path(p).relative_to(docs).as_posix()  # noqa: E731
     command = f"python -m examples.benchmarks.run --mode {settings.mode} --accelerator {settings.accelerator}"
     kept, kept_results = _previous_sections(out / "results.json")
+    parts = settings.transformer_parts != Settings.transformer_parts
     for name, section in sections.items():
+        suffix = f" --transformer-parts {','.join(settings.transformer_parts)}" if name == "transformer" and parts else ""
         kept[name] = dict(title=section.title, markdown=section.markdown, headline=list(section.headline),
                           figures=[rel(f) for f in section.figures], seconds=section.seconds, mode=settings.mode,
-                          date=env["date"], command=f"{command} --only {name}", settings=settings.to_dict())
+                          date=env["date"], command=f"{command} --only {name}{suffix}", settings=settings.to_dict())
         kept_results[name] = section.data
     order = [n for n in BENCHMARKS if n in kept] + [n for n in kept if n not in BENCHMARKS]
     rerun = [n for n in order if n not in sections]
@@ -146,7 +154,9 @@ def _write(docs: Path, out: Path, settings: Settings, env: dict[str, Any], secti
         f"## Results on {settings.accelerator.upper()}"
         + (f": {env['gpu']}" if env.get("gpu") else f": {env['cpu']}"),
         "",
-        f"Last produced by `{command} --only {','.join(sections)}` (**{settings.mode} mode**) on {env['date']}; "
+        f"Last produced by `{command} --only {','.join(sections)}"
+        + (f" --transformer-parts {','.join(settings.transformer_parts)}" if parts and "transformer" in sections else "")
+        + f"` (**{settings.mode} mode**) on {env['date']}; "
         f"the run took {seconds / 60:.1f} min. Load average (1 min) {env.get('load_average_1min')} at the start and "
         f"{env.get('load_average_1min_end')} at the end on {env.get('usable_cores')} usable cores"
         + (": **the machine was shared** with other jobs while this ran, so absolute times are noisy; the "
