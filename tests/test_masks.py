@@ -106,7 +106,8 @@ class TestGlobalRanking:
         bracket's counts): the mask is still the stable sort's, with few or many ties."""
         g = torch.Generator().manual_seed(7)
         n = (1 << 20) + 12345
-        values = torch.rand(n, generator=g) if distinct is None else torch.randint(0, distinct, (n,), generator=g).float()
+        values = (torch.rand(n, generator=g) if distinct is None
+                  else torch.randint(0, distinct, (n,), generator=g).float())
         scores = {"a": values[:1000].reshape(10, 100), "b": values[1000:]}
         for ratio in (0.3, 0.5):
             assert torch.equal(mask_from_scores(scores, ratio).mask.flat, sorted_reference(scores, ratio))

@@ -141,9 +141,10 @@ def _write(docs: Path, out: Path, settings: Settings, env: dict[str, Any], secti
     rel = lambda p: Path(p).relative_to(docs).as_posix()  # noqa: E731
     command = f"python -m examples.benchmarks.run --mode {settings.mode} --accelerator {settings.accelerator}"
     kept, kept_results = _previous_sections(out / "results.json")
-    parts = settings.transformer_parts != Settings.transformer_parts
+    parts = "" if settings.transformer_parts == Settings.transformer_parts else (
+        f" --transformer-parts {','.join(settings.transformer_parts)}")
     for name, section in sections.items():
-        suffix = f" --transformer-parts {','.join(settings.transformer_parts)}" if name == "transformer" and parts else ""
+        suffix = parts if name == "transformer" else ""
         kept[name] = dict(title=section.title, markdown=section.markdown, headline=list(section.headline),
                           figures=[rel(f) for f in section.figures], seconds=section.seconds, mode=settings.mode,
                           date=env["date"], command=f"{command} --only {name}{suffix}", settings=settings.to_dict())
@@ -155,7 +156,7 @@ def _write(docs: Path, out: Path, settings: Settings, env: dict[str, Any], secti
         + (f": {env['gpu']}" if env.get("gpu") else f": {env['cpu']}"),
         "",
         f"Last produced by `{command} --only {','.join(sections)}"
-        + (f" --transformer-parts {','.join(settings.transformer_parts)}" if parts and "transformer" in sections else "")
+        + (parts if "transformer" in sections else "")
         + f"` (**{settings.mode} mode**) on {env['date']}; "
         f"the run took {seconds / 60:.1f} min. Load average (1 min) {env.get('load_average_1min')} at the start and "
         f"{env.get('load_average_1min_end')} at the end on {env.get('usable_cores')} usable cores"
