@@ -81,7 +81,8 @@ def bert_base_like(layers: int = 12, width: int = 768, heads: int = 12, seed: in
         model = nn.Module()
         model.encoder = nn.Module()
         model.encoder.layer = nn.ModuleList(layer() for _ in range(layers))
-        return model, f"a plain-torch stand-in for BERT ({layers} layers, width {width}: its query/key/value Linear layers)"
+        return model, (f"a plain-torch stand-in for BERT ({layers} layers, width {width}: its query/key/value "
+                       "Linear layers)")
     config = BertConfig(num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads,
                         intermediate_size=4 * width)
     return BertModel(config), f"a `transformers` `BertModel` ({layers} layers, width {width}, random weights)"
@@ -312,7 +313,7 @@ def bert_heads(repeats: int, batch: int = 4, tokens: int = 128) -> dict[str, Any
     for _ in range(2):  # interleaved rounds
         dense_ms.append(latency(dense))
         pruned_ms.append(latency(model))
-    flops_dense, flops_pruned = forward_flops(dense, (ids,)), forward_flops(model, (ids,))
+    flops_dense, flops_pruned = (forward_flops(m, (ids,), per_example=True) for m in (dense, model))
     return {
         "heads": f"{sum(report.channels_before.values())} -> {sum(report.channels_after.values())}",
         "params_ratio": report.params_after / report.params_before,
