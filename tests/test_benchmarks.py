@@ -155,8 +155,14 @@ def test_run_keeps_the_sections_it_did_not_rerun(tmp_path, monkeypatch):
     monkeypatch.setitem(BENCHMARKS, "alpha", fake("Alpha"))
     monkeypatch.setitem(BENCHMARKS, "beta", fake("Beta"))
     main(["--mode", "tiny", "--accelerator", "cpu", "--threads", "1", "--only", "alpha,beta", "--docs", str(tmp_path)])
+    results_path = tmp_path / "benchmarks" / "cpu" / "results.json"
+    results = json.loads(results_path.read_text())
+    results["sections"]["alpha"]["appendix"] = "#### Alpha under another recipe\n\n| other |\n|---|\n| run |"
+    results_path.write_text(json.dumps(results))
     main(["--mode", "quick", "--accelerator", "cpu", "--threads", "1", "--only", "beta", "--docs", str(tmp_path)])
     report = (tmp_path / "benchmarks.md").read_text()
+    assert report.index("](benchmarks/cpu/Alpha.png)") < report.index("#### Alpha under another recipe") < report.index(
+        "### 2. Beta")
     assert "Alpha headline (tiny)" in report and "Beta headline (quick)" in report
     assert "Beta headline (tiny)" not in report and "Kept from earlier runs" in report
     assert "*`alpha`, tiny mode" in report and "*`beta`, quick mode" in report

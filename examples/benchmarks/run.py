@@ -137,6 +137,8 @@ def _write(docs: Path, out: Path, settings: Settings, env: dict[str, Any], secti
 
     Sections of this run replace those of the same name; the sections of earlier runs that this one did not rerun
     are kept, each with its own mode, date and settings (``--only ticket,end_to_end`` leaves the latency results).
+    A kept section's ``appendix`` in ``results.json`` (Markdown from another run of that benchmark, such as another
+    recipe) is printed after its figures, until the benchmark itself is rerun.
     """
     rel = lambda p: Path(p).relative_to(docs).as_posix()  # noqa: E731
     command = f"python -m examples.benchmarks.run --mode {settings.mode} --accelerator {settings.accelerator}"
@@ -177,6 +179,8 @@ def _write(docs: Path, out: Path, settings: Settings, env: dict[str, Any], secti
                   f"*`{name}`, {entry['mode']} mode, {entry['date']}, {entry['seconds']:.0f} s.*", "",
                   entry["markdown"].strip(), ""]
         lines += [f"![{entry['title']}]({f})" for f in entry["figures"]] + [""]
+        if entry.get("appendix"):  # results of another run of the benchmark (another recipe, say), kept with it
+            lines += [entry["appendix"].strip(), ""]
     lines += ["<details><summary>Settings of this run</summary>", "", "```json",
               json.dumps(settings.to_dict(), indent=1), "```", "", "</details>", ""]
     # The Markdown goes into results.json, not into a page of its own: docs/ is an mkdocs site (strict).
