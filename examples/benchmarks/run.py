@@ -247,14 +247,16 @@ median and spread, because the machine this was measured on is shared and its ba
 | `latency` | inference latency, params and FLOPs of dense vs pruned VGG-11-BN, ResNet-18 and MobileNetV2 at p = 0.3 / 0.5 / 0.7: lightning-worm (with and without `round_to=8`), torch-pruning's global BN-scale pruner, `ln_structured` masks (Lightning's `ModelPruning` style) and global `l1_unstructured` masks (the WORM code) |
 | `ticket` | on MNIST-1D, over seeds and under two named recipes (the Early-Bird code's and the WORM code's): ticket epoch of Early-Bird vs WORM (elbow, fixed, greedy); validation accuracy just before the prune, right after the surgery and after BatchNorm re-calibration, and epochs to recover the dense accuracy, against a random ticket of the same shape and network slimming; the goals of issue 9, met or not |
 | `end_to_end` | on MNIST-1D: wall time and training FLOPs to reach the dense run's final accuracy minus 0.5 point, for each method against dense training; final test accuracy, params, FLOPs and latency of what is delivered |
+| `transformer` | the tracker's own per-epoch call on the 14 M-unit element-wise query/key mask of a random BERT-base (each stage, wall and CPU time, with the run's threads and with one, and the load average) and the memory per stored mask (`mask_cost`); params, FLOPs and latency after removing half of BERT-base's heads (`bert_heads`); the example ViT's head search, Early-Bird vs WORM (`vit`) |
 
 Rerun: `python examples/benchmarks/run.py --quick` (under 10 minutes on a 2-core CPU) or
 `python -m examples.benchmarks.run` (full mode: 5 seeds, more rounds). `python -m examples.benchmarks.run --only
 ticket,end_to_end` runs the claims alone (MNIST-1D, 5 seeds, both recipes: under 15 minutes on 2 cores).
 `--accelerator gpu` runs the GPU rows (batch 128, bf16-mixed); `--data digits` or `--data cifar10 --data-dir DIR`
 trains the ticket and end-to-end benchmarks on the digits or CIFAR-10 (VGG-11-BN at width 0.25) instead of
-MNIST-1D; `--threads N` sets `torch.set_num_threads`, `--workers N` the training runs in parallel. Raw numbers:
-`benchmarks/<accelerator>/results.json`.
+MNIST-1D; `--threads N` sets `torch.set_num_threads`, `--workers N` the training runs in parallel;
+`--only transformer --transformer-parts mask_cost` reruns the transformer mask cost alone (its other rows are
+kept). Raw numbers: `benchmarks/<accelerator>/results.json`.
 """
 
 
