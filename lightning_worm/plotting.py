@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 
+from lightning_worm.core.masks import Mask, mask_distance
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -42,11 +44,12 @@ def _save(figure: "Figure", path: Optional[_PathLike]) -> "Figure":
 def mask_distance_matrix(masks: Sequence[torch.Tensor]) -> torch.Tensor:
     """Pairwise normalised Hamming distance between channel masks.
 
-    With the masks stacked as rows of a 0/1 matrix ``A`` of shape ``(epochs, channels)``, the
-    distance is ``(A (1 - A)^T + (1 - A) A^T) / channels``.
+    Entry ``(i, j)`` is :func:`lightning_worm.core.masks.mask_distance` of masks ``i`` and ``j``: the
+    fraction of units on which they differ (each mask is packed once, and the pairs are compared on
+    their bits).
 
     Args:
-        masks: one 1-D boolean mask per epoch, all of the same length.
+        masks: one 1-D boolean mask per epoch, all of the same length (the detector's ``history``).
 
     Returns:
         A symmetric ``(epochs, epochs)`` float64 tensor with zeros on the diagonal.
@@ -68,9 +71,15 @@ def mask_distance_matrix(masks: Sequence[torch.Tensor]) -> torch.Tensor:
     shapes = {tuple(mask.shape) for mask in masks}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         raise ValueError(f"All masks must be 1-D and of the same length, got shapes {sorted(shapes)}.")
-    kept = torch.stack([mask.detach().cpu() for mask in masks]).to(torch.float64)
-    pruned = 1.0 - kept
-    return (kept @ pruned.T + pruned @ kept.T) / kept.shape[1]
+    layout = [("mask", next(iter(shapes)))]
+    packed = [Mask(mask.detach().cpu().to(torch.bool), layout) for mask in masks]
+    for mask in packed:
+        mask.packed()
+    matrix = torch.zeros(len(packed), len(packed), dtype=torch.float64)
+    for i, a in enumerate(packed):
+        for j in range(i, len(packed)):
+            matrix[i, j] = matrix[j, i] = mask_distance(a, packed[j])
+    return matrix
 
 
 def plot_mask_distances(

@@ -155,11 +155,46 @@ def test_run_keeps_the_sections_it_did_not_rerun(tmp_path, monkeypatch):
     monkeypatch.setitem(BENCHMARKS, "alpha", fake("Alpha"))
     monkeypatch.setitem(BENCHMARKS, "beta", fake("Beta"))
     main(["--mode", "tiny", "--accelerator", "cpu", "--threads", "1", "--only", "alpha,beta", "--docs", str(tmp_path)])
+    results_path = tmp_path / "benchmarks" / "cpu" / "results.json"
+    results = json.loads(results_path.read_text())
+    results["sections"]["alpha"]["appendix"] = "#### Alpha under another recipe\n\n| other |\n|---|\n| run |"
+    results_path.write_text(json.dumps(results))
     main(["--mode", "quick", "--accelerator", "cpu", "--threads", "1", "--only", "beta", "--docs", str(tmp_path)])
     report = (tmp_path / "benchmarks.md").read_text()
+    assert report.index("](benchmarks/cpu/Alpha.png)") < report.index("#### Alpha under another recipe") < report.index(
+        "### 2. Beta")
     assert "Alpha headline (tiny)" in report and "Beta headline (quick)" in report
     assert "Beta headline (tiny)" not in report and "Kept from earlier runs" in report
     assert "*`alpha`, tiny mode" in report and "*`beta`, quick mode" in report
     assert report.index("### 1. Alpha") < report.index("### 2. Beta")
     results = json.loads((tmp_path / "benchmarks" / "cpu" / "results.json").read_text())
     assert results["results"] == {"alpha": {"mode": "tiny"}, "beta": {"mode": "quick"}}
+
+
+def test_transformer_mask_cost_alone_keeps_the_other_rows(tmp_path):
+    """`--transformer-parts mask_cost` reruns the tracker's per-epoch call alone; the BERT-heads and ViT rows of the
+    earlier run stay in the report, each marked with its own mode and date."""
+    heads = dict(heads="144 -> 72", params_ratio=0.87, flops_ratio=0.83, latency_dense_ms=579.0,
+                 latency_pruned_ms=486.0, latency_ratio=0.84, batch="4 x 128 tokens")
+    vit = {name: [dict(seed=0, ticket_epoch=9, before=0.647, after=0.419, epochs_to_recover=2, final=0.844)]
+           for name in ("EarlyBird", "WORM (elbow)")}
+    out = tmp_path / "benchmarks" / "cpu"
+    out.mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps({
+        "sections": {"transformer": dict(title="Transformers", markdown="old", headline=["old"], figures=[],
+                                         seconds=1.0, mode="full", date="2026-11-25 10:26 UTC", command="",
+                                         settings={})},
+        "results": {"transformer": {"mask_cost": {"epoch_ms": 135.0}, "bert_heads": heads, "vit": vit}}}))
+    main(["--mode", "tiny", "--accelerator", "cpu", "--threads", "1", "--only", "transformer",
+          "--transformer-parts", "mask_cost", "--docs", str(tmp_path)])
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert report.count("*(kept from the full-mode run of 2026-11-25 10:26 UTC)*") == 2
+    assert "486 (0.84x)" in report and "| EarlyBird | 9.0 | 64.7 | 41.9 | 2.0 | 84.4 |" in report
+    assert "`observe_epoch`" in report and "--transformer-parts mask_cost" in report
+    results = json.loads((out / "results.json").read_text())["results"]["transformer"]
+    assert results["bert_heads"] == heads and results["vit"] == vit
+    cost = results["mask_cost"]
+    assert cost["threads"] == [1] and cost["units"] == 2 * 2 * 64 * 64
+    assert set(cost["wall_ms"]["1"]) == {"scores", "ranking", "checksum", "update", "rest", "epoch"}
+    assert cost["bits_per_unit"] == 1.0 and 1.0 <= cost["checkpoint_bits_per_unit"] < 1.2
+    assert results["measured"]["mask_cost"]["mode"] == "tiny" and results["measured"]["vit"]["mode"] == "full"

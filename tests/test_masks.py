@@ -8,6 +8,7 @@ from torch import nn
 
 from lightning_worm import BatchNormSource, ChiSchedule, Mask, ScoreSource, TicketDetector, mask_distance
 from lightning_worm.core import SOURCES, mask_from_scores, resolve_source
+from lightning_worm.core.masks import score_checksum
 
 
 def sorted_reference(scores, ratio):
@@ -36,6 +37,37 @@ class TestMask:
         packed = mask.packed()
         assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(total / 8)
         assert torch.equal(Mask.unpack(packed, mask.layout).flat, flat)
+
+    @pytest.mark.parametrize("total", [1, 7, 8, 9, 1000, 12345])
+    def test_packed_bits_keep_the_checkpoint_format(self, total):
+        """Unit i is bit i % 8 of byte i // 8, the bits past the last unit zero (checkpoints hold these bytes)."""
+        flat = torch.rand(total, generator=torch.Generator().manual_seed(total)) > 0.5
+        padded = torch.cat([flat, flat.new_zeros((-total) % 8)]).view(-1, 8).to(torch.uint8)
+        expected = (padded * torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+        assert torch.equal(Mask(flat, [("x", (total,))]).packed(), expected)
+
+    @pytest.mark.parametrize("layout", [[("a", (1,))], [("a", (3, 5)), ("b", (7,))], [("a", (64,)), ("b", (2, 2, 2))],
+                                        [("q", (33, 17)), ("k", (33, 17)), ("bn", (9,))]])
+    def test_distance_on_packed_bits_equals_unit_by_unit(self, layout):
+        total = sum(math.prod(shape) for _, shape in layout)
+        g = torch.Generator().manual_seed(total)
+        a, b = (Mask(torch.rand(total, generator=g) > 0.5, layout) for _ in range(2))
+        expected = int((a.flat != b.flat).sum()) / total
+        assert mask_distance(a, b) == expected  # unit by unit
+        packed_a, packed_b = Mask.unpack(a.packed(), layout), Mask.unpack(b.packed(), layout)
+        assert mask_distance(packed_a, packed_b) == expected and mask_distance(a, b) == expected  # on the bits
+        assert mask_distance(packed_a, b.to_dict()) == expected and packed_a.kept == a.kept
+        dirty = a.packed().clone()
+        if total % 8:  # whatever the bits past the last unit hold, they are no units
+            dirty[-1] |= 0xFF << (total % 8) & 0xFF
+        assert mask_distance(Mask.unpack(dirty, layout), packed_b) == expected
+        assert Mask.unpack(dirty, layout).kept == a.kept and torch.equal(Mask.unpack(dirty, layout).flat, a.flat)
+
+    def test_unpack_refuses_bits_that_do_not_fit_the_layout(self):
+        with pytest.raises(ValueError, match="2 bytes"):
+            Mask.unpack(torch.zeros(3, dtype=torch.uint8), [("a", (9,))])
+        with pytest.raises(ValueError, match="uint8"):
+            Mask.unpack(torch.zeros(2, dtype=torch.int32), [("a", (9,))])
 
     @pytest.mark.parametrize("bad", [{}, {"a": torch.ones(3)}, {"a": [True]}, "not a mask"])
     def test_bad_masks_are_refused(self, bad):
@@ -67,6 +99,32 @@ class TestGlobalRanking:
         assert result.restored == {}  # no entry emptied: the ranking alone decides
         assert torch.equal(result.mask.flat, sorted_reference(scores, ratio))
         assert result.mask["conv"].shape == (5, 3) and result.mask["heads"].shape == (2, 2, 2)
+
+    @pytest.mark.parametrize("distinct", [None, 50, 3])
+    def test_large_inputs_narrowed_by_a_sample_equal_a_stable_sort(self, distinct):
+        """Above 2**20 units the k-th value is found in a bracket of a sample (and ties are placed from the
+        bracket's counts): the mask is still the stable sort's, with few or many ties."""
+        g = torch.Generator().manual_seed(7)
+        n = (1 << 20) + 12345
+        values = (torch.rand(n, generator=g) if distinct is None
+                  else torch.randint(0, distinct, (n,), generator=g).float())
+        scores = {"a": values[:1000].reshape(10, 100), "b": values[1000:]}
+        for ratio in (0.3, 0.5):
+            assert torch.equal(mask_from_scores(scores, ratio).mask.flat, sorted_reference(scores, ratio))
+
+    def test_checksum_is_exact_and_order_free(self):
+        scores = {"a": torch.rand(1001, generator=torch.Generator().manual_seed(0)), "b": torch.rand(3)}
+        result = mask_from_scores(scores, 0.5)
+        assert result.checksum == score_checksum(torch.cat([scores["a"], scores["b"]]))
+        assert result.checksum == mask_from_scores({k: v.clone() for k, v in scores.items()}, 0.5).checksum
+        moved = {"a": scores["a"].clone(), "b": scores["b"].clone()}
+        moved["b"][-1] = torch.nextafter(moved["b"][-1], torch.tensor(2.0))  # one value, one ulp (the odd tail)
+        assert mask_from_scores(moved, 0.5).checksum != result.checksum
+        moved = {"a": scores["a"].clone(), "b": scores["b"]}
+        moved["a"][0] = torch.nextafter(moved["a"][0], torch.tensor(2.0))
+        assert mask_from_scores(moved, 0.5).checksum != result.checksum
+        assert 0 <= result.checksum < 2 ** 64 and score_checksum(torch.zeros(0)) == 0
+        assert score_checksum(torch.ones(3, dtype=torch.float64)) == 3 * 0x3FF0000000000000
 
     def test_all_equal_scores_prune_by_order(self):
         result = mask_from_scores({"a": torch.ones(4), "b": torch.ones(4)}, 0.5)

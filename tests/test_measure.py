@@ -79,6 +79,16 @@ def test_latency_uses_torch_benchmark_with_fixed_threads_and_restores_state():
         measure.latency(model, torch.zeros(2, 3, 8, 8), repeats=0)
 
 
+def test_latency_over_a_minimum_run_time_times_blocks():
+    model = convnet().train()
+    result = measure.latency(model, torch.zeros(2, 3, 8, 8), warmup=1, num_threads=1, min_run_time=0.05)
+    assert result.number_per_run >= 1 and sum(result.raw_times) >= 0.05  # each raw time is one block
+    assert result.median > 0 and result.task_spec.num_threads == 1 and model.training
+    assert measure.latency_ms(model, torch.zeros(2, 3, 8, 8), min_run_time=0.01) > 0
+    with pytest.raises(ValueError, match="min_run_time"):
+        measure.latency(model, torch.zeros(2, 3, 8, 8), min_run_time=0)
+
+
 def test_export_for_inference_folds_batchnorm_and_goes_channels_last():
     torch.manual_seed(0)
     model = randomize_batchnorms(convnet()).train()

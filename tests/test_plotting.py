@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("matplotlib")
 
 import lightning_worm
+from lightning_worm import mask_distance
 from lightning_worm.plotting import mask_distance_matrix, plot_channels, plot_distance_matrix, plot_mask_distances
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -30,6 +31,17 @@ def _assert_png(path):
 
 def test_mask_distance_matrix_hand_computed():
     torch.testing.assert_close(mask_distance_matrix(MASKS), EXPECTED_DISTANCES)
+
+
+@pytest.mark.parametrize("units", [1, 7, 8, 9, 100, 1003])
+def test_mask_distance_matrix_is_mask_distance_of_every_pair(units):
+    """One distance in the library: the matrix is `mask_distance` of each pair, for masks of any length."""
+    g = torch.Generator().manual_seed(units)
+    masks = [torch.rand(units, generator=g) > p for p in (0.1, 0.5, 0.5, 0.9)]
+    matrix = mask_distance_matrix(masks)
+    for i, a in enumerate(masks):
+        for j, b in enumerate(masks):
+            assert matrix[i, j] == mask_distance({"mask": a}, {"mask": b}) == int((a != b).sum()) / units
 
 
 def test_mask_distance_matrix_rejects_bad_masks():

@@ -42,11 +42,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from examples.benchmarks.common import (
-    Meter, Settings, count_params, datamodule, example_input, forward_flops, latency_ms, log, trainer,
+    Meter, Settings, datamodule, example_input, log, trainer,
 )
 from examples.callbacks import evaluate
 from examples.module import ImageClassifier
 from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback, channel_mask, prune_channels
+from lightning_worm.core import measure
 from lightning_worm.core.recalibration import recalibrate_batchnorm
 
 CHI, ELBOW = 0.003, 0.15
@@ -165,7 +166,8 @@ class PruneProbe(PruneAndFinetune):
         self.acc_after_recal = evaluation.get("after_recalibration", self.acc_after)
         used = self.report.get("recalibration_batches", 0)
         batch = trainer.datamodule.batch_size
-        self.extra_flops += float(forward_flops(pl_module, example_input(pl_module)) * used * batch)
+        self.extra_flops += float(measure.forward_flops(pl_module, example_input(pl_module), per_example=True)
+                                  * used * batch)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -200,7 +202,8 @@ def recalibrate(module: Any, data: Any, batches: int, seed: int) -> float:
     loader = DataLoader(data.train_dataset, batch_size=data.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(20_000 + seed))
     used = recalibrate_batchnorm(module, loader, max_batches=batches)
-    return float(forward_flops(module, example_input(module)) * min(used * data.batch_size, len(data.train_dataset)))
+    return float(measure.forward_flops(module, example_input(module), per_example=True)
+                 * min(used * data.batch_size, len(data.train_dataset)))
 
 
 def build(settings: Settings, recipe: Recipe) -> ImageClassifier:
@@ -212,9 +215,9 @@ def build(settings: Settings, recipe: Recipe) -> ImageClassifier:
 
 def _final_numbers(module: ImageClassifier, data: Any) -> dict[str, Any]:
     example = example_input(module)
-    return dict(test_acc=evaluate(module, data.test_dataloader()), params=count_params(module),
-                inference_flops=forward_flops(module, example),
-                latency_ms=latency_ms(module, example_input(module, batch=64)))
+    return dict(test_acc=evaluate(module, data.test_dataloader()), params=measure.count_params(module),
+                inference_flops=measure.forward_flops(module, example, per_example=True),
+                latency_ms=measure.latency_ms(module, example_input(module, batch=64), warmup=0, min_run_time=0.3))
 
 
 def fit_one(settings: Settings, recipe_name: str, method: str, seed: int, to_the_end: bool = True) -> dict[str, Any]:

@@ -25,7 +25,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_worm.core import measure
 
 
 T = TypeVar("T")
@@ -74,6 +75,8 @@ class Settings:
         window: Early-Bird window (the paper's 5; ``tiny`` shortens it so the tests find a ticket).
         threshold: Early-Bird threshold.
         workers: training runs in parallel, one process each with one torch thread (1: in this process).
+        transformer_parts: the parts of the transformer benchmark to rerun (``mask_cost``, ``bert_heads``,
+            ``vit``); the others are kept from the earlier results.
     """
 
     mode: str = "quick"
@@ -107,6 +110,7 @@ class Settings:
     window: int = 5
     threshold: float = 0.1
     workers: int = 1
+    transformer_parts: tuple[str, ...] = ("mask_cost", "bert_heads", "vit")
 
     @property
     def device(self) -> torch.device:
@@ -276,25 +280,8 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{mean:.3g} ± {std:.2g}"
 
 
-# -------------------------------------------------------------------------------------- FLOPs, memory
-
-
-def forward_flops(model: nn.Module, example: torch.Tensor) -> int:
-    """FLOPs of one eval forward of ``model`` on ``example`` (``torch.utils.flop_counter``), mode restored."""
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(example)
-    finally:
-        model.train(training)
-    return counter.get_total_flops()
-
-
-def count_params(model: nn.Module, nonzero: bool = False) -> int:
-    """Parameters of ``model``; with ``nonzero``, only their non-zero entries (what a mask-only pruning,
-    made permanent with ``torch.nn.utils.prune.remove``, leaves)."""
-    return sum(int((p != 0).sum()) if nonzero else p.numel() for p in model.parameters())
+# ---------------------------------------------------------------------------------------------- memory
+# (parameters, FLOPs and latency: `lightning_worm.core.measure`, which the pruning report uses too)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -374,22 +361,6 @@ def example_input(module: nn.Module, batch: int = 1) -> torch.Tensor:
     return torch.zeros(batch, *shape, device=device)
 
 
-def latency_ms(model: nn.Module, example: torch.Tensor, min_run_time: float = 0.3) -> float:
-    """Median milliseconds of one eval forward on ``example`` (``torch.utils.benchmark``, the current thread count),
-    mode restored."""
-    from torch.utils import benchmark
-
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": example},
-                                    num_threads=torch.get_num_threads())
-            return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
-    finally:
-        model.train(training)
-
-
 @functools.lru_cache(maxsize=None)
 def scratch_dir() -> Path:
     """A temporary directory for what the fits write (``PruneAndFinetune``'s report), removed at exit."""
@@ -443,9 +414,9 @@ class Meter(pl.Callback):
         self._start = time.perf_counter() - self.offset_seconds
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        key = count_params(pl_module)
+        key = measure.count_params(pl_module)
         if key not in self._flops_cache:
-            self._flops_cache[key] = forward_flops(pl_module, example_input(pl_module))
+            self._flops_cache[key] = measure.forward_flops(pl_module, example_input(pl_module), per_example=True)
         self._epoch_flops = self._flops_cache[key]
         self._samples = 0
 

@@ -135,7 +135,7 @@ def run(settings: Settings, out_dir: Path) -> Section:
     for model_name in settings.latency_models:
         dense = build(model_name)
         example = torch.zeros(1, 3, 32, 32)
-        flops_dense, params_dense = measure.forward_flops(dense, example), measure.count_params(dense)
+        flops_dense, params_dense = measure.forward_flops(dense, example, per_example=True), measure.count_params(dense)
         variants: dict[str, nn.Module] = {"dense": dense}
         info: dict[str, dict[str, Any]] = {"dense": dict(method="dense", ratio=0.0, params=params_dense,
                                                          flops=flops_dense)}
@@ -149,7 +149,8 @@ def run(settings: Settings, out_dir: Path) -> Section:
                 variants[key] = model.eval()
                 info[key] = dict(method=method, ratio=ratio,
                                  params=measure.count_params(model, nonzero=not structural),
-                                 flops=measure.forward_flops(model, example), prune_seconds=time.perf_counter() - t0,
+                                 flops=measure.forward_flops(model, example, per_example=True),
+                                 prune_seconds=time.perf_counter() - t0,
                                  **extra)
         for model in variants.values():
             model.to(device)
@@ -320,7 +321,7 @@ def export_paths(
             if round_to is not None:
                 variants[variant] = copy.deepcopy(dense)
                 prune_lightning_worm(variants[variant], ratio, round_to or None)
-        flops = {k: measure.forward_flops(m, example) for k, m in variants.items()}
+        flops = {k: measure.forward_flops(m, example, per_example=True) for k, m in variants.items()}
         x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(SEED))
         contenders: dict[tuple[str, str], Callable[[], float]] = {}
         errors: dict[str, str] = {}

@@ -7,6 +7,7 @@ Usage::
     python -m examples.benchmarks.run --only ticket,end_to_end   # the claims on MNIST-1D, 5 seeds, both recipes
     python -m examples.benchmarks.run --accelerator gpu    # the GPU rows (batch 128, bf16-mixed)
     python -m examples.benchmarks.run --only latency,overhead --threads 1
+    python -m examples.benchmarks.run --only transformer --transformer-parts mask_cost   # keeps the other rows
 
 The ``ticket`` and ``end_to_end`` benchmarks share one set of training runs (:mod:`examples.benchmarks.claims`),
 made once per process on ``--workers`` processes.
@@ -62,6 +63,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=None,
                         help="training runs in parallel for the ticket and end-to-end benchmarks, one process and "
                              "one torch thread each (default: the usable cores, at most 4; 1 on a GPU)")
+    parser.add_argument("--transformer-parts", default=None,
+                        help="comma-separated parts of the transformer benchmark to rerun: mask_cost, bert_heads, "
+                             "vit (default: all); the others keep their earlier results in the report")
     parser.add_argument("--data-dir", default="data", help="directory holding cifar-10-batches-py")
     parser.add_argument("--docs", type=Path, default=REPO / "docs",
                         help="where benchmarks.md and benchmarks/ are written (default: the repository's docs/)")
@@ -87,6 +91,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Section]:
         overrides["threads"] = args.threads
     if args.recipes is not None:
         overrides["recipes"] = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
+    if args.transformer_parts is not None:
+        overrides["transformer_parts"] = tuple(p.strip() for p in args.transformer_parts.split(",") if p.strip())
     if args.workers is not None:
         if args.workers < 1:
             raise ValueError(f"`--workers` must be at least 1, got {args.workers}.")
@@ -131,14 +137,19 @@ def _write(docs: Path, out: Path, settings: Settings, env: dict[str, Any], secti
 
     Sections of this run replace those of the same name; the sections of earlier runs that this one did not rerun
     are kept, each with its own mode, date and settings (``--only ticket,end_to_end`` leaves the latency results).
+    A kept section's ``appendix`` in ``results.json`` (Markdown from another run of that benchmark, such as another
+    recipe) is printed after its figures, until the benchmark itself is rerun.
     """
     rel = lambda p: Path(p).relative_to(docs).as_posix()  # noqa: E731
     command = f"python -m examples.benchmarks.run --mode {settings.mode} --accelerator {settings.accelerator}"
     kept, kept_results = _previous_sections(out / "results.json")
+    parts = "" if settings.transformer_parts == Settings.transformer_parts else (
+        f" --transformer-parts {','.join(settings.transformer_parts)}")
     for name, section in sections.items():
+        suffix = parts if name == "transformer" else ""
         kept[name] = dict(title=section.title, markdown=section.markdown, headline=list(section.headline),
                           figures=[rel(f) for f in section.figures], seconds=section.seconds, mode=settings.mode,
-                          date=env["date"], command=f"{command} --only {name}", settings=settings.to_dict())
+                          date=env["date"], command=f"{command} --only {name}{suffix}", settings=settings.to_dict())
         kept_results[name] = section.data
     order = [n for n in BENCHMARKS if n in kept] + [n for n in kept if n not in BENCHMARKS]
     rerun = [n for n in order if n not in sections]
@@ -146,7 +157,9 @@ def _write(docs: Path, out: Path, settings: Settings, env: dict[str, Any], secti
         f"## Results on {settings.accelerator.upper()}"
         + (f": {env['gpu']}" if env.get("gpu") else f": {env['cpu']}"),
         "",
-        f"Last produced by `{command} --only {','.join(sections)}` (**{settings.mode} mode**) on {env['date']}; "
+        f"Last produced by `{command} --only {','.join(sections)}"
+        + (parts if "transformer" in sections else "")
+        + f"` (**{settings.mode} mode**) on {env['date']}; "
         f"the run took {seconds / 60:.1f} min. Load average (1 min) {env.get('load_average_1min')} at the start and "
         f"{env.get('load_average_1min_end')} at the end on {env.get('usable_cores')} usable cores"
         + (": **the machine was shared** with other jobs while this ran, so absolute times are noisy; the "
@@ -166,6 +179,8 @@ def _write(docs: Path, out: Path, settings: Settings, env: dict[str, Any], secti
                   f"*`{name}`, {entry['mode']} mode, {entry['date']}, {entry['seconds']:.0f} s.*", "",
                   entry["markdown"].strip(), ""]
         lines += [f"![{entry['title']}]({f})" for f in entry["figures"]] + [""]
+        if entry.get("appendix"):  # results of another run of the benchmark (another recipe, say), kept with it
+            lines += [entry["appendix"].strip(), ""]
     lines += ["<details><summary>Settings of this run</summary>", "", "```json",
               json.dumps(settings.to_dict(), indent=1), "```", "", "</details>", ""]
     # The Markdown goes into results.json, not into a page of its own: docs/ is an mkdocs site (strict).
@@ -232,14 +247,16 @@ median and spread, because the machine this was measured on is shared and its ba
 | `latency` | inference latency, params and FLOPs of dense vs pruned VGG-11-BN, ResNet-18 and MobileNetV2 at p = 0.3 / 0.5 / 0.7: lightning-worm (with and without `round_to=8`), torch-pruning's global BN-scale pruner, `ln_structured` masks (Lightning's `ModelPruning` style) and global `l1_unstructured` masks (the WORM code) |
 | `ticket` | on MNIST-1D, over seeds and under two named recipes (the Early-Bird code's and the WORM code's): ticket epoch of Early-Bird vs WORM (elbow, fixed, greedy); validation accuracy just before the prune, right after the surgery and after BatchNorm re-calibration, and epochs to recover the dense accuracy, against a random ticket of the same shape and network slimming; the goals of issue 9, met or not |
 | `end_to_end` | on MNIST-1D: wall time and training FLOPs to reach the dense run's final accuracy minus 0.5 point, for each method against dense training; final test accuracy, params, FLOPs and latency of what is delivered |
+| `transformer` | the tracker's own per-epoch call on the 14 M-unit element-wise query/key mask of a random BERT-base (each stage, wall and CPU time, with the run's threads and with one, and the load average) and the memory per stored mask (`mask_cost`); params, FLOPs and latency after removing half of BERT-base's heads (`bert_heads`); the example ViT's head search, Early-Bird vs WORM (`vit`) |
 
 Rerun: `python examples/benchmarks/run.py --quick` (under 10 minutes on a 2-core CPU) or
 `python -m examples.benchmarks.run` (full mode: 5 seeds, more rounds). `python -m examples.benchmarks.run --only
 ticket,end_to_end` runs the claims alone (MNIST-1D, 5 seeds, both recipes: under 15 minutes on 2 cores).
 `--accelerator gpu` runs the GPU rows (batch 128, bf16-mixed); `--data digits` or `--data cifar10 --data-dir DIR`
 trains the ticket and end-to-end benchmarks on the digits or CIFAR-10 (VGG-11-BN at width 0.25) instead of
-MNIST-1D; `--threads N` sets `torch.set_num_threads`, `--workers N` the training runs in parallel. Raw numbers:
-`benchmarks/<accelerator>/results.json`.
+MNIST-1D; `--threads N` sets `torch.set_num_threads`, `--workers N` the training runs in parallel;
+`--only transformer --transformer-parts mask_cost` reruns the transformer mask cost alone (its other rows are
+kept). Raw numbers: `benchmarks/<accelerator>/results.json`.
 """
 
 

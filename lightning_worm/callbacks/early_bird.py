@@ -10,7 +10,6 @@ from functools import partial
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -113,7 +112,7 @@ class EarlyBirdCallback(Callback):
         self.version = 0
         self._observed_epoch: int | None = None
         self._offset = 0  # 1 once a mask was taken from the initial weights (first_mask="train_start")
-        self._fingerprints: deque[tuple[float, float]] = deque(maxlen=self.detector.window)
+        self._fingerprints: deque[int] = deque(maxlen=self.detector.window)
         self._restored_reported = False
         self._sparsity_params: weakref.WeakKeyDictionary[Optimizer, list[Tensor]] = weakref.WeakKeyDictionary()
 
@@ -288,7 +287,7 @@ class EarlyBirdCallback(Callback):
             if self.stop_on_ticket:
                 trainer.should_stop = True
 
-    def _take_mask(self, pl_module: "pl.LightningModule") -> tuple[Mask, tuple[float, float]] | NonFiniteScoreError:
+    def _take_mask(self, pl_module: "pl.LightningModule") -> tuple[Mask, int] | NonFiniteScoreError:
         scores = channel_scores(pl_module, self.source)
         if not scores:
             lazy = [n for n, why in self.source.skipped(pl_module).items() if why.startswith("lazy")]
@@ -309,15 +308,13 @@ class EarlyBirdCallback(Callback):
                 f"{result.requested - result.pruned} of the {result.requested} units the ratio prunes "
                 f"(in {', '.join(result.restored)})."
             )
-        # Whether any score moved: two sums per epoch, reduced entry by entry (no copy of the scores).
-        total = sum(float(s.sum(dtype=torch.float64)) for s in scores.values())
-        squares = sum(float(s.double().square().sum()) for s in scores.values())
-        return result.mask, (total, squares)
+        # Whether any score moved: the ranking's exact checksum of the scores' bits, taken in its pass over them.
+        return result.mask, result.checksum
 
     @staticmethod
     def _share_rank_zero_mask(
         trainer: "pl.Trainer", pl_module: "pl.LightningModule", outcome: Any
-    ) -> tuple[Mask, tuple[float, float]] | NonFiniteScoreError:
+    ) -> tuple[Mask, int] | NonFiniteScoreError:
         # Rank 0 decides; the broadcast pickles, so send the packed bits and place them on this rank's device.
         if not isinstance(outcome, NonFiniteScoreError):
             mask, fingerprint = outcome

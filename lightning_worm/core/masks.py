@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -28,7 +29,10 @@ class Mask(Mapping[str, Tensor]):
     """Keep-masks of several entries, backed by one flat bool tensor and its layout.
 
     ``mask[name]`` is a read-only view shaped like that entry's scores; ``mask.flat`` is every unit in
-    layout order. Build one with :meth:`from_dict`, or get one from :func:`channel_mask`.
+    layout order. Build one with :meth:`from_dict`, or get one from :func:`channel_mask`. A mask is
+    immutable: its packed bits (:meth:`packed`) are kept once computed, and a mask rebuilt from them
+    (:meth:`unpack`) unpacks its units only when they are read, so that the distance of two packed masks
+    (:func:`mask_distance`) is taken on their bits.
 
     Args:
         flat: 1-D bool tensor, every unit of every entry in layout order.
@@ -43,25 +47,38 @@ class Mask(Mapping[str, Tensor]):
         mask["bn1"], mask.flat, mask.kept, mask.packed()
     """
 
-    __slots__ = ("flat", "layout", "_offsets")
+    __slots__ = ("_flat", "_bits", "layout", "_offsets", "_total")
 
     def __init__(self, flat: Tensor, layout: Union[Mapping[str, Sequence[int]], Sequence[tuple[str, Sequence[int]]]]):
-        items = layout.items() if isinstance(layout, Mapping) else layout
-        self.layout: Layout = tuple((str(name), tuple(int(s) for s in shape)) for name, shape in items)
+        self._set_layout(layout)
         flat = flat.reshape(-1)
         if flat.dtype != torch.bool:
             raise ValueError(f"A mask holds booleans, got {flat.dtype}.")
-        sizes = [math.prod(shape) for _, shape in self.layout]
-        if flat.numel() != sum(sizes):
-            raise ValueError(f"A flat mask of {flat.numel()} units cannot fill a layout of {sum(sizes)}.")
+        if flat.numel() != self._total:
+            raise ValueError(f"A flat mask of {flat.numel()} units cannot fill a layout of {self._total}.")
+        self._flat: Tensor | None = flat
+        self._bits: Tensor | None = None
+
+    def _set_layout(self, layout: Union[Mapping[str, Sequence[int]], Sequence[tuple[str, Sequence[int]]]]) -> None:
+        items = layout.items() if isinstance(layout, Mapping) else layout
+        self.layout: Layout = tuple((str(name), tuple(int(s) for s in shape)) for name, shape in items)
         if len({name for name, _ in self.layout}) != len(self.layout):
             raise ValueError("A mask layout names an entry twice.")
-        self.flat = flat
         offsets, start = {}, 0
-        for (name, shape), size in zip(self.layout, sizes):
+        for name, shape in self.layout:
+            size = math.prod(shape)
             offsets[name] = (start, size, shape)
             start += size
         self._offsets = offsets
+        self._total = start
+
+    @property
+    def flat(self) -> Tensor:
+        """Every unit in layout order, as one 1-D bool tensor (unpacked on first read)."""
+        if self._flat is None:
+            bits = (self._bits.reshape(-1, 1) & _BITS.to(self._bits.device)).ne(0).reshape(-1)
+            self._flat = bits[:self._total]
+        return self._flat
 
     @classmethod
     def from_dict(cls, masks: Mapping[str, Tensor]) -> "Mask":
@@ -98,12 +115,14 @@ class Mask(Mapping[str, Tensor]):
     @property
     def total(self) -> int:
         """Number of units."""
-        return self.flat.numel()
+        return self._total
 
     @property
     def kept(self) -> int:
         """Number of units kept."""
-        return int(torch.count_nonzero(self.flat))
+        if self._flat is None:
+            return _popcount(self._bits, self._total)
+        return int(torch.count_nonzero(self._flat))
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -118,20 +137,56 @@ class Mask(Mapping[str, Tensor]):
         return Mask(self.flat.to(device), self.layout)
 
     def packed(self) -> Tensor:
-        """The units as bits: a 1-D uint8 CPU tensor of ``ceil(total / 8)`` bytes (:meth:`unpack` reverses)."""
-        flat = self.flat.cpu()
-        pad = (-flat.numel()) % 8
-        if pad:
-            flat = torch.cat([flat, flat.new_zeros(pad)])
-        return (flat.view(-1, 8).to(torch.uint8) * _BITS).sum(dim=1, dtype=torch.uint8)
+        """The units as bits: a 1-D uint8 CPU tensor of ``ceil(total / 8)`` bytes (:meth:`unpack` reverses).
+
+        Unit ``i`` is bit ``i % 8`` of byte ``i // 8``; the bits past the last unit are zero. Computed once.
+        """
+        if self._bits is None:
+            self._bits = _pack(self._flat.cpu())
+        return self._bits
 
     @classmethod
     def unpack(cls, packed: Tensor, layout: Union[Layout, Mapping[str, Sequence[int]]]) -> "Mask":
-        """The :class:`Mask` that :meth:`packed` produced, given its layout."""
-        items = layout.items() if isinstance(layout, Mapping) else layout
-        total = sum(math.prod(shape) for _, shape in items)
-        bits = (packed.reshape(-1, 1) & _BITS.to(packed.device)).ne(0).reshape(-1)
-        return cls(bits[:total], layout)
+        """The :class:`Mask` that :meth:`packed` produced, given its layout (its units are unpacked when read).
+
+        Raises:
+            ValueError: if ``packed`` is not a 1-D uint8 tensor of ``ceil(total / 8)`` bytes for the layout.
+        """
+        mask = cls.__new__(cls)
+        mask._set_layout(layout)
+        if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != math.ceil(mask._total / 8):
+            raise ValueError(f"Packed bits of a mask of {mask._total} units are a 1-D uint8 tensor of "
+                             f"{math.ceil(mask._total / 8)} bytes, got {packed.dtype} of shape {tuple(packed.shape)}.")
+        mask._flat, mask._bits = None, packed
+        return mask
+
+
+def _pack(flat: Tensor) -> Tensor:
+    """``flat`` (1-D bool) as bits, eight units per byte, unit ``i`` at bit ``i % 8`` of byte ``i // 8``."""
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    if sys.byteorder != "little" or not flat.numel():
+        return (flat.view(-1, 8).to(torch.uint8) * _BITS).sum(dim=1, dtype=torch.uint8)
+    # Read each run of eight units (bytes 0 or 1) as one little-endian word: byte j holds unit j at bit 8j.
+    # Three shift-or steps gather unit j at bit j of the low byte (no sign bit is ever set); keep that byte.
+    words = flat.contiguous().view(torch.uint8).view(torch.int64)
+    words = words | (words >> 7)
+    words |= words >> 14
+    words |= words >> 28
+    return words.view(torch.uint8)[::8].contiguous()
+
+
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
+
+
+def _popcount(bits: Tensor, total: int) -> int:
+    """The number of set bits among the first ``total`` bits of packed bits (a uint8 tensor)."""
+    count = int(torch.index_select(_POPCOUNT.to(bits.device), 0, bits.int()).sum())
+    tail = total % 8
+    if tail and bits.numel():  # bits past the last unit do not count, whatever they hold
+        count -= _POPCOUNT[int(bits[-1]) >> tail].item()
+    return count
 
 
 MaskLike = Union[Mask, Mapping[str, Tensor]]
@@ -161,12 +216,15 @@ class MaskResult:
         requested: ``round(prune_ratio * N)``, the units the global ranking prunes.
         pruned: the units actually pruned (below ``requested`` when ``min_channels`` kept some back).
         restored: per entry, how many units ``min_channels`` kept back.
+        checksum: :func:`score_checksum` of the scores ranked (equal scores give equal checksums), so that a
+            caller can tell whether any score moved between two masks without another pass over them.
     """
 
     mask: Mask
     requested: int
     pruned: int
     restored: dict[str, int] = field(default_factory=dict)
+    checksum: int = 0
 
 
 def validate_ratio(prune_ratio: float) -> None:
@@ -211,24 +269,43 @@ def mask_from_scores(scores: Mapping[str, Tensor], prune_ratio: float, min_chann
     if requested == 0:
         keep = torch.ones(flat.numel(), dtype=torch.bool, device=device)
     else:
-        threshold = kth_smallest(flat, requested)
+        threshold, below, ties = _kth_smallest_counted(flat, requested)
         keep = flat > threshold
-        need = requested - int(torch.count_nonzero(flat < threshold))  # the ties that go: the first by position
-        ties = flat == threshold
-        if int(torch.count_nonzero(ties)) > need:  # else every tie goes
-            keep[ties.nonzero().flatten()[need:]] = True
+        need = requested - below  # the ties that go: the first `need` by position
+        if ties.numel() > need:  # else every tie goes
+            keep[ties[need:]] = True
 
     mask = Mask(keep, [(n, tuple(scores[n].shape)) for n in names])
     restored = {}
-    for name, size in mask.sizes.items():
-        minimum = min(size, min_channels)
-        entry = mask[name].reshape(-1)
-        kept = int(torch.count_nonzero(entry))
-        if kept < minimum:
-            best = torch.sort(scores[name].reshape(-1).to(device, dtype), descending=True, stable=True).indices
-            entry.zero_().index_fill_(0, best[:minimum], True)
-            restored[name] = minimum - kept
-    return MaskResult(mask=mask, requested=requested, pruned=requested - sum(restored.values()), restored=restored)
+    sizes = mask.sizes
+    # An entry can fall below its minimum only if the ranking can take more than size - minimum from it.
+    if any(requested > size - min(size, min_channels) for size in sizes.values()):
+        for name, size in sizes.items():
+            minimum = min(size, min_channels)
+            entry = mask[name].reshape(-1)
+            kept = int(torch.count_nonzero(entry))
+            if kept < minimum:
+                best = torch.sort(scores[name].reshape(-1).to(device, dtype), descending=True, stable=True).indices
+                entry.zero_().index_fill_(0, best[:minimum], True)
+                restored[name] = minimum - kept
+    return MaskResult(mask=mask, requested=requested, pruned=requested - sum(restored.values()), restored=restored,
+                      checksum=score_checksum(flat))
+
+
+def score_checksum(scores: Tensor) -> int:
+    """An exact checksum of a tensor's bits: the sum of its 64-bit words, modulo ``2**64``, in one pass.
+
+    Equal tensors (bit for bit) give equal checksums; a change of any one value changes it (two changes can
+    cancel, as they can in any checksum). Integer sums do not depend on the order of the additions, so the
+    checksum is the same for every thread count and device.
+    """
+    raw = scores.detach().contiguous().reshape(-1).view(torch.uint8)
+    whole = raw.numel() // 8 * 8
+    # int64 additions wrap around (two's complement) on every device torch runs on.
+    total = int(raw[:whole].view(torch.int64).sum()) if whole else 0
+    for shift, byte in enumerate(raw[whole:].tolist()):
+        total += byte << (8 * shift)
+    return total % (1 << 64)
 
 
 def kth_smallest(values: Tensor, k: int) -> Tensor:
@@ -238,19 +315,33 @@ def kth_smallest(values: Tensor, k: int) -> Tensor:
     bracket are counted, and ``kthvalue`` runs on the bracket alone; when the sample misses (it cannot be
     wrong, only unlucky) the full ``kthvalue`` runs instead.
     """
+    return _kth_smallest_counted(values, k)[0]
+
+
+def _kth_smallest_counted(values: Tensor, k: int) -> tuple[Tensor, int, Tensor]:
+    """:func:`kth_smallest` of ``values``, how many values are below it, and the positions of those equal to it
+    (ascending).
+
+    The count and the positions come from the bracket where the input was narrowed (the values equal to the
+    k-th all lie in it), so that the caller needs no further pass over the input to place the ties.
+    """
     n = values.numel()
-    if n < _NARROW_FROM:
-        return values.kthvalue(k).values
-    generator = torch.Generator(device=values.device).manual_seed(0)
-    sample = values[torch.randint(0, n, (_SAMPLE,), generator=generator, device=values.device)]
-    position = k / n * _SAMPLE
-    low = sample.kthvalue(max(1, int(position - _MARGIN))).values
-    high = sample.kthvalue(min(_SAMPLE, int(position + _MARGIN) + 1)).values
-    rank = k - int(torch.count_nonzero(values < low))
-    bracket = values[(values >= low) & (values <= high)]
-    if 1 <= rank <= bracket.numel():
-        return bracket.kthvalue(rank).values
-    return values.kthvalue(k).values
+    if n >= _NARROW_FROM:
+        generator = torch.Generator(device=values.device).manual_seed(0)
+        sample = values[torch.randint(0, n, (_SAMPLE,), generator=generator, device=values.device)]
+        position = k / n * _SAMPLE
+        low = sample.kthvalue(max(1, int(position - _MARGIN))).values
+        high = sample.kthvalue(min(_SAMPLE, int(position + _MARGIN) + 1)).values
+        below = values < low
+        below_low = int(torch.count_nonzero(below))
+        where = torch.le(values, high).logical_and_(below.logical_not_()).nonzero().flatten()  # ascending
+        bracket = values[where]
+        rank = k - below_low
+        if 1 <= rank <= bracket.numel():
+            kth = bracket.kthvalue(rank).values
+            return kth, below_low + int(torch.count_nonzero(bracket < kth)), where[bracket == kth]
+    kth = values.kthvalue(k).values
+    return kth, int(torch.count_nonzero(values < kth)), (values == kth).nonzero().flatten()
 
 
 _NARROW_FROM, _SAMPLE, _MARGIN = 1 << 20, 1 << 16, 1 << 11  # margin: 8 standard deviations of the sample rank
@@ -295,6 +386,10 @@ def channel_mask(
 def mask_distance(a: MaskLike, b: MaskLike) -> float:
     """Normalised Hamming distance: the fraction of units on which two masks differ.
 
+    The one distance of the library (the detector's window, the plots). Two masks that both hold their
+    packed bits (:meth:`Mask.packed` was called, or they came from :meth:`Mask.unpack`) are compared bit
+    by bit on the packed bytes, eight units per byte; others unit by unit.
+
     Raises:
         ValueError: if the masks do not cover the same entries with the same shapes.
     """
@@ -303,4 +398,6 @@ def mask_distance(a: MaskLike, b: MaskLike) -> float:
         raise ValueError("The two masks cover different layers or channel counts (entries or shapes); compare masks of one model.")
     if not a.total:
         return math.nan
+    if a._bits is not None and b._bits is not None:
+        return _popcount(torch.bitwise_xor(a._bits, b._bits.to(a._bits.device)), a.total) / a.total
     return int(torch.count_nonzero(a.flat != b.flat.to(a.flat.device))) / a.total

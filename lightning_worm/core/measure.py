@@ -124,6 +124,7 @@ def latency(
     warmup: int = 3,
     num_threads: Optional[int] = None,
     label: str = "",
+    min_run_time: Optional[float] = None,
 ) -> benchmark.Measurement:
     """Time ``model(*inputs)`` in eval mode without grad with ``torch.utils.benchmark``.
 
@@ -134,16 +135,23 @@ def latency(
         warmup: untimed forwards first (kernel selection, caches, compilation).
         num_threads: intra-op threads while timing (default: ``torch.get_num_threads()`` now).
         label: a label for the measurement.
+        min_run_time: time blocks of forwards for at least this many seconds instead
+            (``Timer.blocked_autorange``: the median is over the blocks' mean forward times; for models
+            too fast to time one forward at a time); ``repeats`` is then not used.
 
     Returns:
-        A ``torch.utils.benchmark.Measurement``; ``.median`` is in seconds.
+        A ``torch.utils.benchmark.Measurement``; ``.median`` is in seconds (of one forward).
     """
     if not (isinstance(repeats, int) and repeats >= 1):
         raise ValueError(f"`repeats` must be an integer >= 1, got {repeats!r}.")
+    if min_run_time is not None and not min_run_time > 0:
+        raise ValueError(f"`min_run_time` must be a positive number of seconds, got {min_run_time!r}.")
     clock = timer(model, example_input, num_threads=num_threads, label=label)
     with eval_mode(model), torch.no_grad():
         if warmup:
             clock.timeit(warmup)
+        if min_run_time is not None:
+            return clock.blocked_autorange(min_run_time=min_run_time)
         runs = [clock.timeit(1) for _ in range(repeats)]
     return benchmark.Measurement.merge(runs)[0]
 
