@@ -33,6 +33,8 @@ class Wrapped(L.LightningModule):
 def test_flops_per_example_match_lightnings_model_summary_of_one_example():
     net = convnet()
     summary = ModelSummary(Wrapped(net, torch.zeros(1, 3, 8, 8)), max_depth=-1)
+    if not hasattr(summary, "total_flops"):
+        pytest.skip("Lightning < 2.6 counts no FLOPs in its model summary")
     assert measure.forward_flops(net, torch.zeros(5, 3, 8, 8)) == summary.total_flops > 0
     assert measure.forward_flops(net, torch.zeros(5, 3, 8, 8), per_example=False) == 5 * summary.total_flops
     assert measure.forward_flops(nn.Linear(10, 5), torch.zeros(4, 10)) == 2 * 10 * 5
