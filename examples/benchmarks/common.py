@@ -300,10 +300,16 @@ def peak_memory_mib(device: torch.device) -> float:
     """Peak memory since :func:`reset_peak_memory`: CUDA max allocated, else peak RSS (MiB; NaN if unknown)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    return process_memory_mib("VmHWM")
+
+
+def process_memory_mib(field: str = "VmRSS") -> float:
+    """A memory field of ``/proc/self/status`` in MiB: ``VmRSS`` (resident now) or ``VmHWM`` (its peak); NaN
+    where there is no such file (not Linux)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass

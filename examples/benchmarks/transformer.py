@@ -41,7 +41,14 @@ import torch
 from lightning.pytorch import seed_everything
 from torch import Tensor, nn
 
-from examples.benchmarks.common import Section, Spread, markdown_table, peak_memory_mib, reset_peak_memory
+from examples.benchmarks.common import (
+    Section,
+    Spread,
+    markdown_table,
+    peak_memory_mib,
+    process_memory_mib,
+    reset_peak_memory,
+)
 from lightning_worm import AttentionHeadSource, AttentionQKSource, EarlyBirdCallback, PruneAndFinetune, WormCallback
 
 #: mode -> (ViT seeds, ViT epochs, mask-cost rounds, latency repeats)
@@ -153,18 +160,6 @@ class _StageClock:
         return timed_call
 
 
-def _rss_mib() -> float:
-    """The process's resident set size now (Linux; NaN elsewhere)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def _held(detector: Any) -> list[Tensor]:
     """The distinct mask tensors a detector holds (window, history and ticket share theirs)."""
     tensors = [*detector._masks, *detector._history, *([] if detector._ticket is None else [detector._ticket])]
@@ -225,7 +220,7 @@ def mask_cost(repeats: int, layers: int = 12, width: int = 768, heads: int = 12,
                 torch.set_num_threads(count)
                 trainer.current_epoch = epoch
                 clock.epoch = {}
-                rss = _rss_mib()
+                rss = process_memory_mib("VmRSS")
                 reset_peak_memory(torch.device("cpu"))
                 wall, cpu = time.perf_counter(), time.process_time()
                 early_bird.observe_epoch(trainer, host)
