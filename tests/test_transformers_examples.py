@@ -44,6 +44,6 @@ def test_bert_recipe_runs_offline(tmp_path):
 def test_benchmark_mask_cost_is_one_bit_per_unit():
     from examples.benchmarks.transformer import mask_cost
 
-    cost = mask_cost(repeats=1, layers=1, width=256)
+    cost = mask_cost(repeats=1, layers=1, width=256, heads=4)
     assert cost["units"] == 2 * 256 * 256
     assert cost["bits_per_unit"] == pytest.approx(1.0, abs=0.05)  # plus a few bytes of pickle per tensor
