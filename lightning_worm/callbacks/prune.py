@@ -173,11 +173,9 @@ class PruneAndFinetune(Callback):
         # run, and the plan is the module's (any later checkpoint of the pruned module describes it).
         hooks.on_load[type(self).__name__] = partial(self._apply_checkpoint_plan, pl_module)
         hooks.on_save["pruning_plan"] = partial(_save_module_plan, hooks)
-        if hooks.plan is not None and self.plan is None:  # fitted (or evaluated) again after an earlier prune
+        adopted = hooks.plan is not None and self.plan is None  # fitted (or evaluated) again after an earlier prune
+        if adopted:
             self.plan = PruningPlan.from_dict(hooks.plan)
-            adopted = True
-        else:
-            adopted = False
         if stage != "fit":
             return
         name = type(self).__name__
@@ -194,12 +192,17 @@ class PruneAndFinetune(Callback):
             )
         if not adopted:  # refused now, not at the ticket after a whole search
             self.early_bird.source.check_prunable(pl_module)
-        if adopted:
+        else:
             rank_zero_info(f"{name}: {type(pl_module).__name__} was pruned in an earlier fit; it is fine-tuned as it "
                            "is (no second search, no second prune).")
             for tracker in trackers(trainer):
                 if tracker.searching:
                     tracker.end_search()
+
+    def _record_plan(self, pl_module: "pl.LightningModule", plan: PruningPlan) -> None:
+        """The plan now applied to ``pl_module``: this callback's, and the module's (its later checkpoints')."""
+        self.plan = plan
+        checkpoint_hooks(pl_module).plan = plan.to_dict()
 
     def _apply_checkpoint_plan(self, pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
         trainer = attached_trainer(pl_module)
@@ -209,8 +212,7 @@ class PruneAndFinetune(Callback):
         if plan is None or self.plan is not None:
             return
         apply_plan(pl_module, plan)
-        self.plan = plan
-        checkpoint_hooks(pl_module).plan = plan.to_dict()
+        self._record_plan(pl_module, plan)
         for tracker in trackers(trainer):  # a weights-only checkpoint has no tracker state to say so
             if tracker.searching:
                 tracker.end_search()
@@ -265,8 +267,7 @@ class PruneAndFinetune(Callback):
         measure = self.measure_latency and trainer.is_global_zero
         report = tracker.source.prune(pl_module, ticket, example, coupling=self.coupling, round_to=self.round_to,
                                       measure_latency=measure)
-        self.plan = report.plan
-        checkpoint_hooks(pl_module).plan = report.plan.to_dict()
+        self._record_plan(pl_module, report.plan)
         self.pruned_epoch = trainer.current_epoch
         if self.reinit:
             _reinitialise(pl_module)
