@@ -24,7 +24,6 @@ matching group switched off (``early_bird.enabled: false`` ...): see
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -37,6 +36,7 @@ from examples.callbacks import AccuracyAroundPrune
 from examples.module import ImageClassifier
 from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback
 from lightning_worm import plotting
+from lightning_worm.core.serialization import strict_json
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIGS / "offline.yaml"
@@ -169,7 +169,7 @@ def summarize(cli: WormCLI, test_acc: float | None, checkpoint: Path) -> dict[st
     """
     eb, prune, accuracy = cli.early_bird, cli.prune, cli.accuracy
     report = prune.report if prune and prune.report else {}
-    return _strict_json({
+    return strict_json({
         "model": {k: v for k, v in cli.model.hparams.items() if not k.startswith("_")},
         "data": type(cli.datamodule).__name__,
         "epochs": cli.trainer.current_epoch,
@@ -192,18 +192,6 @@ def summarize(cli: WormCLI, test_acc: float | None, checkpoint: Path) -> dict[st
         },
         "checkpoint": str(checkpoint),
     })
-
-
-def _strict_json(value: Any) -> Any:
-    """``value`` with NaN and infinities as ``None`` and tuples as lists: what ``json.dumps(allow_nan=False)``
-    accepts and every JSON reader parses."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    return value
 
 
 @rank_zero_only

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from functools import partial
 from typing import Any, Callable, Literal, Mapping
@@ -27,6 +26,7 @@ from lightning_worm.callbacks.strategy import check_strategy, decide_on_rank_zer
 from lightning_worm.callbacks.tracking import TrackerSpec, check_tracker_spec, find_tracker, tracker_key, trackers
 from lightning_worm.checkpoint import CHECKPOINT_KEY, PLAN_OWNER, find_pruning_plan, raise_for_unloadable_checkpoint
 from lightning_worm.core.masks import Mask
+from lightning_worm.core.serialization import strict_json
 from lightning_worm.core.surgery import DEFAULT_COUPLING, PruningPlan, apply_plan
 from lightning_worm.core.surgery.decision import COUPLINGS
 from lightning_worm.core.validation import check_bool, check_choice, check_int
@@ -397,7 +397,7 @@ class PruneAndFinetune(Callback):
                 os.makedirs(directory, exist_ok=True)
                 path = os.path.join(directory, "pruning_report.json")
                 with open(path, "w") as f:
-                    json.dump(_strict_json(r), f, indent=2, allow_nan=False)
+                    json.dump(strict_json(r), f, indent=2, allow_nan=False)
                 self.report_path = where = path
             except (OSError, ValueError) as error:
                 where = "not written"
@@ -483,19 +483,6 @@ def _to_device(example: Any, device: torch.device) -> Any:
     if isinstance(example, Tensor):
         return example.to(device)
     return tuple(_to_device(e, device) for e in example)
-
-
-def _strict_json(value: Any) -> Any:
-    """``value`` with NaN and infinities as ``None`` and tensors as lists: valid JSON for strict readers."""
-    if isinstance(value, Tensor):
-        value = value.tolist()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    return value
 
 
 def _slice_like(value: Any, old_param: Tensor, kept: list[Tensor | None] | None) -> Any:
