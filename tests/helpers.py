@@ -53,6 +53,23 @@ class TinyNet(L.LightningModule):
                                weight_decay=self.hparams.weight_decay)
 
 
+class ManualTinyNet(TinyNet):
+    """TinyNet under manual optimization: one backward and one optimizer step per batch."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+
 class SizedMix(nn.Module):
     """Attention of its own: projections ``wq``/``wk``/``wv``/``o``, no head count; it splits heads by ``size``."""
 

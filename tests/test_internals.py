@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_worm._internals import lightning as internals
-from lightning_worm.callbacks.worm import completes_accumulation
+from lightning_worm.callbacks.early_bird import _completes_accumulation as completes_accumulation
 from tests.helpers import TinyNet, tiny_loader, trainer
 
 

@@ -23,6 +23,7 @@ from lightning_worm.core.detector import TicketDetector
 from lightning_worm.core.masks import Mask, NonFiniteScoreError, channel_scores, mask_from_scores
 from lightning_worm.core.regularization import add_sparsity_gradient, validate_sparsity
 from lightning_worm.core.sources import ScoreSource, resolve_source
+from lightning_worm.core.truncation import GradientTruncation
 from lightning_worm.core.validation import check_bool, check_choice, check_int, check_number
 
 FIRST_MASKS = ("epoch_end", "train_start")
@@ -115,6 +116,10 @@ class EarlyBirdCallback(Callback):
         self._fingerprints: deque[int] = deque(maxlen=self.detector.window)
         self._restored_reported = False
         self._sparsity_params: weakref.WeakKeyDictionary[Optimizer, list[Tensor]] = weakref.WeakKeyDictionary()
+        #: WORM's truncation, handed over by the WormCallback that follows this tracker in the running fit. The
+        #: tracker owns every per-step gradient edit, so that their order is fixed here and not by the callbacks' list.
+        self.truncation: GradientTruncation | None = None
+        self._batch_idx = 0
 
     @property
     @override
@@ -172,6 +177,7 @@ class EarlyBirdCallback(Callback):
             return
         check_strategy(trainer, type(self).__name__)
         self._sparsity_params = weakref.WeakKeyDictionary()
+        self.truncation = None  # a WormCallback in this fit hands its own over at `on_fit_start`, after every setup
         self._observed_epoch = None
         skipped = self.source.skipped(pl_module)
         tracked = self.source.tracked(pl_module)
@@ -222,10 +228,27 @@ class EarlyBirdCallback(Callback):
             self._record(trainer, pl_module)
 
     @override
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_idx = batch_idx
+
+    @override
+    def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # WORM's truncation, once per optimizer step on the final loss gradient: the backward that completes an
+        # accumulation (DDP has reduced it; clipping comes later). It commutes with AMP's loss scale.
+        if (self.truncation is not None and pl_module.automatic_optimization
+                and _completes_accumulation(trainer, self._batch_idx)):
+            self.truncation.apply()
+
+    @override
     def on_before_optimizer_step(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Optimizer
     ) -> None:
-        # After the closure and, under AMP, after unscaling: the true gradient, once per step.
+        # After the closure and, under AMP, after unscaling: the true gradient, once per step. The edits in their
+        # one order: WORM's truncation (here under manual optimization), then the sparsity term, never truncated.
+        if self.truncation is not None and not pl_module.automatic_optimization:
+            self.truncation.apply()
         if self.sparsity == 0.0 or not self.searching:
             return
         params = self._sparsity_params.get(optimizer)
@@ -369,6 +392,18 @@ class EarlyBirdCallback(Callback):
         self._offset = state_dict.get("offset", 0)
         self._fingerprints.clear()
         self.version += 1
+
+
+def _completes_accumulation(trainer: "pl.Trainer", batch_idx: int) -> bool:
+    """Whether the backward of batch ``batch_idx`` is the last before an optimizer step (public state only).
+
+    Lightning steps after every ``accumulate_grad_batches`` batches and on the last batch of the epoch.
+    """
+    accumulate = trainer.accumulate_grad_batches
+    if accumulate == 1 or (batch_idx + 1) % accumulate == 0:
+        return True
+    total = trainer.num_training_batches
+    return total is not None and not math.isinf(total) and batch_idx + 1 == int(total)
 
 
 def _settings_from_key(key: str) -> dict[str, Any]:

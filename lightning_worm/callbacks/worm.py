@@ -8,7 +8,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_worm.callbacks.early_bird import EarlyBirdCallback
@@ -30,12 +29,12 @@ class WormCallback(Callback):
 
     The callback reads the tracker's state in its own hooks (at the first batch after the state
     changed), so the result does not depend on the order the callbacks are built or listed in. The
-    truncation is applied once per optimizer step to the final gradient: in ``on_after_backward`` of the
-    micro-batch that completes a gradient accumulation (so DDP has already reduced it and clipping comes
-    after), which makes it independent of ``accumulate_grad_batches`` and of AMP's loss scale. Under
-    manual optimization it is applied in ``on_before_optimizer_step``. Weight decay inside the optimizer
-    is not a loss gradient and is not truncated; neither is the tracker's sparsity term, added after.
-    Once the model is pruned, nothing is truncated any more.
+    tracker owns every per-step gradient edit, in one fixed order: it applies this truncation once per
+    optimizer step to the final gradient, in ``on_after_backward`` of the micro-batch that completes a
+    gradient accumulation (so DDP has already reduced it and clipping comes after), which makes it
+    independent of ``accumulate_grad_batches`` and of AMP's loss scale; under manual optimization in
+    ``on_before_optimizer_step``. Its sparsity term comes after, under both, and is never truncated;
+    neither is weight decay inside the optimizer. Once the model is pruned, nothing is truncated any more.
 
     Logs ``worm/chi`` (the multiplier in use during the epoch) and ``worm/truncated_channels``
     (``worm_<ratio>/...`` when several trackers run).
@@ -77,7 +76,6 @@ class WormCallback(Callback):
         self._truncation: GradientTruncation | None = None
         self._consumed = 0  # how many of the tracker's mask epochs the schedule has seen
         self._seen_version = -1
-        self._batch_idx = 0
         self._logged_chi: float | None = None
 
     @property
@@ -149,7 +147,6 @@ class WormCallback(Callback):
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        self._batch_idx = batch_idx
         self._sync(pl_module)
         if self._logged_chi is None and self.early_bird is not None and self.early_bird.searching:
             self._logged_chi = self.schedule.value
@@ -161,18 +158,6 @@ class WormCallback(Callback):
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._logged_chi = None
-
-    @override
-    def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if pl_module.automatic_optimization and completes_accumulation(trainer, self._batch_idx):
-            self._truncation.apply()
-
-    @override
-    def on_before_optimizer_step(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Optimizer
-    ) -> None:
-        if not pl_module.automatic_optimization:
-            self._truncation.apply()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -188,17 +173,9 @@ class WormCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._consumed == -1 and self.early_bird is not None:
+        # The tracker applies the truncation in its own hooks, in one order with its sparsity term; every setup
+        # has run by now, so the tracker's own (which forgets an earlier fit's truncation) cannot undo this.
+        self.early_bird.truncation = self._truncation
+        if self._consumed == -1:
             self._consumed = len(self.early_bird.detector.mask_epochs)
 
-
-def completes_accumulation(trainer: "pl.Trainer", batch_idx: int) -> bool:
-    """Whether the backward of batch ``batch_idx`` is the last before an optimizer step (public state only).
-
-    Lightning steps after every ``accumulate_grad_batches`` batches and on the last batch of the epoch.
-    """
-    accumulate = trainer.accumulate_grad_batches
-    if accumulate == 1 or (batch_idx + 1) % accumulate == 0:
-        return True
-    total = trainer.num_training_batches
-    return total is not None and not math.isinf(total) and batch_idx + 1 == int(total)
