@@ -84,6 +84,15 @@ class SizedMix(nn.Module):
         return self.o(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
 
 
+def assert_equal_up_to_rounding(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Two computations of one function (other matrix shapes, other kernels) agree within their dtype's rounding.
+
+    ``torch.testing.assert_close``'s tolerances for the dtype, never bit equality: how such computations round
+    depends on the CPU's kernels (Intel and AMD machines differ). Bit equality is for one computation run twice.
+    """
+    torch.testing.assert_close(actual, expected)
+
+
 def trainer(tmp_path=None, **kwargs) -> L.Trainer:
     """A quiet CPU trainer."""
     defaults = dict(
