@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
+from lightning_worm.core.measure import eval_mode
 from lightning_worm.core.surgery import PruningPlan, apply_plan
 
 M = TypeVar("M", bound="pl.LightningModule")
@@ -166,10 +167,5 @@ def materialise_lazy(module: nn.Module, plan: PruningPlan) -> None:
     """Run one forward on zeros shaped like the plan's inputs if ``module`` still has lazy parameters."""
     if not any(isinstance(p, UninitializedParameter) for p in module.parameters()):
         return
-    dtype = next((p.dtype for p in module.parameters() if not isinstance(p, UninitializedParameter)), torch.float32)
-    inputs = [torch.zeros(spec["shape"], dtype=dtype if spec["dtype"].startswith(("float", "bfloat")) else
-                          getattr(torch, spec["dtype"])) for spec in plan.input_specs]
-    training = module.training
-    with torch.no_grad():
-        module.eval()(*inputs)
-    module.train(training)
+    with eval_mode(module), torch.no_grad():
+        module(*plan.zero_inputs(module))

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.utilities.model_summary import ModelSummary
 from torch import nn
 
-from lightning_worm.core import measure
+from lightning_worm.core import inputs, measure
 from tests.helpers import randomize_batchnorms
 
 
@@ -53,7 +53,7 @@ def test_flops_restore_the_modes_and_accept_several_inputs():
     model.b.eval()
     assert measure.forward_flops(model, (torch.zeros(2, 3), torch.zeros(2, 4))) == 2 * (3 * 2 + 4 * 2)
     assert model.training and model.a.training and not model.b.training
-    assert measure.batch_size([torch.zeros(7, 3), torch.zeros(2)]) == 7 and measure.batch_size(torch.tensor(1.0)) == 1
+    assert inputs.batch_size([torch.zeros(7, 3), torch.zeros(2)]) == 7 and inputs.batch_size(torch.tensor(1.0)) == 1
 
 
 @pytest.mark.parametrize("bad", ["images", [], [torch.zeros(1), "x"], 3])

@@ -585,7 +585,7 @@ def test_flops_are_per_example_whatever_the_batch():
 
 
 def test_plan_kind_dispatches_and_old_plans_load():
-    from lightning_worm.core.surgery import register_replay
+    from lightning_worm.core.surgery import Surgery, register_surgery
 
     torch.manual_seed(0)
     model = randomize_batchnorms(SmallVGG(width=8))
@@ -600,10 +600,20 @@ def test_plan_kind_dispatches_and_old_plans_load():
     fresh.load_state_dict(pruned.state_dict())
 
     calls = []
-    register_replay("test_kind")(lambda m, p, **o: calls.append((m, p.options)) or {})
-    apply_plan(fresh, {**old, "kind": "test_kind", "options": {"heads": [1]}})
-    assert calls == [(fresh, {"heads": [1]})]
-    with pytest.raises(ValueError, match="kind 'nope' has no registered replay.*register_replay"):
+
+    class CountedSource(BatchNormSource):
+        pass
+
+    def replay(model, plan, *, note=None):
+        calls.append((model, plan.options, note))
+        return {}
+
+    register_surgery(CountedSource, Surgery("test_kind", prune=prune_channels, replay=replay))
+    apply_plan(fresh, {**old, "kind": "test_kind", "options": {"heads": [1]}}, note="given")
+    assert calls == [(fresh, {"heads": [1]}, "given")]
+    with pytest.raises(ValueError, match=r"'test_kind' replay takes \['note'\], not \['coupling'\]"):
+        apply_plan(fresh, {**old, "kind": "test_kind"}, coupling="all")
+    with pytest.raises(ValueError, match="kind 'nope' has no registered surgery.*register_surgery"):
         apply_plan(SmallVGG(width=8), {**old, "kind": "nope"})
 
 
@@ -665,7 +675,7 @@ BAD_PLANS = [
     ("all_channels", r"pruned_groups\[0\] \('features.0'\) removes all 8 output channels"),
     ("wrong_after", r"inconsistent: its pruned_groups would leave features.1: \d+ instead of \d+"),
     ("after_exceeds_before", r"channels_after\['features.1'\] = 9 exceeds channels_before \(8\)"),
-    ("count_type", r"channels_after must map module names to non-negative integers"),
+    ("count_type", r"channels_after must map entry names to non-negative integers"),
     ("group_shape", r"pruned_groups\[0\] must be \[module name, list of channel indices\], got 'features.0'"),
     ("bad_dtype", r"input_specs\[0\] has dtype 'float33', not a torch dtype name"),
     ("bad_shape", r"input_specs\[0\] needs a 'shape' list of non-negative integers"),

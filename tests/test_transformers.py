@@ -25,15 +25,9 @@ from lightning_worm import (
 )
 from lightning_worm.core.sources import SOURCES, resolve_source
 from lightning_worm.core.sources.attention import find_attention
-from lightning_worm.core.sources.attention_surgery import (
-    ELEMENTWISE_NOTE,
-    MHA_REFUSAL,
-    prune_elementwise,
-    prune_heads,
-    replay_elementwise,
-    replay_heads,
-)
-from lightning_worm.core.surgery import PruningPlan
+from lightning_worm.core.surgery import LAYERNORM_REFUSAL, PruningPlan, apply_plan, check_prunable, surgery_for
+from lightning_worm.core.surgery.elementwise import ELEMENTWISE_NOTE, prune_elementwise
+from lightning_worm.core.surgery.heads import MHA_REFUSAL, prune_heads
 from tests.helpers import SizedMix, assert_equal_up_to_rounding
 
 
@@ -221,7 +215,7 @@ def test_a_head_plan_keeps_the_sources_options_and_the_pruned_head_count():
     ticket = {"mix": torch.tensor([True, False])}
     expected = zero_heads(model, ticket, source)(x)
     with pytest.warns(UserWarning, match="no attribute the head prune can fix"):
-        report = prune_heads(model, ticket, source, x, measure_latency=False)
+        report = prune_heads(model, ticket, x, source=source, measure_latency=False)
     assert_equal_up_to_rounding(model(x), expected)  # other matrix shapes: equal up to rounding
     block = source.tracked(model)["mix"]
     assert (block.num_heads, block.head_dim) == (1, 4)  # the pruned module's count, not the source's num_heads=2
@@ -373,7 +367,7 @@ def test_final_prune_honours_the_ticket():
     ticket = channel_mask(model, 0.5, source=source)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.warns(UserWarning, match="saves no time and no memory"):
-        report = prune_elementwise(model, ticket, source, measure_latency=False)
+        report = prune_elementwise(model, ticket, source=source, measure_latency=False)
     for name, entry in source.tracked(model).items():
         linear = entry.block.linear(entry.part)
         assert torch.equal(linear.weight == 0, ~ticket[name]), name
@@ -452,14 +446,14 @@ def test_plan_replays_bit_identically_and_refuses_what_does_not_fit():
     report = prune_heads(model, {"blocks.0.attn": torch.tensor([True, False, True, False])}, measure_latency=False)
     plan = PruningPlan.from_dict(report.plan.to_dict())
     fresh = vit(seed=1)
-    kept = replay_heads(fresh, plan)
+    kept = apply_plan(fresh, plan)
     assert kept.keys() == report.kept_indices.keys()
     fresh.load_state_dict(model.state_dict())
     assert torch.equal(fresh.eval()(x), model(x))
     with pytest.raises(ValueError, match="already pruned"):
-        replay_heads(fresh, plan)
+        apply_plan(fresh, plan)
     with pytest.raises(ValueError, match="lacks or does not recognise"):
-        replay_heads(vit(depth=1), plan)
+        apply_plan(vit(depth=1), plan)
 
 
 def test_apply_plan_dispatches_head_and_elementwise_plans():
@@ -485,13 +479,13 @@ def test_apply_plan_dispatches_head_and_elementwise_plans():
 def test_multihead_attention_heads_cannot_be_removed():
     model = encoder()
     with pytest.raises(NotImplementedError, match="AttentionQKSource") as error:
-        AttentionHeadSource().prune(model, {"layers.0.self_attn": torch.tensor([True, False, True, True])})
+        prune_heads(model, {"layers.0.self_attn": torch.tensor([True, False, True, True])})
     assert str(error.value) == MHA_REFUSAL
     with pytest.raises(ValueError, match="'layers.0.self_attn', 'layers.1.self_attn'.*cannot lose heads"):
-        AttentionHeadSource().check_prunable(model)
-    AttentionHeadSource().check_prunable(vit())  # separate projections: heads can go
+        check_prunable(model, AttentionHeadSource())
+    assert check_prunable(vit(), AttentionHeadSource()).kind == "heads"  # separate projections: heads can go
     with pytest.raises(ValueError, match="LayerNormSource cannot remove channels"):
-        LayerNormSource().check_prunable(vit())
+        check_prunable(vit(), LayerNormSource())
 
 
 class TinyGemmaRMSNorm(nn.Module):
@@ -556,8 +550,9 @@ def test_transformers_gemma_rmsnorm_is_scored_by_one_plus_its_weight():
 
 
 def test_layernorm_prune_is_refused_with_what_to_use_instead():
-    with pytest.raises(NotImplementedError, match="AttentionHeadSource"):
-        LayerNormSource().prune(vit(), channel_mask(vit(), 0.5, source=LayerNormSource()))
+    with pytest.raises(ValueError, match="AttentionHeadSource") as error:
+        surgery_for(LayerNormSource())
+    assert str(error.value) == LAYERNORM_REFUSAL
 
 
 def test_bad_head_tickets_are_refused():
@@ -579,7 +574,7 @@ def test_elementwise_ticket_survives_training_and_reloads_through_the_plan(model
     source = AttentionQKSource()
     ticket = channel_mask(model, 0.5, source=source)
     with pytest.warns(UserWarning, match="saves no time"):
-        report = prune_elementwise(model, ticket, source, measure_latency=False)
+        report = prune_elementwise(model, ticket, source=source, measure_latency=False)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model(x).sum().backward()
@@ -588,7 +583,7 @@ def test_elementwise_ticket_survives_training_and_reloads_through_the_plan(model
     for name, entry in source.tracked(model).items():
         assert entry.block.weight(entry.part)[~ticket[name]].eq(0).all(), name  # still exact zeros
     fresh = model_fn()
-    replay_elementwise(fresh, PruningPlan.from_dict(report.plan.to_dict()))
+    apply_plan(fresh, PruningPlan.from_dict(report.plan.to_dict()))
     fresh.load_state_dict(model.state_dict())
     assert torch.equal(fresh.eval()(x), model(x))
 

@@ -50,34 +50,36 @@ def test_elementwise_search_state_round_trips(tmp_path):
     assert torch.equal(again.mask.flat, eb.mask.flat) and again.distances[1:] == eb.distances[1:]
 
 
-def spy_on_carry(prune, seen):
+def spy_on_carry(monkeypatch, seen):
     """Fill ``seen`` at the prune: each optimizer state by parameter name, before (cloned) and after the carry."""
-    carry = prune._carry_optimizers
+    import lightning_worm.callbacks.prune as prune_module
 
-    def spy(old, new, before, after, kept):
+    carry = prune_module.carry_optimizer_state
+
+    def spy(old, new, before, after, kept, **options):
         name_of = {id(p): n for n, p in before.items()}
-        seen["old"] = {name_of[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in old[0].state.items()}
-        carry(old, new, before, after, kept)
-        seen["new"] = {n: {k: v.clone() for k, v in new[0].state[p].items()} for n, p in after.items()
-                       if p in new[0].state}
+        seen["old"] = {name_of[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in old.state.items()}
+        carry(old, new, before, after, kept, **options)
+        seen["new"] = {n: {k: v.clone() for k, v in new.state[p].items()} for n, p in after.items()
+                       if p in new.state}
 
-    prune._carry_optimizers = spy
+    monkeypatch.setattr(prune_module, "carry_optimizer_state", spy)
 
 
-def prune_fit(tmp_path, max_epochs=4, seen=None):
+def prune_fit(tmp_path, max_epochs=4, seen=None, monkeypatch=None):
     model = tiny_vit()
     eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source=AttentionHeadSource())
     prune = PruneAndFinetune(eb, measure_latency=False)
     if seen is not None:
-        spy_on_carry(prune, seen)
+        spy_on_carry(monkeypatch, seen)
     t = trainer(tmp_path, callbacks=[eb, WormCallback(eb, schedule="fixed", chi=0.01), prune], max_epochs=max_epochs)
     t.fit(model, tiny_loader())
     return t, model, eb, prune
 
 
-def test_prune_and_finetune_removes_heads_mid_fit_and_slices_adam_state(tmp_path):
+def test_prune_and_finetune_removes_heads_mid_fit_and_slices_adam_state(tmp_path, monkeypatch):
     seen = {}
-    t, model, eb, prune = prune_fit(tmp_path, seen=seen)
+    t, model, eb, prune = prune_fit(tmp_path, seen=seen, monkeypatch=monkeypatch)
     kept = {n: int(m.sum()) for n, m in eb.ticket.items()}
     for name, count in kept.items():
         attn = model.get_submodule(name)
@@ -109,13 +111,13 @@ def test_prune_and_finetune_removes_heads_mid_fit_and_slices_adam_state(tmp_path
             assert torch.equal(new[param][key], value), (param, key)
 
 
-def test_elementwise_prune_carries_the_optimizer_state_of_the_renamed_weights(tmp_path):
+def test_elementwise_prune_carries_the_optimizer_state_of_the_renamed_weights(tmp_path, monkeypatch):
     """torch's pruning renames `q_proj.weight` to `q_proj.weight_orig`; its Adam moments go on, value for value."""
     model = tiny_vit()
     eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source="attention_qk", verbose=False)
     prune = PruneAndFinetune(eb, measure_latency=False)
     seen = {}
-    spy_on_carry(prune, seen)
+    spy_on_carry(monkeypatch, seen)
     t = trainer(tmp_path, callbacks=[eb, prune], max_epochs=3)
     with pytest.warns(UserWarning, match="saves no time"):
         t.fit(model, tiny_loader())
@@ -135,7 +137,7 @@ def test_elementwise_prune_carries_the_optimizer_state_of_the_renamed_weights(tm
 def test_the_elementwise_report_and_summary_say_that_no_time_is_saved(tmp_path, lightning_info):
     import json
 
-    from lightning_worm.core.sources.attention_surgery import ELEMENTWISE_NOTE
+    from lightning_worm.core.surgery.elementwise import ELEMENTWISE_NOTE
 
     eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source="attention_qk", verbose=False)
     prune = PruneAndFinetune(eb, measure_latency=False, report_dir=str(tmp_path / "report"))

@@ -278,7 +278,7 @@ def bert_heads(repeats: int, batch: int = 4, tokens: int = 128) -> dict[str, Any
     from transformers import BertConfig, BertModel  # the benchmark's optional dependency
 
     from lightning_worm.core.measure import forward_flops
-    from lightning_worm.core.sources.attention_surgery import prune_heads
+    from lightning_worm.core.surgery import prune_heads
 
     torch.manual_seed(0)
     model = BertModel(BertConfig()).eval()
@@ -292,7 +292,7 @@ def bert_heads(repeats: int, batch: int = 4, tokens: int = 128) -> dict[str, Any
         ticket[name] = keep
     dense = copy.deepcopy(model)
     # A short example is enough to find the output projections; FLOPs and latency are measured below.
-    report = prune_heads(model, ticket, source, (ids[:1, :16],), measure_latency=False)
+    report = prune_heads(model, ticket, (ids[:1, :16],), source=source, measure_latency=False)
 
     def latency(m: torch.nn.Module) -> float:
         with torch.no_grad():

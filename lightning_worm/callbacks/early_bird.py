@@ -17,11 +17,11 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_worm._internals.lightning import attached_trainer, checkpoint_hooks
-from lightning_worm.callbacks.strategy import check_strategy, decide_on_rank_zero
+from lightning_worm.callbacks.strategy import check_strategy, decide_on_rank_zero, log_shared
 from lightning_worm.checkpoint import find_pruning_plan, raise_for_unloadable_checkpoint
 from lightning_worm.core.detector import TicketDetector
 from lightning_worm.core.masks import Mask, NonFiniteScoreError, channel_scores, mask_from_scores
-from lightning_worm.core.regularization import add_sparsity_gradient, validate_sparsity
+from lightning_worm.core.regularization import add_sparsity_gradient
 from lightning_worm.core.sources import ScoreSource, resolve_source
 from lightning_worm.core.truncation import GradientTruncation
 from lightning_worm.core.validation import check_bool, check_choice, check_int, check_number
@@ -98,8 +98,7 @@ class EarlyBirdCallback(Callback):
     ) -> None:
         super().__init__()
         self.prune_ratio = check_number("prune_ratio", prune_ratio, low=0.0, high=1.0, low_open=True, high_open=True)
-        validate_sparsity(sparsity)
-        self.sparsity = float(sparsity)
+        self.sparsity = check_number("sparsity", sparsity, low=0.0)
         self.min_channels = check_int("min_channels", min_channels, minimum=1)
         self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=1)
         self.stop_on_ticket = check_bool("stop_on_ticket", stop_on_ticket)
@@ -349,13 +348,11 @@ class EarlyBirdCallback(Callback):
         return Mask.unpack(packed, layout).to(pl_module.device), fingerprint
 
     def _log(self, pl_module: "pl.LightningModule", distance: float, mean: float) -> None:
-        # Every rank holds the same values; reduce_fx="max" keeps them exact and silences the DDP warning.
         prefix = self.log_prefix(pl_module.trainer, "earlybird")
-        kwargs: dict[str, Any] = dict(on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
         if not math.isnan(distance):
-            pl_module.log(f"{prefix}/mask_distance", distance, prog_bar=True, **kwargs)
-            pl_module.log(f"{prefix}/mean_distance", mean, **kwargs)
-        pl_module.log(f"{prefix}/ticket_found", float(self.ticket is not None), **kwargs)
+            log_shared(pl_module, f"{prefix}/mask_distance", distance, prog_bar=True)
+            log_shared(pl_module, f"{prefix}/mean_distance", mean)
+        log_shared(pl_module, f"{prefix}/ticket_found", float(self.ticket is not None))
 
     def log_prefix(self, trainer: "pl.Trainer", name: str) -> str:
         """``name``, namespaced by this tracker's prune ratio when several trackers run in ``trainer``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from functools import partial
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -22,14 +22,24 @@ from lightning_worm._internals.lightning import (
     rewrap_ddp,
 )
 from lightning_worm.callbacks.early_bird import EarlyBirdCallback
-from lightning_worm.callbacks.strategy import check_strategy, decide_on_rank_zero
-from lightning_worm.callbacks.tracking import TrackerSpec, check_tracker_spec, find_tracker, tracker_key, trackers
+from lightning_worm.callbacks.strategy import check_strategy, decide_on_rank_zero, log_shared
+from lightning_worm.callbacks.tracking import TrackerSpec, check_tracker_spec, end_every_search, find_tracker, tracker_key
 from lightning_worm.checkpoint import CHECKPOINT_KEY, PLAN_OWNER, find_pruning_plan, raise_for_unloadable_checkpoint
 from lightning_worm.core.masks import Mask
 from lightning_worm.core.serialization import strict_json
-from lightning_worm.core.surgery import DEFAULT_COUPLING, PruningPlan, apply_plan
+from lightning_worm.core.inputs import as_inputs, first_input, inputs_to
+from lightning_worm.core.measure import eval_mode
+from lightning_worm.core.surgery import (
+    DEFAULT_COUPLING,
+    PruningPlan,
+    Surgery,
+    apply_plan,
+    carry_optimizer_state,
+    check_prunable,
+    surgery_for,
+)
 from lightning_worm.core.surgery.decision import COUPLINGS
-from lightning_worm.core.validation import check_bool, check_choice, check_int
+from lightning_worm.core.validation import check_bool, check_callable, check_choice, check_int
 
 TICKETS = ("early_bird", "random")
 
@@ -95,8 +105,10 @@ class PruneAndFinetune(Callback):
 
     Raises:
         ValueError: on a bad argument (named in the message); at setup if the tracker is not in the
-            trainer, its source cannot remove units from this model (``ScoreSource.check_prunable``: a source
-            without surgery, LayerNorm channels, heads of ``nn.MultiheadAttention``), the strategy shards
+            trainer, its source's surgery cannot remove units from this model
+            (:func:`~lightning_worm.core.surgery.check_prunable`: a source without surgery, LayerNorm
+            channels, heads of ``nn.MultiheadAttention``), ``coupling`` or ``round_to`` is set but the
+            surgery does not take it (heads take no ``coupling``), the strategy shards
             parameters (FSDP, DeepSpeed) or launches by spawn/fork (``ddp_spawn``, ``ddp_fork``,
             ``ddp_notebook``: use ``ddp``).
 
@@ -132,7 +144,8 @@ class PruneAndFinetune(Callback):
         super().__init__()
         name = type(self).__name__
         check_tracker_spec(early_bird, name)
-        _check_example_input(example_input)
+        if example_input is not None:
+            as_inputs(example_input)  # refused now if it is not a tensor or a sequence of tensors
         self.coupling = check_choice("coupling", coupling, COUPLINGS)
         self.round_to = check_int("round_to", round_to, minimum=1, allow_none=True)
         self.finetune_epochs = check_int("finetune_epochs", finetune_epochs, minimum=0, allow_none=True)
@@ -141,10 +154,8 @@ class PruneAndFinetune(Callback):
         self.reinit = check_bool("reinit", reinit)
         self.measure_latency = check_bool("measure_latency", measure_latency)
         self.recalibrate_batches = check_int("recalibrate_batches", recalibrate_batches, minimum=0)
-        if recalibrate_forward is not None and not callable(recalibrate_forward):
-            raise ValueError(f"`recalibrate_forward` must be None or `fn(pl_module, batch)`, got {recalibrate_forward!r}.")
-        if evaluate is not None and not callable(evaluate):
-            raise ValueError(f"`evaluate` must be None or a callable `fn(pl_module) -> float`, got {evaluate!r}.")
+        check_callable("recalibrate_forward", recalibrate_forward, "fn(pl_module, batch)")
+        check_callable("evaluate", evaluate, "fn(pl_module) -> float")
         self.ticket = check_choice("ticket", ticket, TICKETS)
         self.seed = check_int("seed", seed)
         if report_dir is not None and (not isinstance(report_dir, (str, os.PathLike)) or not os.fspath(report_dir)):
@@ -160,6 +171,7 @@ class PruneAndFinetune(Callback):
         self.plan: PruningPlan | None = None
         self.pruned_epoch: int | None = None
         self.stop_epoch: int | None = None
+        self._surgery: Surgery | None = None
 
     @property
     @override
@@ -191,13 +203,23 @@ class PruneAndFinetune(Callback):
                 "as scripts), which supports pruning mid-fit."
             )
         if not adopted:  # refused now, not at the ticket after a whole search
-            self.early_bird.source.check_prunable(pl_module)
+            self._surgery = check_prunable(pl_module, self.early_bird.source)
+            self._check_options(self._surgery)
         else:
             rank_zero_info(f"{name}: {type(pl_module).__name__} was pruned in an earlier fit; it is fine-tuned as it "
                            "is (no second search, no second prune).")
-            for tracker in trackers(trainer):
-                if tracker.searching:
-                    tracker.end_search()
+            end_every_search(trainer)
+
+    def _check_options(self, surgery: Surgery) -> None:
+        """Refuse an option set away from its default that the source's surgery does not take."""
+        given = {"coupling": self.coupling != DEFAULT_COUPLING, "round_to": self.round_to is not None}
+        unused = [f"{key}={getattr(self, key)!r}" for key, is_set in given.items() if is_set and key not in surgery.options]
+        if unused:
+            source = self.early_bird.source
+            raise ValueError(
+                f"PruneAndFinetune({', '.join(unused)}) does not apply to {type(source).__name__}: its surgery "
+                f"({surgery.kind!r}) takes {list(surgery.options)}. Leave the option at its default."
+            )
 
     def _record_plan(self, pl_module: "pl.LightningModule", plan: PruningPlan) -> None:
         """The plan now applied to ``pl_module``: this callback's, and the module's (its later checkpoints')."""
@@ -213,9 +235,7 @@ class PruneAndFinetune(Callback):
             return
         apply_plan(pl_module, plan)
         self._record_plan(pl_module, plan)
-        for tracker in trackers(trainer):  # a weights-only checkpoint has no tracker state to say so
-            if tracker.searching:
-                tracker.end_search()
+        end_every_search(trainer)  # a weights-only checkpoint has no tracker state to say so
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
@@ -231,7 +251,15 @@ class PruneAndFinetune(Callback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
         if self.example_input is None and self.plan is None:
-            self.example_input = _first_input(batch, fallback=pl_module.example_input_array)
+            self.example_input = first_input(batch, limit=2)
+            if self.example_input is None:
+                self.example_input = pl_module.example_input_array
+            if self.example_input is None:
+                raise ValueError(
+                    f"PruneAndFinetune cannot tell the model input in a batch of type {type(batch).__name__}: pass "
+                    "`example_input=` (a tensor shaped like one input batch) or set `example_input_array` on your "
+                    "LightningModule."
+                )
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -253,7 +281,7 @@ class PruneAndFinetune(Callback):
                 "PruneAndFinetune has no example input to trace the model: pass `example_input=` (or set "
                 "`example_input_array` on your LightningModule)."
             )
-        example = _to_device(example, pl_module.device)
+        example = inputs_to(example, pl_module.device)
         tracker = self.early_bird
         ticket = tracker.ticket
         if self.ticket == "random":
@@ -264,9 +292,11 @@ class PruneAndFinetune(Callback):
         old_optimizers = list(trainer.strategy.optimizers)
         old_schedulers = [cfg.scheduler for cfg in trainer.strategy.lr_scheduler_configs]
         params_before = dict(pl_module.named_parameters())
-        measure = self.measure_latency and trainer.is_global_zero
-        report = tracker.source.prune(pl_module, ticket, example, coupling=self.coupling, round_to=self.round_to,
-                                      measure_latency=measure)
+        surgery = self._surgery or surgery_for(tracker.source)
+        options = {"coupling": self.coupling, "round_to": self.round_to,
+                   "measure_latency": self.measure_latency and trainer.is_global_zero}
+        report = surgery.prune(pl_module, ticket, example, source=tracker.source,
+                               **{key: value for key, value in options.items() if key in surgery.options})
         self._record_plan(pl_module, report.plan)
         self.pruned_epoch = trainer.current_epoch
         if self.reinit:
@@ -280,8 +310,15 @@ class PruneAndFinetune(Callback):
         trainer.strategy.setup_optimizers(trainer)
         optimizers_to_device(trainer.strategy.optimizers, trainer.strategy.root_device)
         params_after = dict(pl_module.named_parameters())
-        self._carry_optimizers(old_optimizers, trainer.strategy.optimizers, params_before, params_after,
-                               report.kept_indices)
+        if len(trainer.strategy.optimizers) != len(old_optimizers):
+            raise RuntimeError(
+                f"`configure_optimizers` returned {len(trainer.strategy.optimizers)} optimizers after pruning but "
+                f"{len(old_optimizers)} before: it must build the same optimizers from `self.parameters()`."
+            )
+        for old, new in zip(old_optimizers, trainer.strategy.optimizers):
+            carry_optimizer_state(old, new, params_before, params_after, report.kept_indices,
+                                  hyperparameters=not self.restart_schedule,  # the schedule's current lr goes on
+                                  state=not (self.reset_optimizer_state or self.reinit))
         if not self.restart_schedule:
             for old, cfg in zip(old_schedulers, trainer.strategy.lr_scheduler_configs):
                 cfg.scheduler.load_state_dict(old.state_dict())
@@ -289,9 +326,7 @@ class PruneAndFinetune(Callback):
             self.stop_epoch = self.pruned_epoch + 1 + self.finetune_epochs
             trainer.fit_loop.max_epochs = self.stop_epoch
 
-        for other in trackers(trainer):  # every tracker's masks are of the old shapes now
-            if other.searching:
-                other.end_search()
+        end_every_search(trainer)
         self.report = {"epoch": self.pruned_epoch, "ticket_epoch": tracker.ticket_epoch,
                        "prune_ratio": tracker.prune_ratio, "ticket": self.ticket, "source": tracker.source.key,
                        "recalibration_batches": used, **report.to_dict()}
@@ -303,13 +338,8 @@ class PruneAndFinetune(Callback):
     def _evaluate(self, pl_module: "pl.LightningModule") -> float | None:
         if self.evaluate is None:
             return None
-        training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.no_grad():
-                value = self.evaluate(pl_module)
-        finally:
-            pl_module.train(training)
+        with eval_mode(pl_module), torch.no_grad():
+            value = self.evaluate(pl_module)
         return float(value) if isinstance(value, (int, float, Tensor)) else value
 
     def _recalibrate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> int:
@@ -325,8 +355,10 @@ class PruneAndFinetune(Callback):
         def forward(model: Any, batch: Any) -> Any:
             if self.recalibrate_forward is not None:
                 return self.recalibrate_forward(model, batch)
-            inputs = precision.convert_input(_to_device(_first_input(batch, limit=None), pl_module.device))
-            return model(inputs)
+            inputs = first_input(batch)
+            if inputs is None:
+                raise _NoInput(f"the model input cannot be told in a batch of type {type(batch).__name__}.")
+            return model(precision.convert_input(inputs.to(pl_module.device)))
 
         # Drawing batches from a shuffled loader (and dropout) consumes random numbers: fork the generators so
         # that the training after the prune is the same with and without the recalibration.
@@ -346,45 +378,10 @@ class PruneAndFinetune(Callback):
                 pl_module.get_buffer(name).copy_(value)
         return used
 
-    def _carry_optimizers(
-        self,
-        old_optimizers: list[torch.optim.Optimizer],
-        new_optimizers: list[torch.optim.Optimizer],
-        before: Mapping[str, Tensor],
-        after: Mapping[str, Tensor],
-        kept: Mapping[str, list[Tensor | None]],
-    ) -> None:
-        if len(new_optimizers) != len(old_optimizers):
-            raise RuntimeError(
-                f"`configure_optimizers` returned {len(new_optimizers)} optimizers after pruning but "
-                f"{len(old_optimizers)} before: it must build the same optimizers from `self.parameters()`."
-            )
-        name_of = {id(p): n for n, p in before.items()}
-        # A parameter the surgery kept as it was is matched by identity: an element-wise ticket renames
-        # `weight` to `weight_orig` (torch.nn.utils.prune) but keeps the Parameter. Cut ones are new: by name.
-        same = {id(p): p for p in after.values()}
-        for old, new in zip(old_optimizers, new_optimizers):
-            if not self.restart_schedule:  # the schedule's current lr (and momentum, ...) go on
-                for old_group, new_group in zip(old.param_groups, new.param_groups):
-                    new_group.update({k: v for k, v in old_group.items() if k != "params"})
-            if self.reset_optimizer_state or self.reinit:  # fresh weights: the old momentum means nothing
-                continue
-            for param, state in old.state.items():
-                name = name_of.get(id(param))
-                if name is None:
-                    continue
-                new_param = same.get(id(param), after.get(name))
-                if new_param is None:
-                    continue
-                new.state[new_param] = {
-                    key: _slice_like(value, param, kept.get(name)) for key, value in state.items()
-                }
-
     def _publish(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         r = self.report
-        kwargs: dict[str, Any] = dict(on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
-        pl_module.log("pruning/params_ratio", r["params_after"] / r["params_before"], **kwargs)
-        pl_module.log("pruning/flops_ratio", r["flops_after"] / r["flops_before"], **kwargs)
+        log_shared(pl_module, "pruning/params_ratio", r["params_after"] / r["params_before"])
+        log_shared(pl_module, "pruning/flops_ratio", r["flops_after"] / r["flops_before"])
         # log_dir is a collective under DDP: every rank asks. Without a logger it would be the working directory.
         directory = self.report_dir or (trainer.log_dir if trainer.loggers else None)
         if not trainer.is_global_zero:
@@ -451,48 +448,8 @@ def _save_module_plan(hooks: Any, checkpoint: dict[str, Any]) -> None:
         checkpoint.setdefault(CHECKPOINT_KEY, {})["pruning_plan"] = hooks.plan
 
 
-def _check_example_input(example: Any) -> None:
-    if example is None or isinstance(example, Tensor):
-        return
-    if isinstance(example, (tuple, list)) and example and all(isinstance(e, Tensor) for e in example):
-        return
-    raise ValueError(
-        f"`example_input` must be None, a tensor or a tuple of tensors shaped like one input batch, got "
-        f"{type(example).__name__}: e.g. `example_input=torch.randn(2, 3, 32, 32)`."
-    )
-
-
-def _first_input(batch: Any, fallback: Any = None, limit: int | None = 2) -> Any:
-    if isinstance(batch, Tensor):
-        return batch[:limit].detach()
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0][:limit].detach()
-    if fallback is not None:
-        return fallback
-    raise _NoInput(
-        f"PruneAndFinetune cannot tell the model input in a batch of type {type(batch).__name__}: "
-        "pass `example_input=` (a tensor shaped like one input batch)."
-    )
-
-
 class _NoInput(ValueError):
     """The model input cannot be found in a batch."""
-
-
-def _to_device(example: Any, device: torch.device) -> Any:
-    if isinstance(example, Tensor):
-        return example.to(device)
-    return tuple(_to_device(e, device) for e in example)
-
-
-def _slice_like(value: Any, old_param: Tensor, kept: list[Tensor | None] | None) -> Any:
-    """Slice an optimizer state tensor shaped like ``old_param`` to the kept indices."""
-    if kept is None or not isinstance(value, Tensor) or value.shape != old_param.shape:
-        return value
-    for dim, idx in enumerate(kept):
-        if idx is not None:
-            value = value.index_select(dim, idx.to(value.device))
-    return value.clone()
 
 
 @torch.no_grad()

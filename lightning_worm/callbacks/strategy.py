@@ -1,4 +1,5 @@
-"""What the callbacks need from Lightning's strategies: which ones are supported, one shared decision."""
+"""What the callbacks need from Lightning's strategies: which ones are supported, one shared decision, and the
+logging of values that every rank holds alike."""
 
 from __future__ import annotations
 
@@ -33,3 +34,8 @@ def decide_on_rank_zero(trainer: "pl.Trainer", obj: T) -> T:
     if trainer.world_size == 1:
         return obj
     return trainer.strategy.broadcast(obj, src=0)
+
+
+def log_shared(pl_module: "pl.LightningModule", name: str, value: float, prog_bar: bool = False) -> None:
+    """Log, once per epoch, a value every rank holds alike (``reduce_fx="max"`` keeps it exact under DDP)."""
+    pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max", prog_bar=prog_bar)

@@ -34,6 +34,14 @@ def trackers(trainer: "pl.Trainer") -> list[EarlyBirdCallback]:
     return [c for c in trainer.callbacks if isinstance(c, EarlyBirdCallback)]
 
 
+def end_every_search(trainer: "pl.Trainer") -> None:
+    """End the search of every tracker in ``trainer`` that still searches (the model was pruned: masks of the
+    old shapes mean nothing any more)."""
+    for tracker in trackers(trainer):
+        if tracker.searching:
+            tracker.end_search()
+
+
 def find_tracker(trainer: "pl.Trainer", early_bird: TrackerSpec, who: str) -> EarlyBirdCallback:
     """The tracker ``early_bird`` designates among the trainer's callbacks.
 

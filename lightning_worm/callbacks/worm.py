@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_worm.callbacks.early_bird import EarlyBirdCallback
-from lightning_worm.callbacks.strategy import check_strategy
+from lightning_worm.callbacks.strategy import check_strategy, log_shared
 from lightning_worm.callbacks.tracking import TrackerSpec, check_tracker_spec, find_tracker, tracker_key
 from lightning_worm.core.truncation import ChiSchedule, GradientTruncation
 
@@ -151,9 +151,8 @@ class WormCallback(Callback):
         if self._logged_chi is None and self.early_bird is not None and self.early_bird.searching:
             self._logged_chi = self.schedule.value
             prefix = self.early_bird.log_prefix(trainer, "worm")
-            kwargs: dict[str, Any] = dict(on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
-            pl_module.log(f"{prefix}/chi", self._logged_chi, prog_bar=True, **kwargs)
-            pl_module.log(f"{prefix}/truncated_channels", float(self.truncated_channels), **kwargs)
+            log_shared(pl_module, f"{prefix}/chi", self._logged_chi, prog_bar=True)
+            log_shared(pl_module, f"{prefix}/truncated_channels", float(self.truncated_channels))
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

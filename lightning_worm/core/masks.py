@@ -227,14 +227,6 @@ class MaskResult:
     checksum: int = 0
 
 
-def validate_ratio(prune_ratio: float) -> None:
-    check_number("prune_ratio", prune_ratio, low=0.0, high=1.0, low_open=True, high_open=True)
-
-
-def validate_min_channels(min_channels: int) -> None:
-    check_int("min_channels", min_channels, minimum=1)
-
-
 def mask_from_scores(scores: Mapping[str, Tensor], prune_ratio: float, min_channels: int = 1) -> MaskResult:
     """Global mask from per-entry scores (any shapes).
 
@@ -252,8 +244,8 @@ def mask_from_scores(scores: Mapping[str, Tensor], prune_ratio: float, min_chann
         ValueError: on a bad ratio, ``min_channels``, or no unit at all.
         NonFiniteScoreError: if a score is NaN or infinite.
     """
-    validate_ratio(prune_ratio)
-    validate_min_channels(min_channels)
+    check_number("prune_ratio", prune_ratio, low=0.0, high=1.0, low_open=True, high_open=True)
+    check_int("min_channels", min_channels, minimum=1)
     names = list(scores)
     if not names or all(scores[n].numel() == 0 for n in names):
         raise ValueError("No unit to mask: `scores` is empty.")

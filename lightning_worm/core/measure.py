@@ -11,53 +11,27 @@ One place for the numbers that the pruning report and the benchmarks print, so t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_worm.core.inputs import ExampleInput, as_inputs, batch_size
+from lightning_worm.core.validation import check_int, check_number
+
 __all__ = [
-    "batch_size",
     "count_flops",
     "count_params",
+    "eval_mode",
     "export_for_inference",
     "forward_flops",
     "latency",
     "latency_ms",
     "timer",
 ]
-
-ExampleInput = Union[Tensor, Sequence[Tensor]]
-
-
-def as_inputs(example_input: ExampleInput) -> tuple[Tensor, ...]:
-    """``example_input`` as the tuple the model is called with (``model(*inputs)``).
-
-    Raises:
-        ValueError: if it is not a tensor or a non-empty sequence of tensors.
-    """
-    if isinstance(example_input, Tensor):
-        return (example_input,)
-    if isinstance(example_input, (str, bytes)) or not isinstance(example_input, Sequence):
-        raise ValueError(
-            "`example_input` must be a tensor or a non-empty sequence of tensors (run as model(*inputs)), got "
-            f"{type(example_input).__name__}."
-        )
-    inputs = tuple(example_input)
-    if not inputs or not all(isinstance(x, Tensor) for x in inputs):
-        raise ValueError("`example_input` must be a tensor or a non-empty sequence of tensors (run as model(*inputs)).")
-    return inputs
-
-
-def batch_size(example_input: ExampleInput) -> int:
-    """The batch size of an example input: dim 0 of its first tensor (1 for a scalar)."""
-    first = as_inputs(example_input)[0]
-    return int(first.shape[0]) if first.dim() and first.shape[0] else 1
-
 
 def count_params(model: nn.Module, nonzero: bool = False) -> int:
     """Parameters of ``model``; with ``nonzero``, only their non-zero entries (what a mask leaves)."""
@@ -142,10 +116,10 @@ def latency(
     Returns:
         A ``torch.utils.benchmark.Measurement``; ``.median`` is in seconds (of one forward).
     """
-    if not (isinstance(repeats, int) and repeats >= 1):
-        raise ValueError(f"`repeats` must be an integer >= 1, got {repeats!r}.")
-    if min_run_time is not None and not min_run_time > 0:
-        raise ValueError(f"`min_run_time` must be a positive number of seconds, got {min_run_time!r}.")
+    check_int("repeats", repeats, minimum=1)
+    check_int("warmup", warmup, minimum=0)
+    if min_run_time is not None:
+        check_number("min_run_time", min_run_time, low=0.0, low_open=True)
     clock = timer(model, example_input, num_threads=num_threads, label=label)
     with eval_mode(model), torch.no_grad():
         if warmup:

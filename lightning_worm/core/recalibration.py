@@ -17,17 +17,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_worm._internals.torch import BatchNormBase
+from lightning_worm.core.inputs import first_input
 from lightning_worm.core.validation import check_int
 
 __all__ = ["has_running_statistics", "random_ticket", "recalibrate_batchnorm"]
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Tensor):
-        inputs = batch
-    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        inputs = batch[0]
-    else:
+    inputs = first_input(batch)
+    if inputs is None:
         raise TypeError(
             f"recalibrate_batchnorm cannot find the input in a batch of type {type(batch).__name__}: the default "
             "forward takes a tensor or the first item of a tuple/list. Pass `forward=lambda model, batch: ...`."

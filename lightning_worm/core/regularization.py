@@ -11,10 +11,6 @@ from lightning_worm._internals.torch import foreach_add_sign_
 from lightning_worm.core.validation import check_number
 
 
-def validate_sparsity(sparsity: float) -> None:
-    check_number("sparsity", sparsity, low=0.0)
-
-
 @torch.no_grad()
 def add_sparsity_gradient(params: Iterable[Tensor], sparsity: float) -> None:
     """Add the L1 subgradient ``sparsity * sign(p)`` to each parameter's gradient, in place.
@@ -31,7 +27,7 @@ def add_sparsity_gradient(params: Iterable[Tensor], sparsity: float) -> None:
         add_sparsity_gradient([bn.weight for bn in batchnorms], 1e-4)
         optimizer.step()
     """
-    validate_sparsity(sparsity)
+    check_number("sparsity", sparsity, low=0.0)
     params = [p for p in params if p.grad is not None]
     if sparsity == 0.0 or not params:
         return

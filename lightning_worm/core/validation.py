@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, Optional
 
 
 def check_number(
@@ -56,3 +57,25 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
     return value
+
+
+def check_callable(name: str, value: Any, signature: str, *, allow_none: bool = True) -> Any:
+    """``value`` if it is callable (or ``None`` when allowed); else a ValueError naming it and its signature."""
+    if (value is None and allow_none) or callable(value):
+        return value
+    none = "None or " if allow_none else ""
+    raise ValueError(f"`{name}` must be {none}a callable `{signature}`, got {value!r}.")
+
+
+def check_names(name: str, value: Any, *, count: Optional[tuple[int, ...]] = None) -> Optional[list[str]]:
+    """``value`` as a list of strings (``None`` stays ``None``); else a ValueError naming it.
+
+    ``count``: the numbers of names allowed.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"`{name}` must be None or a list of names (strings), got {value!r}.")
+    if count is not None and len(value) not in count:
+        raise ValueError(f"`{name}` must hold {' or '.join(map(str, count))} names, got {list(value)!r}.")
+    return list(value)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from lightning_worm._internals.torch import mha_packs_qkv
 from lightning_worm.core.sources.base import ScoreSource
+from lightning_worm.core.validation import check_int, check_names
 
 #: Child names of separate query/key/value projections, tried in this order.
 PROJECTION_NAMES: tuple[tuple[str, str, str], ...] = (
@@ -39,10 +40,10 @@ PACKED_NAMES: tuple[str, ...] = ("qkv",)
 #: Child names of an attention module's own output projection (else the dependency graph finds it).
 OUTPUT_NAMES: tuple[str, ...] = ("o_proj", "out_proj", "proj", "o", "out_lin", "dense")
 
-_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
-_KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
-_HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "d_head", "dim_head")
-_PARTS = ("q", "k", "v")
+HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+KV_HEAD_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size", "d_head", "dim_head")
+PARTS = ("q", "k", "v")
 #: Attribute that a head prune sets on the attention module: ``(num_heads, num_kv_heads)`` after the cut. It
 #: outranks a source's ``num_heads=``, which counts the heads of the unpruned module.
 PRUNED_HEADS_ATTR = "_lightning_worm_heads"
@@ -78,7 +79,7 @@ class AttentionBlock:
 
     def part(self, part: str) -> tuple[nn.Parameter, slice, Optional[nn.Parameter], slice, str]:
         """``(weight, weight rows, bias, bias rows, entry name)`` of ``"q"``, ``"k"`` or ``"v"``."""
-        i = _PARTS.index(part)
+        i = PARTS.index(part)
         prefix = f"{self.name}." if self.name else ""
         if self.layout == "separate":
             linear = getattr(self.module, self.projections[i])
@@ -101,7 +102,7 @@ class AttentionBlock:
 
     def linear(self, part: str) -> nn.Linear:
         """The Linear layer holding the part (separate and packed layouts)."""
-        index = _PARTS.index(part) if self.layout == "separate" else 0
+        index = PARTS.index(part) if self.layout == "separate" else 0
         return getattr(self.module, self.projections[index])
 
     @property
@@ -133,12 +134,12 @@ def _read_heads(block: AttentionBlock, num_heads: Optional[int]) -> AttentionBlo
     if isinstance(pruned, tuple) and len(pruned) == 2:  # cut by a head prune: the counts it left
         num_heads = pruned[0]
     # The module's own attributes first: a config is shared by every layer and says nothing of a pruned one.
-    heads = num_heads or _int_attr([module], _HEAD_ATTRS)
-    head_dim = _int_attr([module], _HEAD_DIM_ATTRS)
+    heads = num_heads or _int_attr([module], HEAD_COUNT_ATTRS)
+    head_dim = _int_attr([module], HEAD_SIZE_ATTRS)
     if heads is None and head_dim is not None and q_rows % head_dim == 0:
         heads = q_rows // head_dim
     if heads is None:
-        heads = _int_attr([config], _HEAD_ATTRS)
+        heads = _int_attr([config], HEAD_COUNT_ATTRS)
     if heads is None:
         block.problem = "head count not found: pass `num_heads=` to the source"
         return block
@@ -146,7 +147,7 @@ def _read_heads(block: AttentionBlock, num_heads: Optional[int]) -> AttentionBlo
         block.problem = f"{q_rows} query rows do not split into {heads} heads"
         return block
     head_dim = q_rows // heads
-    kv_heads = _int_attr([module, config], _KV_HEAD_ATTRS)
+    kv_heads = _int_attr([module, config], KV_HEAD_COUNT_ATTRS)
     if kv_heads is None or kv_heads * head_dim != k_rows:
         kv_heads = k_rows // head_dim if k_rows % head_dim == 0 else None
     v_rows = block.weight("v").shape[0]
@@ -235,10 +236,10 @@ class _AttentionSource(ScoreSource):
         projections: Optional[Sequence[str]] = None,
         num_heads: Optional[int] = None,
     ) -> None:
-        self.modules = None if modules is None else list(modules)
+        self.modules = check_names("modules", modules)
+        projections = check_names("projections", projections, count=(1, 3))
         self.projections = None if projections is None else tuple(projections)
-        self.num_heads = num_heads
-        find_attention(nn.Module(), projections=self.projections)  # checks `projections` early
+        self.num_heads = check_int("num_heads", num_heads, minimum=1, allow_none=True)
 
     def blocks(self, model: nn.Module) -> dict[str, AttentionBlock]:
         return find_attention(model, self.modules, self.projections, self.num_heads)
@@ -285,10 +286,10 @@ class AttentionQKSource(_AttentionSource):
     WORM multiplies the gradients of exactly the masked-out weights of ``W_q`` and ``W_k`` by chi; value
     projections, biases and every other parameter are never touched.
 
-    There is nothing to remove physically: :meth:`prune` applies the ticket as fixed zeros (a
-    ``torch.nn.utils.prune`` parametrisation that survives checkpoints and reloads through the plan,
-    ``kind="elementwise"``). **This saves no time and no memory**: the dense matrix multiplies run as
-    before. Use :class:`AttentionHeadSource` for a model that is really smaller.
+    There is nothing to remove physically: its surgery (:func:`~lightning_worm.core.surgery.prune_elementwise`)
+    applies the ticket as fixed zeros (a ``torch.nn.utils.prune`` parametrisation that survives checkpoints
+    and reloads through the plan, ``kind="elementwise"``). **This saves no time and no memory**: the dense
+    matrix multiplies run as before. Use :class:`AttentionHeadSource` for a model that is really smaller.
 
     Args:
         modules: names of the attention modules to track instead of finding them.
@@ -340,11 +341,6 @@ class AttentionQKSource(_AttentionSource):
     def sparsity_parameters(self, entry: QKEntry) -> list[Tensor]:
         return []  # a packed weight would regularise its values too; the paper uses no sparsity term here
 
-    def prune(self, model: nn.Module, ticket: Any, example_input: Any = None, **options: Any) -> Any:
-        from lightning_worm.core.sources.attention_surgery import prune_elementwise
-
-        return prune_elementwise(model, ticket, self, example_input, **options)
-
 
 class AttentionHeadSource(_AttentionSource):
     r"""Whole attention heads: one unit per head of every self-attention block.
@@ -358,11 +354,11 @@ class AttentionHeadSource(_AttentionSource):
     WORM multiplies the gradients of a masked-out head's rows of the query, key and value weights (and
     of their biases) by chi; the output projection and everything else are untouched.
 
-    :meth:`prune` removes the pruned heads physically (their query/key/value rows and the output
-    projection's matching columns, found by torch-pruning's dependency graph where the block does not
-    own its output projection), fixes the module's head count attributes (``num_heads``,
-    ``num_attention_heads``, ``all_head_size``, ...), and returns a report whose plan
-    (``kind="heads"``) replays on a fresh model. A block always keeps its best head.
+    Its surgery (:func:`~lightning_worm.core.surgery.prune_heads`) removes the pruned heads physically
+    (their query/key/value rows and the output projection's matching columns, found by torch-pruning's
+    dependency graph where the block does not own its output projection), fixes the module's head count
+    attributes (``num_heads``, ``num_attention_heads``, ``all_head_size``, ...), and returns a report whose
+    plan (``kind="heads"``) replays on a fresh model. A block always keeps its best head.
     ``nn.MultiheadAttention`` cannot lose heads (its head size is ``embed_dim / num_heads``): its prune
     is refused.
 
@@ -386,7 +382,7 @@ class AttentionHeadSource(_AttentionSource):
     def skip_reason(self, block: AttentionBlock) -> Optional[str]:
         if block.problem is not None:
             return block.problem
-        if any(_frozen(block.part(p)[0]) for p in _PARTS):
+        if any(_frozen(block.part(p)[0]) for p in PARTS):
             return "weight frozen (requires_grad=False)"
         return None
 
@@ -410,7 +406,7 @@ class AttentionHeadSource(_AttentionSource):
             raise ValueError(f"A mask of {keep.numel()} heads does not fit {block.name!r} with "
                              f"{block.num_kv_heads}.")
         factors: dict[int, list] = {}
-        for part in _PARTS:
+        for part in PARTS:
             weight, weight_rows, bias, bias_rows, _ = block.part(part)
             row_factor = torch.where(self.row_keep(block, keep, part).to(weight.device), 1.0, chi)
             for param, rows in ((weight, weight_rows), (bias, bias_rows)):
@@ -420,25 +416,3 @@ class AttentionHeadSource(_AttentionSource):
                     factors[id(param)] = [param, torch.ones(param.shape[0], dtype=param.dtype, device=param.device)]
                 factors[id(param)][1][rows] = row_factor.to(param.dtype)
         return [(p, f.view(-1, *([1] * (p.dim() - 1)))) for p, f in factors.values()]
-
-    def check_prunable(self, model: nn.Module) -> None:
-        """Refuse a model with tracked ``nn.MultiheadAttention`` blocks: they cannot lose heads.
-
-        Raises:
-            ValueError: naming the blocks, what to use instead, and how to leave them out.
-        """
-        from lightning_worm.core.sources.attention_surgery import MHA_REFUSAL
-
-        mha = [name for name, block in self.tracked(model).items() if block.layout == "mha"]
-        if mha:
-            raise ValueError(
-                f"{len(mha)} tracked attention block(s) are nn.MultiheadAttention ({', '.join(map(repr, mha[:3]))}"
-                f"{', ...' if len(mha) > 3 else ''}), so PruneAndFinetune could not remove their heads at the ticket. "
-                f"{MHA_REFUSAL} To prune the other blocks' heads, name them: `AttentionHeadSource(modules=[...])`."
-            )
-
-    def prune(self, model: nn.Module, ticket: Any, example_input: Any = None, **options: Any) -> Any:
-        from lightning_worm.core.sources.attention_surgery import prune_heads
-
-        return prune_heads(model, ticket, self, example_input, **options)
-

@@ -4,8 +4,9 @@ A :class:`ScoreSource` says what the search tracks in a model: which *entries* e
 layer's channels, an attention block's heads, a projection's weights), the importance score of each
 unit of an entry (any shape: one per channel, one per head, one per weight), how a keep-mask of those
 units turns into gradient factors (what WORM multiplies), which parameters the sparsity term
-regularises, and, optionally, how to remove pruned units physically. Detection, distances,
-truncation, checkpoints and logging only ever see a source's output; they know nothing of module types.
+regularises. Detection, distances, truncation, checkpoints and logging only ever see a source's output;
+they know nothing of module types. A source only finds and scores units: what removes them is the
+surgery registered for it (:func:`lightning_worm.core.surgery.register_surgery`).
 
 An entry's *handle* (what :meth:`ScoreSource.tracked` returns per entry name) is opaque to the core:
 usually the module itself, or a small object naming a part of a module (a packed projection's query
@@ -24,7 +25,8 @@ class ScoreSource:
     """Base class of score sources.
 
     Subclasses implement ``candidates`` and ``scores``, and usually ``skip_reason``,
-    ``gradient_factors`` and ``sparsity_parameters``; ``prune`` where units can be removed.
+    ``gradient_factors`` and ``sparsity_parameters``. Units are removed by the surgery registered for the
+    source's class (:func:`lightning_worm.core.surgery.register_surgery`).
     """
 
     #: The short name of the source (``EarlyBirdCallback(source=key)``, state keys, YAML).
@@ -59,32 +61,6 @@ class ScoreSource:
     def sparsity_parameters(self, handle: Any) -> list[Tensor]:
         """Parameters that the sparsity term ``s * sign(p)`` regularises (none by default)."""
         return []
-
-    def prune(self, model: nn.Module, ticket: Any, example_input: Any, **options: Any) -> Any:
-        """Remove the ticket's pruned units physically, in place; returns a ``PruningReport``.
-
-        Raises:
-            NotImplementedError: if this source cannot remove units (the message says what to do instead).
-        """
-        raise NotImplementedError(
-            f"{type(self).__name__} cannot remove pruned units physically: prune with your own surgery, or "
-            "track a source that supports it (e.g. BatchNormSource)."
-        )
-
-    def check_prunable(self, model: nn.Module) -> None:
-        """Refuse, before a search, a ticket that :meth:`prune` could not remove from ``model``.
-
-        ``PruneAndFinetune`` calls it when the fit starts, so that a refusal does not wait for the ticket.
-        The default accepts every model if the source overrides :meth:`prune`.
-
-        Raises:
-            ValueError: naming why the units cannot be removed and what to do instead.
-        """
-        if type(self).prune is ScoreSource.prune:
-            raise ValueError(
-                f"PruneAndFinetune cannot remove the units of {type(self).__name__}: it has no surgery. Track a "
-                "source that can be pruned (e.g. 'batchnorm', 'attention_heads'), or prune with your own surgery."
-            )
 
     def tracked(self, model: nn.Module) -> dict[str, Any]:
         """The tracked entries of ``model`` (entry name -> handle), in model order."""

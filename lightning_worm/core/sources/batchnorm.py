@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Iterator
 
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
@@ -17,7 +17,7 @@ class BatchNormSource(ScaleSource):
     Tracks every BatchNorm layer (BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants once materialised)
     that is affine and whose weight requires grad. WORM truncates the gradients of its weight and bias;
     the sparsity term regularises its weight (network slimming). Pruned channels are removed with
-    :func:`~lightning_worm.prune_channels`.
+    :func:`~lightning_worm.prune_channels` (the surgery registered for this source and its subclasses).
 
     Example::
 
@@ -40,8 +40,3 @@ class BatchNormSource(ScaleSource):
         if not module.weight.requires_grad:
             return "weight frozen (requires_grad=False)"
         return None
-
-    def prune(self, model: nn.Module, ticket: Any, example_input: Any, **options: Any) -> Any:
-        from lightning_worm.core.surgery import prune_channels
-
-        return prune_channels(model, ticket, example_input, source=self, **options)

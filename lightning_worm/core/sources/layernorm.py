@@ -7,19 +7,13 @@ import inspect
 import math
 import re
 from numbers import Real
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
 from lightning_worm.core.sources.base import ScaleSource
 
-REFUSAL = (
-    "LayerNormSource cannot remove channels physically: a transformer's LayerNorm channels are its residual "
-    "stream, shared by every block, so removing one couples the whole model. To make the model smaller, track "
-    "`AttentionHeadSource()` (removes whole heads); to keep LayerNorm tracking, set `PruneAndFinetune` aside and "
-    "use the ticket for analysis or WORM only."
-)
 #: Set on a norm module that scales by ``(offset + weight)`` (e.g. ``1.0``) to say so; ``0.0`` for ``weight``.
 SCALE_OFFSET_ATTR = "worm_scale_offset"
 # `(1 + self.weight)` or `self.weight + 1` in a forward: the Gemma convention (weight initialised to 0).
@@ -116,9 +110,3 @@ class LayerNormSource(ScaleSource):
 
     def sparsity_parameters(self, module: nn.Module) -> list[Tensor]:
         return [] if scale_offset(module) else [module.weight]
-
-    def check_prunable(self, model: nn.Module) -> None:
-        raise ValueError(REFUSAL)
-
-    def prune(self, model: nn.Module, ticket: Any, example_input: Any = None, **options: Any) -> Any:
-        raise NotImplementedError(REFUSAL)

@@ -1,28 +1,54 @@
-"""Physical channel surgery: remove a ticket's pruned channels from a model, and replay it.
+"""Physical surgery: remove a ticket's pruned units from a model, and replay the removal from its plan.
 
-Torch-Pruning's ``DependencyGraph`` is the engine. The package holds one concern per module:
+One module per concern, every unit removal here (sources only find and score units):
 
-* ``lightning_worm.core.surgery.api``: the public functions :func:`prune_channels` and
-  :func:`apply_plan`;
-* ``lightning_worm.core.surgery.plan``: :class:`PruningPlan` (JSON-serialisable, replayable on a
-  freshly built model so that a pruned ``state_dict`` loads), :class:`PruningReport`, and the registry of
-  replays by plan ``kind`` (:func:`register_replay`);
-* ``lightning_worm.core.surgery.decision``: which channels go per unit (coupling, ``round_to``,
-  layers never emptied);
-* ``lightning_worm.core.surgery.graph``: the dependency graph extended for channel shuffles and
-  chunks, and the cut;
-* measuring (parameters, FLOPs per example, latency) lives in ``lightning_worm.core.measure``.
+* ``lightning_worm.core.surgery.registry``: :class:`Surgery` and the registry that maps a score source to its
+  surgery, its replay and its pre-flight check (:func:`register_surgery`, :func:`surgery_for`,
+  :func:`check_prunable`), and :func:`apply_plan`, which replays a plan by its kind;
+* ``lightning_worm.core.surgery.plan``: :class:`PruningPlan` (JSON-serialisable, replayable on a freshly
+  built model so that a pruned ``state_dict`` loads) and :class:`PruningReport`;
+* ``lightning_worm.core.surgery.channels``: :func:`prune_channels`, the channels of BatchNorm-scored layers,
+  on torch-pruning's dependency graph, with ``decision`` (which channels go: coupling, ``round_to``,
+  layers never emptied) and ``graph`` (the graph extended for channel shuffles and chunks, and the cut);
+* ``lightning_worm.core.surgery.heads``: :func:`prune_heads`, whole attention heads;
+* ``lightning_worm.core.surgery.elementwise``: :func:`prune_elementwise`, element-wise query/key tickets as
+  fixed zeros (no time saved);
+* ``lightning_worm.core.surgery.optimizer_state``: :func:`carry_optimizer_state`, the kept units' optimizer
+  state carried across a prune.
+
+LayerNorm channels are registered as refused: they are a transformer's residual stream. Measuring
+(parameters, FLOPs per example, latency) lives in ``lightning_worm.core.measure``.
 """
 
-from lightning_worm.core.surgery.api import DEFAULT_COUPLING, apply_plan, prune_channels
-from lightning_worm.core.surgery.plan import KeptIndices, PruningPlan, PruningReport, register_replay
+from lightning_worm.core.sources import LayerNormSource
+from lightning_worm.core.surgery.channels import DEFAULT_COUPLING, prune_channels
+from lightning_worm.core.surgery.elementwise import prune_elementwise
+from lightning_worm.core.surgery.heads import prune_heads
+from lightning_worm.core.surgery.optimizer_state import carry_optimizer_state
+from lightning_worm.core.surgery.plan import KeptIndices, PruningPlan, PruningReport
+from lightning_worm.core.surgery.registry import Surgery, apply_plan, check_prunable, register_surgery, surgery_for
+
+LAYERNORM_REFUSAL = (
+    "LayerNormSource cannot remove channels physically: a transformer's LayerNorm channels are its residual "
+    "stream, shared by every block, so removing one couples the whole model. To make the model smaller, track "
+    "`AttentionHeadSource()` (removes whole heads); to keep LayerNorm tracking, set `PruneAndFinetune` aside and "
+    "use the ticket for analysis or WORM only."
+)
+register_surgery(LayerNormSource, LAYERNORM_REFUSAL)
 
 __all__ = [
     "DEFAULT_COUPLING",
+    "LAYERNORM_REFUSAL",
     "KeptIndices",
     "PruningPlan",
     "PruningReport",
+    "Surgery",
     "apply_plan",
+    "carry_optimizer_state",
+    "check_prunable",
     "prune_channels",
-    "register_replay",
+    "prune_elementwise",
+    "prune_heads",
+    "register_surgery",
+    "surgery_for",
 ]

@@ -1,16 +1,21 @@
-"""The plan that replays a surgery, the report of one, and the registry of replays by plan kind."""
+"""The plan that replays a surgery, and the report of one."""
 
 from __future__ import annotations
 
 import copy
-import importlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
+from torch.nn.parameter import UninitializedParameter
 
-__all__ = ["KeptIndices", "PruningPlan", "PruningReport", "register_replay", "replay"]
+from lightning_worm.core import measure
+from lightning_worm.core.inputs import batch_size
+
+__all__ = ["KeptIndices", "PruningPlan", "PruningReport"]
 
 #: Per changed parameter (named as before the surgery), the kept original indices along each dim.
 KeptIndices = dict[str, list[Optional[Tensor]]]
@@ -50,8 +55,75 @@ class PruningPlan:
     source: str = "batchnorm"
     options: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, model: nn.Module, inputs: Sequence[Tensor], **fields: Any) -> PruningPlan:
+        """A plan for ``model`` traced on ``inputs``: its class name and the inputs' specs filled in."""
+        specs = [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in inputs]
+        return cls(model_class=_class_name(model), input_specs=specs, **fields)
+
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(asdict(self))
+
+    def made_for(self, model: nn.Module) -> str:
+        """``""`` if ``model`` is of the plan's class, else a sentence naming both classes (for messages)."""
+        cls = _class_name(model)
+        return "" if self.model_class == cls else f" The plan was made for a {self.model_class}, this is a {cls}."
+
+    def zero_inputs(self, model: nn.Module) -> tuple[Tensor, ...]:
+        """Zeros shaped like the plan's example inputs, on ``model``'s device.
+
+        Floating inputs take the dtype of the model's (materialised) floating parameters, so that a plan
+        recorded under bf16-true replays on a float32 module and back; integer inputs keep their recorded dtype.
+        """
+        params = [p for p in model.parameters() if not isinstance(p, UninitializedParameter)]
+        device = params[0].device if params else torch.device("cpu")
+        floating = next((p.dtype for p in params if p.is_floating_point()), None)
+        inputs = []
+        for spec in self.input_specs:
+            dtype = getattr(torch, spec["dtype"])
+            if dtype.is_floating_point and floating is not None:
+                dtype = floating
+            inputs.append(torch.zeros(spec["shape"], dtype=dtype, device=device))
+        return tuple(inputs)
+
+    def validate(self) -> None:
+        """Check that every field has the type and range a replay needs (the kind's own ``pruned_groups`` aside).
+
+        Raises:
+            ValueError: naming the field at fault.
+        """
+        fix = "The plan was edited or corrupted; re-create it (or restore it from the checkpoint)."
+        if not isinstance(self.kind, str) or not self.kind:
+            raise ValueError(f"Plan field kind must be a non-empty string, got {self.kind!r}. {fix}")
+        if not isinstance(self.model_class, str):
+            raise ValueError(f"Plan field model_class must be a string, got {type(self.model_class).__name__}. {fix}")
+        if not isinstance(self.input_specs, list):
+            raise ValueError(f"Plan field input_specs must be a list of {{'shape', 'dtype'}} dicts. {fix}")
+        for i, spec in enumerate(self.input_specs):
+            shape = spec.get("shape") if isinstance(spec, Mapping) else None
+            dtype = spec.get("dtype") if isinstance(spec, Mapping) else None
+            if not (isinstance(shape, list) and all(_is_int(n) and n >= 0 for n in shape)):
+                raise ValueError(f"Plan input_specs[{i}] needs a 'shape' list of non-negative integers, got {spec!r}. "
+                                 f"{fix}")
+            if not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
+                raise ValueError(f"Plan input_specs[{i}] has dtype {dtype!r}, not a torch dtype name such as "
+                                 f"'float32'. {fix}")
+        for key in ("channels_before", "channels_after"):
+            counts = getattr(self, key)
+            if not isinstance(counts, Mapping) or not all(isinstance(k, str) and _is_int(v) and v >= 0
+                                                         for k, v in counts.items()):
+                raise ValueError(f"Plan field {key} must map entry names to non-negative integers, got {counts!r}. "
+                                 f"{fix}")
+        if list(self.channels_before) != list(self.channels_after):
+            raise ValueError(f"Plan fields channels_before and channels_after name different entries. {fix}")
+        grown = [n for n in self.channels_before if self.channels_after[n] > self.channels_before[n]]
+        if grown:
+            raise ValueError(f"Plan entry channels_after[{grown[0]!r}] = {self.channels_after[grown[0]]} exceeds "
+                             f"channels_before ({self.channels_before[grown[0]]}): a surgery only removes. {fix}")
+        if not isinstance(self.pruned_groups, list):
+            raise ValueError(f"Plan field pruned_groups must be a list. {fix}")
+        if not isinstance(self.options, Mapping):
+            raise ValueError(f"Plan field options must be a dict, got {type(self.options).__name__}. {fix}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PruningPlan:
@@ -83,6 +155,14 @@ class PruningPlan:
 
 
 _REQUIRED = ("model_class", "input_specs", "pruned_groups", "channels_before", "channels_after")
+
+
+def _class_name(model: nn.Module) -> str:
+    return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -177,44 +257,15 @@ class PruningReport:
         return copy.deepcopy(out)
 
 
-Replay = Callable[..., KeptIndices]
-_REPLAYS: dict[str, Replay] = {}
-# The library's own replays that live outside the surgery package, imported on first use (importing them
-# here would be circular): a plan written in another process replays after a plain `import lightning_worm`.
-_REPLAY_MODULES = {"heads": "lightning_worm.core.sources.attention_surgery",
-                   "elementwise": "lightning_worm.core.sources.attention_surgery"}
+@contextmanager
+def _measured(model: nn.Module, inputs: tuple[Tensor, ...], latency: bool, repeats: int) -> Iterator[dict[str, Any]]:
+    """The report's numbers before and after the surgery inside the block: parameters always; FLOPs per example
+    (0 without an input) and latency (``None`` without an input or unless asked) on ``inputs``."""
+    def take(when: str) -> dict[str, Any]:
+        return {f"params_{when}": measure.count_params(model),
+                f"flops_{when}": measure.forward_flops(model, inputs) if inputs else 0,
+                f"latency_{when}_ms": measure.latency_ms(model, inputs, repeats=repeats) if latency and inputs else None}
 
-
-def register_replay(kind: str) -> Callable[[Replay], Replay]:
-    """Register ``replay(model, plan, **options) -> kept_indices`` for plans of ``kind`` (a decorator).
-
-    A replay validates the whole plan against the model before it changes anything, raising a
-    ``ValueError`` that names the entry at fault and the fix.
-
-    Example::
-
-        @register_replay("heads")
-        def replay_heads(model, plan):
-            ...
-    """
-
-    def register(fn: Replay) -> Replay:
-        _REPLAYS[kind] = fn
-        return fn
-
-    return register
-
-
-def replay(model: nn.Module, plan: Union[PruningPlan, Mapping[str, Any]], **options: Any) -> KeptIndices:
-    """Dispatch ``plan`` to the replay registered for its kind."""
-    plan = PruningPlan.from_dict(plan)
-    fn = _REPLAYS.get(plan.kind) if isinstance(plan.kind, str) else None
-    if fn is None and isinstance(plan.kind, str) and plan.kind in _REPLAY_MODULES:
-        importlib.import_module(_REPLAY_MODULES[plan.kind])
-        fn = _REPLAYS.get(plan.kind)
-    if fn is None:
-        raise ValueError(
-            f"The plan's kind {plan.kind!r} has no registered replay (known: {sorted(_REPLAYS)}). Import the module "
-            "that registers it (lightning_worm.core.surgery.register_replay) before applying the plan."
-        )
-    return fn(model, plan, **options)
+    numbers = take("before")
+    yield numbers
+    numbers.update(take("after"), flops_batch=batch_size(inputs) if inputs else 1)

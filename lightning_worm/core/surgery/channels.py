@@ -1,26 +1,30 @@
-"""The public functions: :func:`prune_channels` removes a ticket's pruned channels, :func:`apply_plan` replays it."""
+"""Channels: :func:`prune_channels` removes a ticket's pruned channels (and every coupled one); plans of kind
+``"channels"`` replay through :func:`~lightning_worm.core.surgery.apply_plan`.
+
+Registered as the surgery of :class:`~lightning_worm.BatchNormSource` and its subclasses."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from lightning_worm._internals import torch_pruning as tpi
 from lightning_worm.core import measure
+from lightning_worm.core.inputs import ExampleInput, as_inputs, batch_size
+from lightning_worm.core.sources import BatchNormSource, resolve_source
 from lightning_worm.core.surgery import decision as decisions
 from lightning_worm.core.surgery.graph import build_graph, cut, output_shapes, plan_cuts, removed_out_channels
-from lightning_worm.core.surgery.plan import KeptIndices, PruningPlan, PruningReport, register_replay, replay
+from lightning_worm.core.surgery.plan import KeptIndices, PruningPlan, PruningReport
+from lightning_worm.core.surgery.registry import Surgery, register_surgery
+from lightning_worm.core.validation import check_choice, check_int
 
-from lightning_worm.core.sources import resolve_source
-
-__all__ = ["DEFAULT_COUPLING", "apply_plan", "prune_channels"]
+__all__ = ["DEFAULT_COUPLING", "prune_channels"]
 
 Ticket = Mapping[str, Tensor]
-ExampleInput = Union[Tensor, Sequence[Tensor]]
 
 #: The coupling rule :func:`prune_channels` uses unless told otherwise (see ``examples/benchmarks/coupling.py``).
 DEFAULT_COUPLING = "vote"
@@ -83,18 +87,15 @@ def prune_channels(
         >>> report.params_after < report.params_before
         True
     """
-    if coupling not in decisions.COUPLINGS:
-        raise ValueError(f"`coupling` must be one of {decisions.COUPLINGS}, got {coupling!r}.")
-    if round_to is not None and not (isinstance(round_to, int) and not isinstance(round_to, bool) and round_to >= 1):
-        raise ValueError(f"`round_to` must be None or an integer >= 1, got {round_to!r}.")
-    if measure_latency and not (isinstance(latency_repeats, int) and latency_repeats >= 1):
-        raise ValueError(f"`latency_repeats` must be an integer >= 1, got {latency_repeats!r}.")
+    check_choice("coupling", coupling, decisions.COUPLINGS)
+    check_int("round_to", round_to, minimum=1, allow_none=True)
+    check_int("latency_repeats", latency_repeats, minimum=1)
     source = resolve_source(source)
     modules = _scored_modules(model, source)
     masks = _validated_ticket(ticket, modules, source)
-    inputs = measure.as_inputs(example_input)
+    inputs = as_inputs(example_input)
     names = {module: name for name, module in model.named_modules()}
-    batch = measure.batch_size(inputs)
+    batch = batch_size(inputs)
     latency = (lambda: measure.latency_ms(model, inputs, repeats=latency_repeats)) if measure_latency else None
 
     with _restored_modes(model):
@@ -120,9 +121,8 @@ def prune_channels(
             )
         latency_after = latency() if latency else None
 
-    plan = PruningPlan(
-        model_class=_qualified_name(model),
-        input_specs=[{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in inputs],
+    plan = PruningPlan.of(
+        model, inputs,
         pruned_groups=[[names[root], idxs] for root, idxs in decision.pruned_roots],
         channels_before=channels_before,
         channels_after={name: _count(source, m) for name, m in modules.items()},
@@ -146,43 +146,9 @@ def prune_channels(
     )
 
 
-def apply_plan(model: nn.Module, plan: Union[PruningPlan, Mapping[str, Any]], **options: Any) -> KeptIndices:
-    r"""Repeat a surgery on a freshly built model of the same class, in place.
-
-    Afterwards ``model.load_state_dict(pruned_model.state_dict())`` works and gives identical outputs.
-    Call it before loading a pruned checkpoint into a dense model. The plan is replayed by the replay
-    registered for its ``kind`` (``"channels"`` here; see
-    :func:`~lightning_worm.core.surgery.register_replay`), which checks the whole plan against the model
-    before changing anything. The model may be in another floating dtype than the pruned one (a
-    bf16-true model's plan replays on a float32 module and back).
-
-    Args:
-        model: a model built like the one :func:`prune_channels` pruned (same layers; the class may be a
-            subclass), not yet pruned.
-        plan: ``report.plan`` or its ``to_dict()``.
-        options: passed to the replay; ``"channels"`` takes ``source=`` (the plan's source by default).
-
-    Returns:
-        The kept original indices per changed parameter, as ``report.kept_indices``.
-
-    Raises:
-        ValueError: if the plan is malformed or does not fit the model (the message names the entry and
-            the fix); the model is then unchanged.
-
-    Example::
-
-        >>> fresh = torchvision.models.resnet18(num_classes=10)
-        >>> _ = apply_plan(fresh, report.plan)  # e.g. json.loads(...) of report.plan.to_dict() works too
-        >>> fresh.load_state_dict(model.state_dict())
-        <All keys matched successfully>
-    """
-    return replay(model, plan, **options)
-
-
-@register_replay("channels")
-def replay_channels(model: nn.Module, plan: PruningPlan, source: Any = None) -> KeptIndices:
-    """Replay a channel plan (:func:`apply_plan` dispatches here); validates it fully first."""
-    _check_plan_types(plan)
+def _replay_channels(model: nn.Module, plan: PruningPlan, *, source: Any = None) -> KeptIndices:
+    """Replay a channel plan (``apply_plan`` dispatches here, the plan's fields validated); checks it fully first."""
+    _check_channel_groups(plan)
     if source is None:
         try:
             source = resolve_source(plan.source)
@@ -193,7 +159,7 @@ def replay_channels(model: nn.Module, plan: PruningPlan, source: Any = None) -> 
         source = resolve_source(source)
     candidates = dict(source.candidates(model))
     _check_plan_fits(model, plan, candidates, source)
-    inputs = _replay_inputs(model, plan)
+    inputs = plan.zero_inputs(model)
     modules = dict(model.named_modules())
     roots = [(modules[name], list(idxs)) for name, idxs in plan.pruned_groups]
     with _restored_modes(model):
@@ -279,10 +245,6 @@ def _validated_ticket(ticket: Ticket, modules: Mapping[str, nn.Module], source: 
     return masks
 
 
-def _qualified_name(model: nn.Module) -> str:
-    return f"{type(model).__module__}.{type(model).__qualname__}"
-
-
 def _counted_forward(model: nn.Module, inputs: tuple[Tensor, ...], when: str) -> tuple[int, list[tuple[int, ...]]]:
     """FLOPs of one forward of the batch and the output shapes; a failing forward becomes a chained RuntimeError."""
     try:
@@ -302,38 +264,11 @@ def _counted_forward(model: nn.Module, inputs: tuple[Tensor, ...], when: str) ->
 # ------------------------------------------------------------------------------- checking a plan
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_plan_types(plan: PruningPlan) -> None:
-    """Every field of a channel plan has the type and range its replay needs."""
+def _check_channel_groups(plan: PruningPlan) -> None:
+    """A channel plan's inputs and groups have the types and ranges its replay needs."""
     fix = "The plan was edited or corrupted; re-create it with prune_channels (or restore it from the checkpoint)."
-    if not isinstance(plan.model_class, str):
-        raise ValueError(f"Plan field model_class must be a string, got {type(plan.model_class).__name__}. {fix}")
-    if not isinstance(plan.input_specs, list) or not plan.input_specs:
+    if not plan.input_specs:
         raise ValueError(f"Plan field input_specs must be a non-empty list of {{'shape', 'dtype'}} dicts. {fix}")
-    for i, spec in enumerate(plan.input_specs):
-        shape = spec.get("shape") if isinstance(spec, Mapping) else None
-        dtype = spec.get("dtype") if isinstance(spec, Mapping) else None
-        if not (isinstance(shape, list) and all(_is_int(n) and n >= 0 for n in shape)):
-            raise ValueError(f"Plan input_specs[{i}] needs a 'shape' list of non-negative integers, got {spec!r}. {fix}")
-        if not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
-            raise ValueError(f"Plan input_specs[{i}] has dtype {dtype!r}, not a torch dtype name such as "
-                             f"'float32'. {fix}")
-    for key in ("channels_before", "channels_after"):
-        counts = getattr(plan, key)
-        if not isinstance(counts, Mapping) or not all(isinstance(k, str) and _is_int(v) and v >= 0
-                                                     for k, v in counts.items()):
-            raise ValueError(f"Plan field {key} must map module names to non-negative integers, got {counts!r}. {fix}")
-    if list(plan.channels_before) != list(plan.channels_after):
-        raise ValueError(f"Plan fields channels_before and channels_after name different modules. {fix}")
-    grown = [n for n in plan.channels_before if plan.channels_after[n] > plan.channels_before[n]]
-    if grown:
-        raise ValueError(f"Plan entry channels_after[{grown[0]!r}] = {plan.channels_after[grown[0]]} exceeds "
-                         f"channels_before ({plan.channels_before[grown[0]]}): a surgery only removes. {fix}")
-    if not isinstance(plan.pruned_groups, list):
-        raise ValueError(f"Plan field pruned_groups must be a list of [module name, indices]. {fix}")
     seen: set[str] = set()
     for i, group in enumerate(plan.pruned_groups):
         if not (isinstance(group, (list, tuple)) and len(group) == 2 and isinstance(group[0], str)
@@ -344,7 +279,7 @@ def _check_plan_types(plan: PruningPlan) -> None:
         if name in seen:
             raise ValueError(f"Plan pruned_groups[{i}] names {name!r} a second time; each group appears once. {fix}")
         seen.add(name)
-        bad = [v for v in idxs if not _is_int(v)]
+        bad = [v for v in idxs if not isinstance(v, int) or isinstance(v, bool)]
         if bad:
             raise ValueError(f"Plan pruned_groups[{i}] ({name!r}) holds {bad[0]!r}, not a channel index "
                              f"(an integer). {fix}")
@@ -357,8 +292,7 @@ def _check_plan_types(plan: PruningPlan) -> None:
 
 def _check_plan_fits(model: nn.Module, plan: PruningPlan, candidates: Mapping[str, Any], source: Any) -> None:
     """The model's structure must fit the plan; its class may differ (a subclass building the same layers)."""
-    cls = _qualified_name(model)
-    made_for = "" if plan.model_class == cls else f" The plan was made for a {plan.model_class}, this is a {cls}."
+    made_for = plan.made_for(model)
     modules = dict(model.named_modules())
     missing = [n for n in plan.channels_before if n not in candidates]
     missing += [name for name, _ in plan.pruned_groups if name not in modules]
@@ -411,21 +345,6 @@ def _differences(actual: Mapping[str, int], expected: Mapping[str, int]) -> str:
     return _few([f"{n}: {actual[n]} instead of {expected[n]}" for n in expected if actual[n] != expected[n]], 3)
 
 
-def _replay_inputs(model: nn.Module, plan: PruningPlan) -> tuple[Tensor, ...]:
-    """Zeros of the plan's input shapes on the model's device; floating inputs in the model's parameter dtype
-    (a plan recorded under bf16-true replays on a float32 module and back), integer inputs as recorded."""
-    params = list(model.parameters())
-    device = params[0].device if params else torch.device("cpu")
-    floating = next((p.dtype for p in params if p.is_floating_point()), None)
-    inputs = []
-    for spec in plan.input_specs:
-        dtype = getattr(torch, spec["dtype"])
-        if dtype.is_floating_point and floating is not None:
-            dtype = floating
-        inputs.append(torch.zeros(spec["shape"], dtype=dtype, device=device))
-    return tuple(inputs)
-
-
 # ---------------------------------------------------------------------------------- the model's state
 
 
@@ -470,3 +389,6 @@ def _recorded_parameter_slices(model: nn.Module) -> Iterator[KeptIndices]:
         dims = [None if d is None or len(d) == shapes[name][i] else d for i, d in enumerate(dims)]
         if any(d is not None for d in dims):
             kept[name] = dims
+
+
+register_surgery(BatchNormSource, Surgery("channels", prune=prune_channels, replay=_replay_channels))

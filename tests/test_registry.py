@@ -1,0 +1,105 @@
+"""The surgery registry: per source, its surgery, its replay and its pre-flight check; options only where taken."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_worm import AttentionHeadSource, AttentionQKSource, BatchNormSource, EarlyBirdCallback, LayerNormSource
+from lightning_worm import PruneAndFinetune, ScoreSource
+from lightning_worm.core.surgery import (
+    LAYERNORM_REFUSAL,
+    Surgery,
+    carry_optimizer_state,
+    check_prunable,
+    prune_channels,
+    prune_elementwise,
+    prune_heads,
+    register_surgery,
+    surgery_for,
+)
+from tests.helpers import TinyNet, global_ticket, randomize_batchnorms, tiny_loader, trainer
+
+
+@pytest.mark.parametrize(("source", "kind", "prune", "options"), [
+    (BatchNormSource(), "channels", prune_channels, ("coupling", "round_to", "measure_latency", "latency_repeats")),
+    (AttentionHeadSource(), "heads", prune_heads, ("round_to", "measure_latency", "latency_repeats")),
+    (AttentionQKSource(), "elementwise", prune_elementwise, ("measure_latency", "latency_repeats")),
+])
+def test_each_library_source_has_its_surgery_and_only_its_options(source, kind, prune, options):
+    surgery = surgery_for(source)
+    assert (surgery.kind, surgery.prune, surgery.options) == (kind, prune, options)
+
+
+def test_a_subclass_finds_its_bases_surgery_and_an_unknown_source_has_none():
+    class Effective(BatchNormSource):
+        pass
+
+    class Weights(ScoreSource):
+        pass
+
+    assert surgery_for(Effective()) is surgery_for(BatchNormSource())
+    with pytest.raises(ValueError, match="cannot remove the units of Weights: it has no surgery.*register_surgery"):
+        surgery_for(Weights())
+    with pytest.raises(ValueError) as refused:
+        check_prunable(TinyNet(), LayerNormSource())
+    assert str(refused.value) == LAYERNORM_REFUSAL
+
+
+def test_registering_checks_what_it_is_given():
+    class Weights(ScoreSource):
+        pass
+
+    with pytest.raises(ValueError, match="ScoreSource subclass"):
+        register_surgery(nn.Linear, "no")
+    with pytest.raises(ValueError, match="kind 'channels' is registered by another surgery"):
+        register_surgery(Weights, Surgery("channels", prune=prune_heads, replay=lambda model, plan: {}))
+    with pytest.raises(ValueError, match="a Surgery or a refusal"):
+        register_surgery(Weights, 3)
+    register_surgery(Weights, "Weights are single weights: nothing to remove.")
+    with pytest.raises(ValueError, match="nothing to remove"):
+        surgery_for(Weights())
+
+
+def test_the_head_surgery_refuses_round_to_true():
+    with pytest.raises(ValueError, match="`round_to` must be None or an integer >= 1, got True"):
+        prune_heads(nn.Module(), {}, round_to=True)
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"coupling": "all"}, r"PruneAndFinetune\(coupling='all'\) does not apply to AttentionHeadSource.*\['round_to'"),
+    ({"coupling": "mean_rank", "round_to": 2}, r"coupling='mean_rank'\) does not apply"),
+])
+def test_prune_and_finetune_refuses_an_option_its_surgery_does_not_take(options, match):
+    from tests.test_transformers_fit import tiny_vit
+
+    eb = EarlyBirdCallback(prune_ratio=0.5, source=AttentionHeadSource())
+    t = trainer(callbacks=[eb, PruneAndFinetune(eb, **options)], max_epochs=1)
+    with pytest.raises(ValueError, match=match):
+        t.fit(tiny_vit(), tiny_loader())
+
+
+def test_carry_optimizer_state_slices_the_kept_units_and_keeps_the_rest():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(TinyNet().train())
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    optimizer.param_groups[0]["lr"] = 0.05  # a schedule moved it
+    before = dict(model.named_parameters())
+    old_state = {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in before.items()}
+    ticket = global_ticket(model)
+    report = prune_channels(model, ticket, torch.randn(2, 3, 8, 8), measure_latency=False)
+    after = dict(model.named_parameters())
+    new = torch.optim.Adam(model.parameters(), lr=0.1)
+    carry_optimizer_state(optimizer, new, before, after, report.kept_indices)
+    assert new.param_groups[0]["lr"] == 0.05
+    conv = "features.3.weight"
+    out, inp = report.kept_indices[conv][:2]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(new.state[after[conv]][key], old_state[conv][key][out][:, inp])
+        assert torch.equal(new.state[after["classifier.bias"]][key], old_state["classifier.bias"][key])
+    assert torch.equal(new.state[after[conv]]["step"], old_state[conv]["step"])
+
+    fresh = torch.optim.Adam(model.parameters(), lr=0.1)
+    carry_optimizer_state(optimizer, fresh, before, after, report.kept_indices, hyperparameters=False, state=False)
+    assert fresh.param_groups[0]["lr"] == 0.1 and not fresh.state
