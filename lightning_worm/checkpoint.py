@@ -16,6 +16,16 @@ from torch.nn.parameter import UninitializedParameter
 from lightning_worm.core.measure import eval_mode
 from lightning_worm.core.surgery import PruningPlan, apply_plan
 
+__all__ = [
+    "CHECKPOINT_KEY",
+    "PLAN_OWNER",
+    "find_pruning_plan",
+    "load_pruned",
+    "newest_loadable_checkpoint",
+    "pruning_plan",
+    "read_checkpoint",
+]
+
 M = TypeVar("M", bound="pl.LightningModule")
 
 #: Where a pruned checkpoint keeps its plan in the module's part (written for weights-only checkpoints too).
@@ -79,7 +89,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     return checkpoint
 
 
-def is_loadable(path: str | Path) -> bool:
+def _is_loadable(path: str | Path) -> bool:
     """Whether ``path`` holds a checkpoint that ``torch.load`` reads (tensors memory-mapped, not read)."""
     try:
         torch.load(path, map_location="cpu", weights_only=False, mmap=True)
@@ -97,7 +107,7 @@ def newest_loadable_checkpoint(directory: str | Path, exclude: str | Path | None
     """
     exclude = Path(exclude).resolve() if exclude is not None else None
     candidates = sorted(Path(directory).rglob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    return next((p for p in candidates if p.resolve() != exclude and is_loadable(p)), None)
+    return next((p for p in candidates if p.resolve() != exclude and _is_loadable(p)), None)
 
 
 def _fallback_hint(path: Path) -> str:
@@ -105,7 +115,7 @@ def _fallback_hint(path: Path) -> str:
     return f": the newest loadable one beside it is {str(fallback)!r}" if fallback is not None else ""
 
 
-def raise_for_unloadable_checkpoint(trainer: "pl.Trainer", exception: BaseException) -> None:
+def _raise_for_unloadable_checkpoint(trainer: "pl.Trainer", exception: BaseException) -> None:
     """From a callback's ``on_exception``: if the fit failed reading its ``ckpt_path``, say which file and why.
 
     Raises:
@@ -115,7 +125,7 @@ def raise_for_unloadable_checkpoint(trainer: "pl.Trainer", exception: BaseExcept
     path = trainer.ckpt_path
     if not path or not isinstance(exception, _LOAD_ERRORS) or isinstance(exception, ValueError):
         return
-    if not os.path.isfile(path) or is_loadable(path):
+    if not os.path.isfile(path) or _is_loadable(path):
         return
     raise ValueError(
         f"Cannot resume from the checkpoint {str(path)!r}: {type(exception).__name__}: {exception}. The file is "
@@ -157,13 +167,13 @@ def load_pruned(
     module = module_class(**hparams)
     plan = find_pruning_plan(checkpoint)
     if plan is not None:
-        materialise_lazy(module, plan)
+        _materialise_lazy(module, plan)
         apply_plan(module, plan)
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
 
 
-def materialise_lazy(module: nn.Module, plan: PruningPlan) -> None:
+def _materialise_lazy(module: nn.Module, plan: PruningPlan) -> None:
     """Run one forward on zeros shaped like the plan's inputs if ``module`` still has lazy parameters."""
     if not any(isinstance(p, UninitializedParameter) for p in module.parameters()):
         return

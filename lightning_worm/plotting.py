@@ -13,6 +13,8 @@ import torch
 
 from lightning_worm.core.masks import Mask, mask_distance
 
+__all__ = ["mask_distance_matrix", "plot_channels", "plot_distance_matrix", "plot_mask_distances"]
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 

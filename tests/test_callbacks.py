@@ -156,7 +156,7 @@ class TestEarlyBird:
 
         t = trainer(callbacks=[EarlyBirdCallback()], max_epochs=1)
         t.strategy.__class__ = type("FakeFSDP", (FSDPStrategy,), {})  # only the type is checked
-        from lightning_worm.callbacks.strategy import check_strategy
+        from lightning_worm.callbacks._strategy import check_strategy
 
         with pytest.raises(ValueError, match="does not support the FakeFSDP.*ddp"):
             check_strategy(t, "EarlyBirdCallback")

@@ -52,3 +52,22 @@ def test_every_unit_removal_is_in_the_surgery_package():
     outside = [path for path in PACKAGE.rglob("*.py") if "surgery" not in path.parts and "_internals" not in path.parts
                and {n for n in imported(path) if n.startswith(cutting)}]
     assert outside == []
+
+
+def test_every_module_says_what_is_public():
+    """Each module lists its public names in ``__all__``; every listed name exists and none starts with ``_``."""
+    import importlib
+    import pkgutil
+
+    import lightning_worm
+
+    problems = []
+    for info in pkgutil.walk_packages(lightning_worm.__path__, "lightning_worm."):
+        module = importlib.import_module(info.name)
+        names = getattr(module, "__all__", None)
+        if names is None:
+            problems.append(f"{info.name}: no __all__")
+            continue
+        problems += [f"{info.name}.{n}: listed, missing" for n in names if not hasattr(module, n)]
+        problems += [f"{info.name}.{n}: private name listed" for n in names if n.startswith("_")]
+    assert problems == []

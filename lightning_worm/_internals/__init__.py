@@ -5,3 +5,5 @@ Nothing here is public API. ``lightning.py`` holds the Lightning internals (pinn
 ``tests/test_torch_pruning_internals.py``) and ``torch.py`` torch's own (pinned by
 ``tests/test_torch_internals.py``); each test fails with a message naming the internal that changed.
 """
+
+__all__ = []

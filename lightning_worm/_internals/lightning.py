@@ -13,6 +13,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
+__all__ = [
+    "USED",
+    "CheckpointHooks",
+    "attached_trainer",
+    "checkpoint_hooks",
+    "launcher_start_method",
+    "optimizers_to_device",
+    "rewrap_ddp",
+]
+
 #: The internals used here, for the README and the pinning test.
 USED = (
     "DDPStrategy.configure_ddp() and assigning DDPStrategy.model: wrap the pruned module in DDP again mid-fit",

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+__all__ = ["USED", "BatchNormBase", "ConvNd", "foreach_add_sign_", "foreach_mul_", "mha_packs_qkv"]
+
 #: The internals used here, for the README and the pinning test.
 USED = (
     "torch._foreach_mul_, torch._foreach_add_, torch._foreach_sign: one fused kernel per step for the gradient "

@@ -27,6 +27,28 @@ from torch import Tensor, nn
 from torch_pruning import ops
 from torch_pruning.pruner import function
 
+__all__ = [
+    "INTERNALS",
+    "HookedDependencyGraph",
+    "SplitGradFn",
+    "check",
+    "group_of",
+    "hybrid_index",
+    "input_shape",
+    "is_split_op",
+    "patch_active",
+    "recorded_parameter_slices",
+    "retype_node",
+    "saved_sizes",
+    "set_index_mapping",
+    "set_node_grad_fn",
+    "set_node_outputs",
+    "set_node_type",
+    "shuffle_groups",
+    "split_sizes",
+    "transposed_dims",
+]
+
 #: name -> what lightning-worm uses it for.
 INTERNALS: dict[str, str] = {
     "DependencyGraph._trace": "post-processes the traced nodes (channel shuffles, the order of chunk consumers)",

@@ -17,8 +17,8 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_worm._internals.lightning import attached_trainer, checkpoint_hooks
-from lightning_worm.callbacks.strategy import check_strategy, decide_on_rank_zero, log_shared
-from lightning_worm.checkpoint import find_pruning_plan, raise_for_unloadable_checkpoint
+from lightning_worm.callbacks._strategy import check_strategy, decide_on_rank_zero, log_shared
+from lightning_worm.checkpoint import find_pruning_plan, _raise_for_unloadable_checkpoint
 from lightning_worm.core.detector import TicketDetector
 from lightning_worm.core.masks import Mask, NonFiniteScoreError, channel_scores, mask_from_scores
 from lightning_worm.core.regularization import add_sparsity_gradient
@@ -26,9 +26,9 @@ from lightning_worm.core.sources import ScoreSource, resolve_source
 from lightning_worm.core.truncation import GradientTruncation
 from lightning_worm.core.validation import check_bool, check_choice, check_int, check_number
 
+__all__ = ["FIRST_MASKS", "EarlyBirdCallback"]
+
 FIRST_MASKS = ("epoch_end", "train_start")
-# The settings a resumed search must share with the checkpoint's (they change what the masks mean).
-SETTINGS = ("prune_ratio", "window", "threshold", "sparsity", "min_channels", "every_n_epochs", "source")
 
 
 class EarlyBirdCallback(Callback):
@@ -218,7 +218,7 @@ class EarlyBirdCallback(Callback):
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         # A checkpoint that cannot be read fails inside Lightning with a bare EOFError or OSError: name it.
-        raise_for_unloadable_checkpoint(trainer, exception)
+        _raise_for_unloadable_checkpoint(trainer, exception)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

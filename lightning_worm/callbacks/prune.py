@@ -22,9 +22,9 @@ from lightning_worm._internals.lightning import (
     rewrap_ddp,
 )
 from lightning_worm.callbacks.early_bird import EarlyBirdCallback
-from lightning_worm.callbacks.strategy import check_strategy, decide_on_rank_zero, log_shared
-from lightning_worm.callbacks.tracking import TrackerSpec, check_tracker_spec, end_every_search, find_tracker, tracker_key
-from lightning_worm.checkpoint import CHECKPOINT_KEY, PLAN_OWNER, find_pruning_plan, raise_for_unloadable_checkpoint
+from lightning_worm.callbacks._strategy import check_strategy, decide_on_rank_zero, log_shared
+from lightning_worm.callbacks._tracking import TrackerSpec, check_tracker_spec, end_every_search, find_tracker, tracker_key
+from lightning_worm.checkpoint import CHECKPOINT_KEY, PLAN_OWNER, find_pruning_plan, _raise_for_unloadable_checkpoint
 from lightning_worm.core.masks import Mask
 from lightning_worm.core.serialization import strict_json
 from lightning_worm.core.inputs import as_inputs, first_input, inputs_to
@@ -40,6 +40,8 @@ from lightning_worm.core.surgery import (
 )
 from lightning_worm.core.surgery.decision import COUPLINGS
 from lightning_worm.core.validation import check_bool, check_callable, check_choice, check_int
+
+__all__ = ["TICKETS", "PruneAndFinetune"]
 
 TICKETS = ("early_bird", "random")
 
@@ -239,7 +241,7 @@ class PruneAndFinetune(Callback):
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        raise_for_unloadable_checkpoint(trainer, exception)
+        _raise_for_unloadable_checkpoint(trainer, exception)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

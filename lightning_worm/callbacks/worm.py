@@ -11,9 +11,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_worm.callbacks.early_bird import EarlyBirdCallback
-from lightning_worm.callbacks.strategy import check_strategy, log_shared
-from lightning_worm.callbacks.tracking import TrackerSpec, check_tracker_spec, find_tracker, tracker_key
+from lightning_worm.callbacks._strategy import check_strategy, log_shared
+from lightning_worm.callbacks._tracking import TrackerSpec, check_tracker_spec, find_tracker, tracker_key
 from lightning_worm.core.truncation import ChiSchedule, GradientTruncation
+
+__all__ = ["WormCallback"]
 
 
 class WormCallback(Callback):

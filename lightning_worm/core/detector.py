@@ -12,6 +12,8 @@ from torch import Tensor
 from lightning_worm.core.masks import Mask, MaskLike, mask_distance
 from lightning_worm.core.validation import check_bool, check_int, check_number
 
+__all__ = ["TicketDetector"]
+
 
 class TicketDetector:
     """Tracks masks over epochs and says when the Early-Bird ticket has emerged.

@@ -21,6 +21,18 @@ from torch import Tensor, nn
 from lightning_worm.core.sources import ScoreSource, resolve_source
 from lightning_worm.core.validation import check_int, check_number
 
+__all__ = [
+    "Mask",
+    "MaskLike",
+    "MaskResult",
+    "NonFiniteScoreError",
+    "channel_mask",
+    "channel_scores",
+    "mask_distance",
+    "mask_from_scores",
+    "score_checksum",
+]
+
 Layout = tuple[tuple[str, tuple[int, ...]], ...]
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
@@ -300,19 +312,13 @@ def score_checksum(scores: Tensor) -> int:
     return total % (1 << 64)
 
 
-def kth_smallest(values: Tensor, k: int) -> Tensor:
-    """The ``k``-th smallest of a 1-D tensor (1-based), exactly, in a few passes over it.
+def _kth_smallest_counted(values: Tensor, k: int) -> tuple[Tensor, int, Tensor]:
+    """The ``k``-th smallest of a 1-D tensor (1-based), exactly, how many values are below it, and the positions of
+    those equal to it (ascending), in a few passes over it.
 
     Large inputs are narrowed first: a fixed-seed sample brackets the quantile, the values below the
     bracket are counted, and ``kthvalue`` runs on the bracket alone; when the sample misses (it cannot be
     wrong, only unlucky) the full ``kthvalue`` runs instead.
-    """
-    return _kth_smallest_counted(values, k)[0]
-
-
-def _kth_smallest_counted(values: Tensor, k: int) -> tuple[Tensor, int, Tensor]:
-    """:func:`kth_smallest` of ``values``, how many values are below it, and the positions of those equal to it
-    (ascending).
 
     The count and the positions come from the bracket where the input was narrowed (the values equal to the
     k-th all lie in it), so that the caller needs no further pass over the input to place the ties.

@@ -10,6 +10,8 @@ from torch import Tensor
 from lightning_worm._internals.torch import foreach_add_sign_
 from lightning_worm.core.validation import check_number
 
+__all__ = ["add_sparsity_gradient"]
+
 
 @torch.no_grad()
 def add_sparsity_gradient(params: Iterable[Tensor], sparsity: float) -> None:

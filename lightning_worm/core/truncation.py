@@ -13,6 +13,8 @@ from lightning_worm.core.masks import Mask, MaskLike
 from lightning_worm.core.sources import ScoreSource, resolve_source
 from lightning_worm.core.validation import check_choice, check_number
 
+__all__ = ["SCHEDULES", "ChiSchedule", "GradientTruncation"]
+
 SCHEDULES = ("elbow", "fixed", "greedy", "two_stage")
 
 

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any, Optional
 
+__all__ = ["check_bool", "check_callable", "check_choice", "check_int", "check_names", "check_number"]
+
 
 def check_number(
     name: str,

@@ -28,6 +28,22 @@ from lightning_worm._internals.torch import mha_packs_qkv
 from lightning_worm.core.sources.base import ScoreSource
 from lightning_worm.core.validation import check_int, check_names
 
+__all__ = [
+    "HEAD_COUNT_ATTRS",
+    "HEAD_SIZE_ATTRS",
+    "KV_HEAD_COUNT_ATTRS",
+    "OUTPUT_NAMES",
+    "PACKED_NAMES",
+    "PARTS",
+    "PROJECTION_NAMES",
+    "PRUNED_HEADS_ATTR",
+    "AttentionBlock",
+    "AttentionHeadSource",
+    "AttentionQKSource",
+    "QKEntry",
+    "find_attention",
+]
+
 #: Child names of separate query/key/value projections, tried in this order.
 PROJECTION_NAMES: tuple[tuple[str, str, str], ...] = (
     ("query", "key", "value"),

@@ -20,6 +20,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+__all__ = ["ChannelSource", "ScaleSource", "ScoreSource"]
+
 
 class ScoreSource:
     """Base class of score sources.

@@ -10,6 +10,8 @@ from torch.nn.parameter import UninitializedParameter
 from lightning_worm._internals.torch import BatchNormBase
 from lightning_worm.core.sources.base import ScaleSource
 
+__all__ = ["BatchNormSource"]
+
 
 class BatchNormSource(ScaleSource):
     """Channels are the output channels of BatchNorm layers, scored by ``|gamma|``.

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from lightning_worm.core.sources.base import ScaleSource
 
+__all__ = ["SCALE_OFFSET_ATTR", "LayerNormSource", "scale_offset"]
+
 #: Set on a norm module that scales by ``(offset + weight)`` (e.g. ``1.0``) to say so; ``0.0`` for ``weight``.
 SCALE_OFFSET_ATTR = "worm_scale_offset"
 # `(1 + self.weight)` or `self.weight + 1` in a forward: the Gemma convention (weight initialised to 0).

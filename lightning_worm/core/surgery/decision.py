@@ -39,6 +39,8 @@ from lightning_worm._internals.torch import ConvNd
 from lightning_worm._internals import torch_pruning as tpi
 from lightning_worm.core.surgery.graph import SurgeryGraph
 
+__all__ = ["COUPLINGS", "ROOT_TYPES", "Decision", "decide"]
+
 COUPLINGS = ("vote", "mean_rank", "all")
 ROOT_TYPES = (ConvNd, nn.Linear)
 

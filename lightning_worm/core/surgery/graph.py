@@ -22,6 +22,20 @@ from torch_pruning.dependency import Node
 
 from lightning_worm._internals import torch_pruning as tpi
 
+__all__ = [
+    "ChannelShuffleOp",
+    "ChannelShufflePruner",
+    "ChunkAwareSplitPruner",
+    "ShuffleIndexMapping",
+    "SurgeryGraph",
+    "build_graph",
+    "channel_shuffle",
+    "cut",
+    "output_shapes",
+    "plan_cuts",
+    "removed_out_channels",
+]
+
 Cuts = dict[tuple[Node, Any], tuple[Any, set[int]]]
 
 

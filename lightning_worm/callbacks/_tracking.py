@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 
 from lightning_worm.callbacks.early_bird import EarlyBirdCallback
 
+__all__ = ["TrackerSpec", "check_tracker_spec", "end_every_search", "find_tracker", "tracker_key", "trackers"]
+
 #: What a follower accepts as ``early_bird``: the tracker itself, its ``prune_ratio``, or ``None`` (the only one).
 TrackerSpec = Union[EarlyBirdCallback, float, None]
 

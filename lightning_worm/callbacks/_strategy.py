@@ -8,6 +8,8 @@ from typing import TypeVar
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
+__all__ = ["SUPPORTED", "check_strategy", "decide_on_rank_zero", "log_shared"]
+
 T = TypeVar("T")
 
 SUPPORTED = (
