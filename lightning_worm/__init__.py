@@ -14,6 +14,7 @@ from lightning_worm.core import (
     add_sparsity_gradient,
     channel_mask,
     mask_distance,
+    unit_mask,
 )
 from lightning_worm.core.sources import AttentionHeadSource, AttentionQKSource, LayerNormSource
 from lightning_worm.core.surgery import PruningPlan, PruningReport, apply_plan, prune_channels
@@ -43,4 +44,5 @@ __all__ = [
     "load_pruned",
     "mask_distance",
     "prune_channels",
+    "unit_mask",
 ]

@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
+from lightning_worm._deprecation import warn_renamed
 from lightning_worm.core.measure import eval_mode
 from lightning_worm.core.surgery import PruningPlan, apply_plan
 
@@ -62,7 +64,8 @@ def find_pruning_plan(checkpoint: Mapping[str, Any]) -> PruningPlan | None:
 
 
 def pruning_plan(checkpoint: Mapping[str, Any]) -> PruningPlan | None:
-    """Alias of :func:`find_pruning_plan` (lightning-worm 0.1)."""
+    """Deprecated name of :func:`find_pruning_plan` (lightning-worm 0.1); removed in 0.3."""
+    warn_renamed("lightning_worm.checkpoint.pruning_plan", "find_pruning_plan")
     return find_pruning_plan(checkpoint)
 
 
@@ -115,7 +118,7 @@ def _fallback_hint(path: Path) -> str:
     return f": the newest loadable one beside it is {str(fallback)!r}" if fallback is not None else ""
 
 
-def _raise_for_unloadable_checkpoint(trainer: "pl.Trainer", exception: BaseException) -> None:
+def _raise_for_unloadable_checkpoint(trainer: pl.Trainer, exception: BaseException) -> None:
     """From a callback's ``on_exception``: if the fit failed reading its ``ckpt_path``, say which file and why.
 
     Raises:

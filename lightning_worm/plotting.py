@@ -7,7 +7,7 @@ on matplotlib's Agg canvas without pyplot: no window opens and no global state i
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Union
 
 import torch
 
@@ -36,7 +36,7 @@ def _new_figure(width: float, height: float) -> "Figure":
     return figure
 
 
-def _save(figure: "Figure", path: Optional[_PathLike]) -> "Figure":
+def _save(figure: "Figure", path: _PathLike | None) -> "Figure":
     if path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         figure.savefig(path, dpi=150)
@@ -89,9 +89,9 @@ def plot_mask_distances(
     mean_distances: Sequence[float],
     *,
     threshold: float,
-    elbow: Optional[float] = None,
-    ticket_epoch: Optional[int] = None,
-    path: Optional[_PathLike] = None,
+    elbow: float | None = None,
+    ticket_epoch: int | None = None,
+    path: _PathLike | None = None,
 ) -> "Figure":
     """Plot the per-epoch maximum and mean mask distance of the Early-Bird window.
 
@@ -147,8 +147,8 @@ def plot_mask_distances(
 def plot_distance_matrix(
     masks: Sequence[torch.Tensor],
     *,
-    epochs: Optional[Sequence[int]] = None,
-    path: Optional[_PathLike] = None,
+    epochs: Sequence[int] | None = None,
+    path: _PathLike | None = None,
 ) -> "Figure":
     """Heatmap of the pairwise mask distances of all epochs, as in the Early-Bird paper.
 
@@ -195,7 +195,7 @@ def plot_channels(
     before: Mapping[str, int],
     after: Mapping[str, int],
     *,
-    path: Optional[_PathLike] = None,
+    path: _PathLike | None = None,
 ) -> "Figure":
     """Horizontal bar chart of the channels of each layer before and after pruning.
 

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_worm import EarlyBirdCallback, WormCallback, channel_mask, mask_distance
+from lightning_worm import EarlyBirdCallback, WormCallback, unit_mask, mask_distance
 from tests.helpers import TinyNet, tiny_loader, trainer
 
 
@@ -34,7 +34,7 @@ class TestEarlyBird:
             assert eb.mean_distances[epoch] == pytest.approx(sum(each) / 2)
         # the latest mask is the model's mask at the end of the fit
         assert {k: v.tolist() for k, v in eb.mask.items()} == \
-            {k: v.tolist() for k, v in channel_mask(model, 0.5).items()}
+            {k: v.tolist() for k, v in unit_mask(model, 0.5).items()}
         assert list(eb.mask) == ["features.1", "features.4"]
         assert t.callback_metrics["earlybird/ticket_found"] == 1.0
         assert t.callback_metrics["earlybird/mask_distance"] == pytest.approx(eb.distances[-1])
@@ -144,7 +144,7 @@ class TestEarlyBird:
 
     @pytest.mark.parametrize("kwargs,name", [
         ({"prune_ratio": 0.0}, "prune_ratio"), ({"prune_ratio": 1.0}, "prune_ratio"), ({"window": 1}, "window"),
-        ({"threshold": 1.1}, "threshold"), ({"sparsity": -1e-4}, "sparsity"), ({"min_channels": 0}, "min_channels"),
+        ({"threshold": 1.1}, "threshold"), ({"sparsity": -1e-4}, "sparsity"), ({"min_units": 0}, "min_units"),
         ({"every_n_epochs": 0}, "every_n_epochs"),
     ])
     def test_bad_arguments(self, kwargs, name):
@@ -178,15 +178,15 @@ class TestWorm:
             switched = switched or mean < 0.5
             expected.append(0.003 if switched else 1.0)
         assert chis == expected
-        assert worm.truncated_channels == (12 if worm.chi < 1 else 0)
+        assert worm.truncated_units == (12 if worm.chi < 1 else 0)
 
     def test_fixed_truncates_from_first_mask_and_logs(self):
         eb = EarlyBirdCallback(window=3)
         worm = WormCallback(eb, schedule="fixed", chi=0.1)
         t, _ = fit([eb, worm], max_epochs=2)
-        assert worm.chi == 0.1 and worm.truncated_channels == 12
+        assert worm.chi == 0.1 and worm.truncated_units == 12
         assert t.callback_metrics["worm/chi"] == pytest.approx(0.1)
-        assert t.callback_metrics["worm/truncated_channels"] == 12
+        assert t.callback_metrics["worm/truncated_units"] == 12
 
     def test_greedy_is_mean_distance(self):
         eb = EarlyBirdCallback(window=2)

@@ -13,7 +13,7 @@ from lightning_worm.core import (
     NonFiniteScoreError,
     TicketDetector,
     add_sparsity_gradient,
-    channel_mask,
+    unit_mask,
     mask_distance,
     mask_from_scores,
 )
@@ -40,32 +40,32 @@ class TestChannelMask:
     def test_global_ranking_hand_computed(self):
         model = two_layer([0.5, 0.1, 0.1, 0.9], [0.2, 0.1, 0.3, 0.05, 0.7, 0.1])
         # sorted: 0.05 (3:3), then the four 0.1 in layer order: 1:1, 1:2, 3:1, 3:5 -> prune those 5
-        assert as_lists(channel_mask(model, 0.5)) == {
+        assert as_lists(unit_mask(model, 0.5)) == {
             "1": [True, False, False, True], "3": [True, False, True, False, True, False]}
 
     def test_ties_pruned_in_layer_then_channel_order(self):
         model = two_layer([1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0])  # all equal, as at initialisation
-        # a stable ascending sort: the first four channels in layer order go ... but min_channels=1
+        # a stable ascending sort: the first four channels in layer order go ... but min_units=1
         # keeps the first layer's lowest index, so one fewer is pruned (and reported)
-        assert as_lists(channel_mask(model, 0.5)) == {"1": [True, False, False, False], "3": [True] * 4}
+        assert as_lists(unit_mask(model, 0.5)) == {"1": [True, False, False, False], "3": [True] * 4}
         result = mask_from_scores({"1": torch.ones(4), "3": torch.ones(4)}, 0.5)
         assert (result.requested, result.pruned) == (4, 3)
         model = two_layer([1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0])
-        assert as_lists(channel_mask(model, 0.25)) == {"1": [False, False, True, True], "3": [True] * 4}
+        assert as_lists(unit_mask(model, 0.25)) == {"1": [False, False, True, True], "3": [True] * 4}
 
     def test_magnitude_not_sign(self):
         model = two_layer([-0.9, 0.2], [0.3, -0.1])
-        assert as_lists(channel_mask(model, 0.5)) == {"1": [True, False], "3": [True, False]}
+        assert as_lists(unit_mask(model, 0.5)) == {"1": [True, False], "3": [True, False]}
 
     def test_round_half_to_even_count(self):
         model = two_layer([0.1, 0.2, 0.3], [0.4, 0.5])
         result = mask_from_scores({"a": torch.tensor([0.1, 0.2, 0.3]), "b": torch.tensor([0.4, 0.5])}, 0.5)
         assert result.requested == round(2.5) == 2 and result.pruned == 2
-        assert sum((~m).sum().item() for m in channel_mask(model, 0.3).values()) == round(0.3 * 5)
+        assert sum((~m).sum().item() for m in unit_mask(model, 0.3).values()) == round(0.3 * 5)
 
     def test_min_channels_keeps_largest_and_reports(self):
         scores = {"a": torch.tensor([0.1, 0.3, 0.2, 0.3]), "b": torch.tensor([0.9, 0.8, 0.7, 0.6])}
-        result = mask_from_scores(scores, 0.5, min_channels=2)
+        result = mask_from_scores(scores, 0.5, min_units=2)
         # the ratio prunes all of "a"; it keeps its two largest instead (0.3 and 0.3: ties keep lower index 1, 3)
         assert result.mask["a"].tolist() == [False, True, False, True]
         assert result.mask["b"].tolist() == [True, True, True, True]
@@ -73,12 +73,12 @@ class TestChannelMask:
 
     def test_min_channels_tie_keeps_lower_index(self):
         result = mask_from_scores({"a": torch.tensor([0.2, 0.2, 0.2]), "b": torch.tensor([5.0, 5.0, 5.0])},
-                                  0.5, min_channels=1)
+                                  0.5, min_units=1)
         assert result.mask["a"].tolist() == [True, False, False]
         assert result.restored == {"a": 1}
 
     def test_min_channels_larger_than_layer_keeps_whole_layer(self):
-        result = mask_from_scores({"a": torch.tensor([0.1, 0.2]), "b": torch.arange(1.0, 9.0)}, 0.2, min_channels=4)
+        result = mask_from_scores({"a": torch.tensor([0.1, 0.2]), "b": torch.arange(1.0, 9.0)}, 0.2, min_units=4)
         assert result.mask["a"].tolist() == [True, True]
 
     def test_bn_types_and_what_is_left_out(self):
@@ -98,43 +98,43 @@ class TestChannelMask:
                                          "7": "lazy, not materialised yet: run one forward pass before the fit"}
         model[7](torch.randn(2, 5, 3, 3))  # materialise
         assert list(source.tracked(model)) == ["1", "2", "3", "4", "7"]
-        mask = channel_mask(model, 0.5)
+        mask = unit_mask(model, 0.5)
         assert [m.numel() for m in mask.values()] == [3, 2, 2, 2, 5]
 
     def test_half_precision_scores_compared_in_float32(self):
         model = two_layer([1.0, 1.0039, 1.0078], [0.5, 2.0]).to(torch.bfloat16)
         scores = BatchNormSource().scores(model[1])
         assert scores.dtype == torch.float32
-        assert channel_mask(model, 0.4)["3"].tolist() == [False, True]
+        assert unit_mask(model, 0.4)["3"].tolist() == [False, True]
 
     def test_mask_on_parameter_device_and_bool(self):
-        mask = channel_mask(two_layer([0.1, 0.2], [0.3, 0.4]), 0.5)
+        mask = unit_mask(two_layer([0.1, 0.2], [0.3, 0.4]), 0.5)
         assert all(m.dtype == torch.bool and m.device == torch.device("cpu") for m in mask.values())
 
     def test_non_finite_names_layer(self):
         model = two_layer([0.1, float("nan")], [0.3, float("inf")])
         with pytest.raises(NonFiniteScoreError, match=r"2 layer\(s\): 1, 3") as err:
-            channel_mask(model, 0.5)
+            unit_mask(model, 0.5)
         assert err.value.layers == ["1", "3"]
 
     @pytest.mark.parametrize("ratio", [0, 1, -0.1, 1.5, "0.5"])
     def test_bad_ratio(self, ratio):
         with pytest.raises(ValueError, match="prune_ratio"):
-            channel_mask(two_layer([0.1], [0.2]), ratio)
+            unit_mask(two_layer([0.1], [0.2]), ratio)
 
     def test_bad_min_channels(self):
-        with pytest.raises(ValueError, match="min_channels"):
-            channel_mask(two_layer([0.1], [0.2]), 0.5, min_channels=0)
+        with pytest.raises(ValueError, match="min_units"):
+            unit_mask(two_layer([0.1], [0.2]), 0.5, min_units=0)
 
     def test_no_channels(self):
         with pytest.raises(ValueError, match="no tracked channels"):
-            channel_mask(nn.Linear(2, 2), 0.5)
+            unit_mask(nn.Linear(2, 2), 0.5)
 
     def test_100k_channels(self):
         model = nn.Sequential(*[nn.BatchNorm2d(1000) for _ in range(100)])
         for bn in model:
             bn.weight.data.uniform_()
-        mask = channel_mask(model, 0.5)
+        mask = unit_mask(model, 0.5)
         assert sum(int(m.sum()) for m in mask.values()) == 50_000
 
 
@@ -230,7 +230,7 @@ class TestGradientTruncation:
         model(torch.randn(2, 3, 4, 4)).pow(2).sum().backward()
         before = {n: p.grad.clone() for n, p in model.named_parameters()}
         truncation = GradientTruncation(model)
-        truncation.set(channel_mask(model, 0.4), chi=0.5)  # prunes 1:0 and 3:1
+        truncation.set(unit_mask(model, 0.4), chi=0.5)  # prunes 1:0 and 3:1
         truncation.apply()
         after = dict(model.named_parameters())
         for layer, gone in (("1", 0), ("3", 1)):
@@ -240,13 +240,13 @@ class TestGradientTruncation:
                 torch.testing.assert_close(after[f"{layer}.{kind}"].grad, expect, rtol=0, atol=0)
         for conv in ("0.weight", "0.bias", "2.weight", "2.bias"):
             assert torch.equal(after[conv].grad, before[conv])
-        assert truncation.truncated_channels == 2
+        assert truncation.truncated_units == 2
 
     def test_chi_one_or_no_mask_is_a_no_op(self):
         model = two_layer([0.1, 0.9], [0.8, 0.2])
         truncation = GradientTruncation(model)
-        truncation.set(channel_mask(model, 0.5), chi=1.0)
-        assert truncation.truncated_channels == 0 and not truncation._params
+        truncation.set(unit_mask(model, 0.5), chi=1.0)
+        assert truncation.truncated_units == 0 and not truncation._params
 
     def test_wrong_mask_raises(self):
         model = two_layer([0.1, 0.9], [0.8, 0.2])
@@ -282,9 +282,9 @@ def test_plain_pytorch_loop_finds_ticket_with_worm():
             nn.functional.cross_entropy(model(x), y).backward()
             truncation.apply()
             optimizer.step()
-        _, mean = detector.update(channel_mask(model, 0.5))
+        _, mean = detector.update(unit_mask(model, 0.5))
         truncation.set(detector.mask, schedule.update(mean))
         if detector.ticket is not None:
             break
     assert detector.ticket_epoch is not None and schedule.switched
-    assert truncation.truncated_channels == 12  # half of 8 + 16 channels
+    assert truncation.truncated_units == 12  # half of 8 + 16 channels

@@ -44,7 +44,7 @@ def test_two_process_ddp_prunes_mid_fit_and_trains_on(tmp_path):
     assert r0["steps_at_epoch_end"] == r1["steps_at_epoch_end"]
     steps = r0["steps_at_epoch_end"]
     assert steps[-1] - steps[1] == 2 * steps[0] > 0  # two more epochs of steps ran after the prune
-    assert r0["report"]["channels_after"] == r1["report"]["channels_after"]
+    assert r0["report"]["units_after"] == r1["report"]["units_after"]
     assert r0["report"]["params_after"] < r0["report"]["params_before"]
     for name, value in r0["state"].items():
         other = r1["state"][name]

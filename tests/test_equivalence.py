@@ -9,7 +9,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from lightning_worm import EarlyBirdCallback, WormCallback
-from lightning_worm.core import ChiSchedule, GradientTruncation, TicketDetector, add_sparsity_gradient, channel_mask
+from lightning_worm.core import ChiSchedule, GradientTruncation, TicketDetector, add_sparsity_gradient, unit_mask
 from tests.helpers import TinyNet, tiny_loader, trainer
 
 EPOCHS, WINDOW, CHI = 3, 2, 0.5  # chi = 0.5 so that truncating per micro-batch (chi^k) would show
@@ -57,7 +57,7 @@ def hand_loop(accumulate=1, clip=None, sparsity=0.0, scaler=False, per_micro_bat
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        _, mean = detector.update(channel_mask(model, 0.5))
+        _, mean = detector.update(unit_mask(model, 0.5))
         truncation.set(detector.mask, schedule.update(mean))
     return model, detector
 

@@ -128,13 +128,13 @@ class TestGlobalRanking:
 
     def test_all_equal_scores_prune_by_order(self):
         result = mask_from_scores({"a": torch.ones(4), "b": torch.ones(4)}, 0.5)
-        # "a" goes first (layer order); min_channels=1 then keeps its first channel back
+        # "a" goes first (layer order); min_units=1 then keeps its first channel back
         assert result.mask["a"].tolist() == [True, False, False, False] and result.mask["b"].tolist() == [True] * 4
         assert result.restored == {"a": 1}
 
     def test_min_channels_on_a_multidimensional_entry(self):
         result = mask_from_scores({"a": torch.tensor([[0.1, 0.2], [0.3, 0.05]]), "b": torch.ones(4)}, 0.5,
-                                  min_channels=2)
+                                  min_units=2)
         assert result.mask["a"].tolist() == [[False, True], [True, False]]
         assert result.restored == {"a": 2} and result.pruned == result.requested - 2
 
@@ -222,10 +222,10 @@ class TestSources:
             def gradient_factors(self, module, keep, chi):
                 return [(module.weight, torch.where(keep, 1.0, chi))]
 
-        from lightning_worm import GradientTruncation, channel_mask
+        from lightning_worm import GradientTruncation, unit_mask
 
         model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-        mask = channel_mask(model, 0.5, source=LinearWeights())
+        mask = unit_mask(model, 0.5, source=LinearWeights())
         assert mask["0"].shape == (4, 3) and mask.total == 20 and mask.kept == 10
         truncation = GradientTruncation(model, LinearWeights())
         truncation.set(mask, chi=0.0)

@@ -13,7 +13,7 @@ pytest.importorskip("mnist1d")
 
 from examples.data import MNIST1DDataModule, make_mnist1d  # noqa: E402
 from examples.models import CNN1D, build_model, cnn1d  # noqa: E402
-from lightning_worm import apply_plan, channel_mask, prune_channels  # noqa: E402
+from lightning_worm import apply_plan, unit_mask, prune_channels  # noqa: E402
 
 # sha256 of the default data set (num_samples 5000, seed 42): signals rounded to 1e-4, then labels, train then test.
 MNIST1D_SHA256 = "b75c8ac167f76c79754a29c827a06f434c966fc8970b8cf505964340d067c77a"
@@ -96,10 +96,10 @@ def test_cnn1d_is_prunable_and_the_plan_replays():
             if isinstance(m, torch.nn.BatchNorm1d):
                 m.weight.uniform_(0.05, 1.0)
     example = torch.randn(4, 1, 40)
-    ticket = channel_mask(model, 0.5)
+    ticket = unit_mask(model, 0.5)
     report = prune_channels(model, ticket, example, measure_latency=False)
     kept = {name: int(m.sum()) for name, m in ticket.items()}
-    assert report.channels_after == kept  # a plain chain: the ticket is honoured exactly
+    assert report.units_after == kept  # a plain chain: the ticket is honoured exactly
     assert sum(kept.values()) == 112
     assert report.flops_after < 0.5 * report.flops_before and report.params_after < report.params_before
     assert model(example).shape == (4, 10)

@@ -31,7 +31,7 @@ def run(construction, reverse_list, discover=False, optimization="automatic"):
     t = trainer(callbacks=listed, max_epochs=4)
     t.fit(model, tiny_loader())
     worm, prune = built["worm"], built["prune"]
-    return dict(chi=worm.chi, truncated=worm.truncated_channels, ticket=eb.ticket_epoch, pruned=prune.pruned_epoch,
+    return dict(chi=worm.chi, truncated=worm.truncated_units, ticket=eb.ticket_epoch, pruned=prune.pruned_epoch,
                 distances=eb.distances, weights=[p.detach().clone() for p in model.parameters()],
                 logged_chi=float(t.callback_metrics["worm/chi"]))
 
@@ -83,7 +83,7 @@ def test_a_worm_outside_the_trainer_does_nothing():
     real = WormCallback(eb, schedule="fixed", chi=0.003)
     t = trainer(callbacks=[eb, real], max_epochs=3)
     t.fit(TinyNet(), tiny_loader())
-    assert float(t.callback_metrics["worm/chi"]) == pytest.approx(0.003) and stray.truncated_channels == 0
+    assert float(t.callback_metrics["worm/chi"]) == pytest.approx(0.003) and stray.truncated_units == 0
 
 
 def test_two_worms_on_one_tracker_are_refused():
@@ -100,7 +100,7 @@ def test_several_trackers_are_told_apart_by_prune_ratio():
     t = trainer(callbacks=[worm_high, high, worm_low, low], max_epochs=2)
     t.fit(TinyNet(), tiny_loader())
     assert worm_low.early_bird is low and worm_high.early_bird is high
-    assert worm_low.truncated_channels == 6 and worm_high.truncated_channels == 12
+    assert worm_low.truncated_units == 6 and worm_high.truncated_units == 12
     assert "worm_0.25/chi" in t.callback_metrics and "earlybird_0.5/ticket_found" in t.callback_metrics
 
 

@@ -60,11 +60,11 @@ def test_prunes_the_ticket_and_trains_on(tmp_path):
     assert spy.steps[-1] - spy.steps[TICKET_EPOCH] == 2 * 8  # two more epochs of eight steps
     # the search is over: histories stop at the ticket, WORM truncates nothing
     assert len(eb.distances) == TICKET_EPOCH + 1 and not eb.searching
-    assert worm.chi == 0.003 and worm.truncated_channels == 0  # WORM did switch on; nothing is truncated now
+    assert worm.chi == 0.003 and worm.truncated_units == 0  # WORM did switch on; nothing is truncated now
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 4)
     r = prune.report
     assert r["params_after"] < r["params_before"] and r["flops_after"] < r["flops_before"]
-    assert r["ticket_epoch"] == TICKET_EPOCH and r["channels_after"] == kept
+    assert r["ticket_epoch"] == TICKET_EPOCH and r["units_after"] == kept
     assert r["latency_before_ms"] > 0 and r["latency_after_ms"] > 0
     assert json.loads(open(tmp_path / "pruning_report.json").read())["params_after"] == r["params_after"]
     assert t.callback_metrics["pruning/params_ratio"] == pytest.approx(r["params_after"] / r["params_before"])

@@ -99,7 +99,7 @@ def test_report_is_strict_json(tmp_path):
     (lambda: EarlyBirdCallback(window=True), "window"),
     (lambda: EarlyBirdCallback(window=3.0), "window"),
     (lambda: EarlyBirdCallback(threshold=float("inf")), "threshold"),
-    (lambda: EarlyBirdCallback(min_channels=False), "min_channels"),
+    (lambda: EarlyBirdCallback(min_units=False), "min_units"),
     (lambda: EarlyBirdCallback(every_n_epochs=0), "every_n_epochs"),
     (lambda: EarlyBirdCallback(stop_on_ticket=1), "stop_on_ticket"),
     (lambda: EarlyBirdCallback(first_mask="start"), "first_mask"),
@@ -132,7 +132,7 @@ def test_numpy_integers_are_integers():
 
     from lightning_worm.core.masks import Mask
 
-    eb = EarlyBirdCallback(window=np.int64(3), min_channels=np.int32(1))
+    eb = EarlyBirdCallback(window=np.int64(3), min_units=np.int32(1))
     assert eb.detector.window == 3 and type(eb.detector.window) is int
     for _ in range(4):
         eb.detector.update(Mask.from_dict({"bn": torch.tensor([True, False, True])}))

@@ -121,11 +121,11 @@ def assert_accounting_adds_up(report) -> None:
     assert report.ticket_pruned == (
         report.pruned_from_ticket
         + report.kept_for_coupling
-        + report.kept_for_min_channels
+        + report.kept_for_min_units
         + report.kept_for_round_to
         + report.kept_unprunable
     )
-    removed = sum(report.channels_before.values()) - sum(report.channels_after.values())
+    removed = sum(report.units_before.values()) - sum(report.units_after.values())
     assert removed == report.pruned_from_ticket + report.pruned_outside_ticket
 
 
@@ -149,9 +149,9 @@ def test_uncoupled_vgg_removes_exactly_the_ticket():
     for name, bn in batchnorms(pruned).items():
         assert bn.num_features == int(ticket[name].sum())
         torch.testing.assert_close(bn.weight, batchnorms(model)[name].weight[ticket[name]], rtol=0, atol=0)
-    assert report.channels_after == {name: int(mask.sum()) for name, mask in ticket.items()}
+    assert report.units_after == {name: int(mask.sum()) for name, mask in ticket.items()}
     assert report.pruned_from_ticket == report.ticket_pruned == sum(int((~m).sum()) for m in ticket.values())
-    assert report.kept_for_coupling == report.kept_for_round_to == report.kept_for_min_channels == 0
+    assert report.kept_for_coupling == report.kept_for_round_to == report.kept_for_min_units == 0
     assert report.kept_unprunable == report.pruned_outside_ticket == 0
     assert report.params_after < report.params_before and report.flops_after < report.flops_before
     assert pruned(x).shape == model(x).shape == (2, 10)
@@ -216,9 +216,9 @@ def test_residual_coupling_prunes_only_channels_pruned_everywhere():
     x = torch.randn(2, 3, 8, 8)
     pruned, report = pruned_copy(model, ticket, x, coupling="all")
 
-    assert report.channels_after["stem.1"] == report.channels_after["block1.bn2"] == 6  # channels 2 and 3 go
+    assert report.units_after["stem.1"] == report.units_after["block1.bn2"] == 6  # channels 2 and 3 go
     assert torch.equal(report.kept_indices["stem.1.weight"][0], torch.tensor([0, 1, 4, 5, 6, 7]))
-    assert report.channels_after["block1.bn1"] == 4
+    assert report.units_after["block1.bn1"] == 4
     assert report.kept_for_coupling == 3  # channels 0, 1 of stem.1 and 4 of block1.bn2
     assert report.pruned_from_ticket == 2 * 2 + 4
     assert_surgery_is_exact(model, pruned, report, x)
@@ -238,7 +238,7 @@ def test_mean_rank_prunes_the_average_count_by_mean_gamma():
     kept = report.kept_indices["stem.1.weight"][0]
     removed = torch.tensor([c for c in range(8) if c not in kept.tolist()])
     assert torch.equal(removed, expected_removed)
-    assert report.channels_after["stem.1"] == report.channels_after["block1.bn2"] == 5
+    assert report.units_after["stem.1"] == report.units_after["block1.bn2"] == 5
     assert report.pruned_from_ticket + report.pruned_outside_ticket == 6
     assert_surgery_is_exact(model, pruned, report, x)
 
@@ -269,8 +269,8 @@ def test_a_layer_is_never_emptied():
     ticket = {"features.4": torch.zeros(8, dtype=torch.bool)}
     pruned, report = pruned_copy(model, ticket, torch.randn(2, 3, 16, 16))
 
-    assert report.channels_after["features.4"] == 1
-    assert report.kept_for_min_channels == 1 and report.pruned_from_ticket == 7
+    assert report.units_after["features.4"] == 1
+    assert report.kept_for_min_units == 1 and report.pruned_from_ticket == 7
     best = int(batchnorms(model)["features.4"].weight.argmax())
     assert report.kept_indices["features.4.weight"][0].tolist() == [best]
 
@@ -341,9 +341,9 @@ def test_grouped_conv_prunes_the_same_positions_in_every_group():
     pruned, report = pruned_copy(model, ticket, x, coupling="all")
 
     # Position 1 is pruned in groups 0, 1, 2 but not 3: coupled, so it stays under "all".
-    assert report.channels_after["features.1"] == 8 and report.kept_for_coupling == 4
+    assert report.units_after["features.1"] == 8 and report.kept_for_coupling == 4
     pruned, report = pruned_copy(model, ticket, x, coupling="mean_rank")
-    assert report.channels_after["features.1"] == 4 and pruned.features[3].in_channels == 4
+    assert report.units_after["features.1"] == 4 and pruned.features[3].in_channels == 4
     assert_surgery_is_exact(model, pruned, report, x)
 
 
@@ -403,7 +403,7 @@ def test_syncbatchnorm_is_pruned_like_batchnorm():
     report = prune_channels(model, global_ticket(model), x, coupling="mean_rank", measure_latency=False)
 
     assert model.training and isinstance(model.stem[1], nn.SyncBatchNorm)
-    assert report.channels_after["stem.1"] < report.channels_before["stem.1"]
+    assert report.units_after["stem.1"] < report.units_before["stem.1"]
     assert_surgery_is_exact(dense, model, report, x)
 
 
@@ -542,7 +542,7 @@ def test_the_score_source_names_the_modules_and_scores_the_channels():
                        source=NegatedBatchNormSource())
     pruned, report = pruned_copy(model, ticket, torch.randn(2, 3, 8, 8), source=NegatedBatchNormSource(),
                                  coupling="mean_rank")
-    assert list(report.channels_before) == ["stem.1"]
+    assert list(report.units_before) == ["stem.1"]
     removed = sorted(set(range(8)) - set(report.kept_indices["stem.1.weight"][0].tolist()))
     assert removed == sorted(torch.argsort(gamma, descending=True)[:4].tolist())  # lowest -|gamma| first
     assert report.plan.source == "negated_batchnorm_test"
@@ -590,10 +590,13 @@ def test_plan_kind_dispatches_and_old_plans_load():
     torch.manual_seed(0)
     model = randomize_batchnorms(SmallVGG(width=8))
     pruned, report = pruned_copy(model, global_ticket(model), torch.randn(2, 3, 16, 16))
-    old = report.plan.to_dict()
+    old = report.plan.to_dict()  # as lightning-worm 0.1 wrote it: format 1, no kind, source or options
     for key in ("kind", "source", "options"):
         old.pop(key)
+    old = {{"units_before": "channels_before", "units_after": "channels_after"}.get(k, k): v for k, v in old.items()}
+    old["format_version"] = 1
     plan = PruningPlan.from_dict(old)
+    assert plan.units_after == report.plan.units_after and plan.format_version == 2
     assert (plan.kind, plan.source) == ("channels", "batchnorm")
     fresh = SmallVGG(width=8)
     apply_plan(fresh, old)
@@ -640,14 +643,14 @@ def _bad_plan(plan: dict, case: str) -> dict:
     elif case == "all_channels":
         plan["pruned_groups"][0][1] = list(range(8))
     elif case == "wrong_after":
-        first = next(iter(plan["channels_after"]))
-        plan["channels_after"][first] -= 1
+        first = next(iter(plan["units_after"]))
+        plan["units_after"][first] -= 1
     elif case == "after_exceeds_before":
-        first = next(iter(plan["channels_after"]))
-        plan["channels_after"][first] = plan["channels_before"][first] + 1
+        first = next(iter(plan["units_after"]))
+        plan["units_after"][first] = plan["units_before"][first] + 1
     elif case == "count_type":
-        first = next(iter(plan["channels_after"]))
-        plan["channels_after"][first] = "4"
+        first = next(iter(plan["units_after"]))
+        plan["units_after"][first] = "4"
     elif case == "group_shape":
         plan["pruned_groups"][0] = name
     elif case == "bad_dtype":
@@ -674,8 +677,8 @@ BAD_PLANS = [
     ("duplicate_group", r"pruned_groups\[\d\] names 'features.0' a second time"),
     ("all_channels", r"pruned_groups\[0\] \('features.0'\) removes all 8 output channels"),
     ("wrong_after", r"inconsistent: its pruned_groups would leave features.1: \d+ instead of \d+"),
-    ("after_exceeds_before", r"channels_after\['features.1'\] = 9 exceeds channels_before \(8\)"),
-    ("count_type", r"channels_after must map entry names to non-negative integers"),
+    ("after_exceeds_before", r"units_after\['features.1'\] = 9 exceeds units_before \(8\)"),
+    ("count_type", r"units_after must map entry names to non-negative integers"),
     ("group_shape", r"pruned_groups\[0\] must be \[module name, list of channel indices\], got 'features.0'"),
     ("bad_dtype", r"input_specs\[0\] has dtype 'float33', not a torch dtype name"),
     ("bad_shape", r"input_specs\[0\] needs a 'shape' list of non-negative integers"),
@@ -784,20 +787,20 @@ def test_a_plan_naming_a_lazy_or_non_affine_layer_says_why():
     _, report = pruned_copy(model, global_ticket(model), torch.randn(2, 3, 16, 16))
     fresh = SmallVGG(width=8)
     fresh.features[1] = nn.LazyBatchNorm2d()
-    with pytest.raises(ValueError, match=r"channels_before\['features.1'\].*LazyBatchNorm2d.*lazy, not materialised"):
+    with pytest.raises(ValueError, match=r"units_before\['features.1'\].*LazyBatchNorm2d.*lazy, not materialised"):
         apply_plan(fresh, report.plan)
     fresh.features[1] = nn.BatchNorm2d(8, affine=False)
-    with pytest.raises(ValueError, match=r"channels_before\['features.1'\].*not affine"):
+    with pytest.raises(ValueError, match=r"units_before\['features.1'\].*not affine"):
         apply_plan(fresh, report.plan)
 
 
 def test_a_mask_from_the_core_is_a_ticket():
-    from lightning_worm.core.masks import Mask, channel_mask
+    from lightning_worm.core.masks import Mask, unit_mask
 
     torch.manual_seed(0)
     model = randomize_batchnorms(SmallResNet(width=8))
-    ticket = channel_mask(model, 0.5)
+    ticket = unit_mask(model, 0.5)
     assert isinstance(ticket, Mask)
     pruned, report = pruned_copy(model, ticket, torch.randn(2, 3, 8, 8))
-    assert report.ticket_pruned == round(0.5 * sum(report.channels_before.values()))
+    assert report.ticket_pruned == round(0.5 * sum(report.units_before.values()))
     assert abs(report.removed_fraction - 0.5) <= 0.05

@@ -21,7 +21,7 @@ from lightning_worm import (
     AttentionQKSource,
     GradientTruncation,
     LayerNormSource,
-    channel_mask,
+    unit_mask,
 )
 from lightning_worm.core.sources import SOURCES, resolve_source
 from lightning_worm.core.sources.attention import find_attention
@@ -158,16 +158,16 @@ def test_recognises_bert_llama_packed_mha_and_the_vit():
 
 
 def test_masks_are_named_and_shaped_as_the_issue_says():
-    qk = channel_mask(bert(), 0.5, source=AttentionQKSource())
+    qk = unit_mask(bert(), 0.5, source=AttentionQKSource())
     assert list(qk) == [f"model.bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "key")]
     assert all(m.shape == (32, 32) for m in qk.values())
-    assert list(channel_mask(PackedNet(), 0.5, source=AttentionQKSource())) == ["attn.qkv:q", "attn.qkv:k"]
-    assert list(channel_mask(encoder(), 0.5, source=AttentionQKSource()))[:2] == ["layers.0.self_attn:q",
+    assert list(unit_mask(PackedNet(), 0.5, source=AttentionQKSource())) == ["attn.qkv:q", "attn.qkv:k"]
+    assert list(unit_mask(encoder(), 0.5, source=AttentionQKSource()))[:2] == ["layers.0.self_attn:q",
                                                                                    "layers.0.self_attn:k"]
-    heads = channel_mask(vit(), 0.5, source=AttentionHeadSource())
+    heads = unit_mask(vit(), 0.5, source=AttentionHeadSource())
     assert {k: tuple(v.shape) for k, v in heads.items()} == {"blocks.0.attn": (4,), "blocks.1.attn": (4,)}
-    assert channel_mask(llama(), 0.5, source=AttentionHeadSource())["layers.0.self_attn"].shape == (2,)  # kv groups
-    ln = channel_mask(vit(), 0.5, source=LayerNormSource())
+    assert unit_mask(llama(), 0.5, source=AttentionHeadSource())["layers.0.self_attn"].shape == (2,)  # kv groups
+    ln = unit_mask(vit(), 0.5, source=LayerNormSource())
     assert list(ln) == ["blocks.0.norm1", "blocks.0.norm2", "blocks.1.norm1", "blocks.1.norm2", "norm"]
 
 
@@ -244,7 +244,7 @@ def test_query_mask_is_the_querys_own_not_the_keys():
     model = vit()
     with torch.no_grad():
         model.blocks[0].attn.k_proj.weight.copy_(-model.blocks[0].attn.q_proj.weight.flip(0))  # same values, elsewhere
-    mask = channel_mask(model, 0.5, source=AttentionQKSource())
+    mask = unit_mask(model, 0.5, source=AttentionQKSource())
     scores = torch.cat([AttentionQKSource().scores(h).reshape(-1) for h in AttentionQKSource().tracked(model).values()])
     threshold = scores.kthvalue(scores.numel() // 2).values
     for name, entry in AttentionQKSource().tracked(model).items():
@@ -259,7 +259,7 @@ def test_elementwise_truncation_touches_exactly_the_masked_qk_entries(model_fn):
     """Reference bug 2: its hooks scaled every parameter of the attention module by a wrong-shaped mask."""
     model = model_fn()
     source = AttentionQKSource()
-    mask = channel_mask(model, 0.5, source=source)
+    mask = unit_mask(model, 0.5, source=source)
     truncation = GradientTruncation(model, source)
     truncation.set(mask, chi=0.25)
     for p in model.parameters():
@@ -271,7 +271,7 @@ def test_elementwise_truncation_touches_exactly_the_masked_qk_entries(model_fn):
         expected[id(weight)][rows] = torch.where(mask[name], 1.0, 0.25)
     for name, p in model.named_parameters():
         assert torch.equal(p.grad, expected[id(p)]), name
-    assert truncation.truncated_channels == mask.total - mask.kept
+    assert truncation.truncated_units == mask.total - mask.kept
 
 
 def test_head_truncation_scales_the_heads_qkv_rows_and_nothing_else():
@@ -323,7 +323,7 @@ def test_head_truncation_on_multihead_attention_scales_exactly_the_heads_rows(kw
         else {"att.in_proj_weight", "att.in_proj_bias"})
     for name, p in model.named_parameters():
         assert torch.equal(p.grad, expected[name]), name
-    assert truncation.truncated_channels == 1
+    assert truncation.truncated_units == 1
 
 
 def test_layernorm_truncation_scales_exactly_the_masked_channels_weight_and_bias():
@@ -342,7 +342,7 @@ def test_layernorm_truncation_scales_exactly_the_masked_channels_weight_and_bias
             expected[f"{norm}.{param}"][channels] = 0.25
     for name, p in model.named_parameters():
         assert torch.equal(p.grad, expected[name]), name
-    assert truncation.truncated_channels == 3
+    assert truncation.truncated_units == 3
 
 
 def test_grouped_query_head_truncation_scales_whole_groups():
@@ -364,7 +364,7 @@ def test_final_prune_honours_the_ticket():
     """Reference bug 3: its final step was 50 % unstructured L1 on every Linear, ignoring the ticket."""
     model = vit()
     source = AttentionQKSource()
-    ticket = channel_mask(model, 0.5, source=source)
+    ticket = unit_mask(model, 0.5, source=source)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.warns(UserWarning, match="saves no time and no memory"):
         report = prune_elementwise(model, ticket, source=source, measure_latency=False)
@@ -382,7 +382,7 @@ def test_final_prune_honours_the_ticket():
     head_ticket = {"blocks.0.attn": torch.tensor([True, False, True, False]),
                    "blocks.1.attn": torch.tensor([True, True, False, True])}
     report = prune_heads(heads, head_ticket, measure_latency=False)
-    assert report.channels_after == {"blocks.0.attn": 2, "blocks.1.attn": 3}
+    assert report.units_after == {"blocks.0.attn": 2, "blocks.1.attn": 3}
     assert report.note is None and "note" not in report.to_dict()
     assert report.plan.pruned_groups == [["blocks.0.attn", [1, 3], "blocks.0.attn.out_proj"],
                                          ["blocks.1.attn", [2], "blocks.1.attn.out_proj"]]
@@ -412,7 +412,7 @@ def test_removing_heads_equals_zeroing_them(case):
     assert_equal_up_to_rounding(model(x), expected)  # fewer heads: other matrix shapes and kernels
     assert report.params_after < report.params_before and report.flops_after < report.flops_before
     kept = {n: int(m.sum()) for n, m in ticket.items()}
-    assert report.channels_after == kept
+    assert report.units_after == kept
     for name, block in AttentionHeadSource().tracked(model).items():
         assert block.num_kv_heads == kept[name] and block.num_heads == kept[name] * block.group_size
 
@@ -433,12 +433,12 @@ def test_a_block_keeps_its_best_head_and_round_to():
     model = vit()
     scores = AttentionHeadSource().scores(AttentionHeadSource().tracked(model)["blocks.0.attn"])
     report = prune_heads(model, {"blocks.0.attn": torch.zeros(4, dtype=torch.bool)}, measure_latency=False)
-    assert report.channels_after["blocks.0.attn"] == 1 and report.kept_for_min_channels == 1
+    assert report.units_after["blocks.0.attn"] == 1 and report.kept_for_min_units == 1
     assert report.kept_indices["blocks.0.attn.q_proj.weight"][0].tolist() == list(
         range(8 * int(scores.argmax()), 8 * int(scores.argmax()) + 8))
     report = prune_heads(vit(), {"blocks.0.attn": torch.tensor([True, False, False, False])}, round_to=2,
                          measure_latency=False)
-    assert report.channels_after["blocks.0.attn"] == 2 and report.kept_for_round_to == 1
+    assert report.units_after["blocks.0.attn"] == 2 and report.kept_for_round_to == 1
 
 
 def test_plan_replays_bit_identically_and_refuses_what_does_not_fit():
@@ -468,7 +468,7 @@ def test_apply_plan_dispatches_head_and_elementwise_plans():
     assert torch.equal(fresh.eval()(x), model(x))
     dense = vit()
     with pytest.warns(UserWarning, match="saves no time"):
-        report = prune_elementwise(dense, channel_mask(dense, 0.5, source=AttentionQKSource()), measure_latency=False)
+        report = prune_elementwise(dense, unit_mask(dense, 0.5, source=AttentionQKSource()), measure_latency=False)
     assert report.plan.kind == "elementwise"
     fresh = vit(seed=3)
     apply_plan(fresh, report.plan.to_dict())
@@ -521,7 +521,7 @@ def test_gemma_style_rmsnorm_is_scored_by_one_plus_its_weight():
     assert source.scores(model.plain).tolist() == source.scores(model.ln).tolist() == [1.0, 0.5, 0.0, 0.5]
     assert source.sparsity_parameters(model.gemma) == []  # sign(w) would pull the scale to 1, not 0
     assert source.sparsity_parameters(model.ln) == [model.ln.weight]
-    mask = channel_mask(nn.ModuleDict({"gemma": model.gemma}), 0.25, source=source)
+    mask = unit_mask(nn.ModuleDict({"gemma": model.gemma}), 0.25, source=source)
     assert mask["gemma"].tolist() == [False, True, True, True]
     model.plain.worm_scale_offset = 1.0  # the attribute decides over the code
     assert source.scores(model.plain).tolist() == [0.0, 0.5, 1.0, 1.5]
@@ -572,7 +572,7 @@ def test_elementwise_ticket_survives_training_and_reloads_through_the_plan(model
     model = model_fn()
     x = torch.randn(2, 5, 16) if model_fn is not vit else torch.randn(2, 3, 32, 32)
     source = AttentionQKSource()
-    ticket = channel_mask(model, 0.5, source=source)
+    ticket = unit_mask(model, 0.5, source=source)
     with pytest.warns(UserWarning, match="saves no time"):
         report = prune_elementwise(model, ticket, source=source, measure_latency=False)
     model.train()

@@ -33,7 +33,7 @@ def test_head_search_with_two_stage_worm(tmp_path, lightning_info):
     assert eb.ticket_epoch is None or eb.ticket_epoch >= 2  # never at the first full window
     mean = eb.mean_distances[-1]
     assert worm.chi == pytest.approx(0.01 if mean < 0.015 else min(mean, 1.0))
-    assert worm.truncated_channels == (4 if worm.chi < 1.0 else 0)
+    assert worm.truncated_units == (4 if worm.chi < 1.0 else 0)
 
 
 def test_elementwise_search_state_round_trips(tmp_path):

@@ -46,7 +46,7 @@ from examples.benchmarks.common import (
 )
 from examples.callbacks import evaluate
 from examples.module import ImageClassifier
-from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback, channel_mask, prune_channels
+from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback, unit_mask, prune_channels
 from lightning_worm.core import measure
 from lightning_worm.core.recalibration import recalibrate_batchnorm
 
@@ -251,7 +251,7 @@ def fit_one(settings: Settings, recipe_name: str, method: str, seed: int, to_the
         data.setup("fit")
         before = meter.epochs[-1]["val_acc"]
         start = time.perf_counter()
-        report = prune_channels(module, channel_mask(module, settings.prune_ratio), example_input(module, 2),
+        report = prune_channels(module, unit_mask(module, settings.prune_ratio), example_input(module, 2),
                                 measure_latency=False)
         prune_seconds = time.perf_counter() - start  # the re-calibration's time is left out here (small)
         acc_after, acc_after_recal, _, recal_flops = measure_prune(module, data, settings.recalibrate_batches, seed)
@@ -264,7 +264,7 @@ def fit_one(settings: Settings, recipe_name: str, method: str, seed: int, to_the
         curve = meter.epochs + [pruned_point] + [dict(e, epoch=e["epoch"] + epochs) for e in finetune.epochs]
         out.update(curve=curve, final_from=len(meter.epochs), pruned_epoch=epochs - 1, acc_before=before,
                    acc_after=acc_after, acc_after_recal=acc_after_recal,
-                   channels_after=report.channels_after, mean_distances=list(tracker.mean_distances))
+                   channels_after=report.units_after, mean_distances=list(tracker.mean_distances))
     else:
         schedule = SEARCH_METHODS[method]
         tracker = EarlyBirdCallback(prune_ratio=settings.prune_ratio, window=settings.window,
@@ -288,7 +288,7 @@ def fit_one(settings: Settings, recipe_name: str, method: str, seed: int, to_the
             curve = curve[: i + 1] + [pruned_point] + curve[i + 1:]
             final_from = i + 1
             out.update(acc_before=probe.acc_before, acc_after=probe.acc_after,
-                       acc_after_recal=probe.acc_after_recal, channels_after=dict(probe.report["channels_after"]))
+                       acc_after_recal=probe.acc_after_recal, channels_after=dict(probe.report["units_after"]))
         out.update(curve=curve, final_from=final_from)
     if to_the_end:
         out.update(_final_numbers(module, data))

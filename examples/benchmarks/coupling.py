@@ -1,7 +1,7 @@
 """Which coupling rule removes what the ticket asks? One table over the torchvision BatchNorm families.
 
 For every family (the list of ``tests/test_torchvision_survey.py``), BN gammas are drawn from U(0.05, 1)
-(seed 0), the global 50 % |gamma| ticket is taken with ``channel_mask``, and ``prune_channels`` removes it
+(seed 0), the global 50 % |gamma| ticket is taken with ``unit_mask``, and ``prune_channels`` removes it
 under each coupling rule. Columns:
 
 * ``removed / prunable``: the fraction of the prunable channels removed (channels that can go at all:
@@ -23,7 +23,7 @@ import torch
 import torchvision
 from torch import nn
 
-from lightning_worm.core.masks import channel_mask
+from lightning_worm.core.masks import unit_mask
 from lightning_worm.core.surgery import prune_channels
 from lightning_worm.core.surgery.decision import COUPLINGS
 
@@ -49,7 +49,7 @@ def build(name: str, seed: int = 0) -> nn.Module:
 def measure(name: str, coupling: str, ratio: float, size: int) -> dict[str, float]:
     model = build(name)
     total = sum(m.num_features for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-    report = prune_channels(model, channel_mask(model, ratio), torch.zeros(1, 3, size, size), coupling=coupling,
+    report = prune_channels(model, unit_mask(model, ratio), torch.zeros(1, 3, size, size), coupling=coupling,
                             measure_latency=False)
     removed = report.pruned_from_ticket + report.pruned_outside_ticket
     return dict(prunable=report.removed_fraction, all=removed / total, agreement=report.ticket_agreement,

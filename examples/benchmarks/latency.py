@@ -4,7 +4,7 @@ Two measurements, both timed with ``torch.utils.benchmark`` (fixed threads), eva
 :mod:`lightning_worm.core.measure` (FLOPs per example, as Lightning's model summary counts them):
 
 **Export paths** (:func:`export_paths`, also ``python -m examples.benchmarks.latency``): dense vs pruned at
-p = 0.5 (``channel_mask`` + ``prune_channels`` with the default coupling), with and without ``round_to=8``,
+p = 0.5 (``unit_mask`` + ``prune_channels`` with the default coupling), with and without ``round_to=8``,
 each run in eager mode (contiguous), channels-last, channels-last with BatchNorm folded into the
 convolutions (``export_for_inference(model)``), and that compiled (``export_for_inference(model, compile=True)``),
 batch 64 on the CPU. Every pruned variant's latency is
@@ -19,7 +19,7 @@ compiling; it prints its duration)::
 **Methods** (:func:`run`, in the benchmark suite): for each model, BN gammas are randomised (fixed seed)
 and the model is pruned at each ratio by:
 
-- ``lightning-worm``: ``channel_mask`` + ``prune_channels`` (default coupling ``"vote"``), with and without
+- ``lightning-worm``: ``unit_mask`` + ``prune_channels`` (default coupling ``"vote"``), with and without
   ``round_to=8``, and with coupling ``"all"`` (a coupled channel goes only if the ticket prunes it everywhere);
 - ``torch-pruning``: its global BN-scale pruner (``BNScalePruner``, ``global_pruning=True``), the method
   behind the "number to beat" measured before this project existed;
@@ -51,7 +51,7 @@ from examples.benchmarks.common import (
     randomize_bn, save_figure,
 )
 from examples.models import resnet18, vgg11_bn
-from lightning_worm import channel_mask, prune_channels
+from lightning_worm import unit_mask, prune_channels
 from lightning_worm.core import measure
 
 SEED = 0
@@ -82,7 +82,7 @@ def prune_lightning_worm(
     model: nn.Module, ratio: float, round_to: int | None, coupling: str | None = None
 ) -> dict[str, Any]:
     options = {} if coupling is None else {"coupling": coupling}
-    report = prune_channels(model, channel_mask(model, ratio), torch.zeros(1, 3, 32, 32), round_to=round_to,
+    report = prune_channels(model, unit_mask(model, ratio), torch.zeros(1, 3, 32, 32), round_to=round_to,
                             measure_latency=False, **options)
     return {"channels_pruned": report.pruned_from_ticket + report.pruned_outside_ticket,
             "ticket_pruned": report.ticket_pruned}

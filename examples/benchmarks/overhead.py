@@ -9,7 +9,7 @@ step (the second epoch) runs with truncation active (checked and reported). Step
 ``perf_counter`` at the batch boundaries (batch start to batch end: forward, backward, callbacks,
 optimizer step). The callbacks' own hooks are timed too, which is the overhead without the noise.
 
-Second part: the per-epoch cost of the tracker's work (``channel_mask`` and the window distances)
+Second part: the per-epoch cost of the tracker's work (``unit_mask`` and the window distances)
 on a model with 100k+ BatchNorm channels, and on the two real models.
 """
 
@@ -33,7 +33,7 @@ from examples.benchmarks.common import (
 )
 from examples.models import build_model
 from examples.module import ImageClassifier
-from lightning_worm import EarlyBirdCallback, TicketDetector, WormCallback, channel_mask
+from lightning_worm import EarlyBirdCallback, TicketDetector, WormCallback, unit_mask
 
 PER_STEP_HOOKS = ("on_train_batch_start", "on_after_backward", "on_before_optimizer_step", "on_train_batch_end")
 
@@ -68,7 +68,7 @@ class StepClock(pl.Callback):
             self.times.append(time.perf_counter() - self._start)
             self.cpu_times.append(time.process_time() - self._cpu_start)
             if self.worm is not None:
-                self.truncated.append(self.worm.truncated_channels if self.worm.chi < 1.0 else 0)
+                self.truncated.append(self.worm.truncated_units if self.worm.chi < 1.0 else 0)
 
 
 def instrument(callback: pl.Callback, spent: dict[str, float]) -> None:
@@ -134,10 +134,10 @@ def mask_cost(settings: Settings) -> list[dict[str, Any]]:
     for name, model in models.items():
         model = randomize_bn(model, 0).to(device)
         channels = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
-        mask_times = timed(functools.partial(channel_mask, model, 0.5), repeats=settings.mask_repeats, warmup=2,
+        mask_times = timed(functools.partial(unit_mask, model, 0.5), repeats=settings.mask_repeats, warmup=2,
                            device=device)
         detector = TicketDetector(window=settings.window, threshold=settings.threshold, keep_history=True)
-        mask = channel_mask(model, 0.5)
+        mask = unit_mask(model, 0.5)
         for _ in range(settings.window):  # fill the window: every update then computes its distances
             detector.update(mask)
         update_times = timed(functools.partial(detector.update, mask), repeats=settings.mask_repeats, device=device)

@@ -126,7 +126,7 @@ class _StageClock:
         import lightning_worm.callbacks.early_bird as tracker
         import lightning_worm.core.masks as masks
 
-        self._targets: dict[str, tuple[Any, str]] = {"scores": (tracker, "channel_scores"),
+        self._targets: dict[str, tuple[Any, str]] = {"scores": (tracker, "unit_scores"),
                                                      "ranking": (tracker, "mask_from_scores"),
                                                      "update": (callback.detector, "update")}
         if hasattr(masks, "score_checksum"):  # the fingerprint, taken inside the ranking
@@ -310,7 +310,7 @@ def bert_heads(repeats: int, batch: int = 4, tokens: int = 128) -> dict[str, Any
         pruned_ms.append(latency(model))
     flops_dense, flops_pruned = (forward_flops(m, (ids,), per_example=True) for m in (dense, model))
     return {
-        "heads": f"{sum(report.channels_before.values())} -> {sum(report.channels_after.values())}",
+        "heads": f"{sum(report.units_before.values())} -> {sum(report.units_after.values())}",
         "params_ratio": report.params_after / report.params_before,
         "flops_ratio": flops_pruned / flops_dense,
         "latency_dense_ms": min(dense_ms),

@@ -7,7 +7,8 @@ Everything else in the callbacks uses public hooks and properties only.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -32,7 +33,7 @@ USED = (
 )
 
 
-def rewrap_ddp(trainer: "pl.Trainer") -> None:
+def rewrap_ddp(trainer: pl.Trainer) -> None:
     """Wrap the (pruned) LightningModule in a new ``DistributedDataParallel`` on every rank.
 
     DDP's reducer holds the old parameters after a prune. Lightning has no public call to re-wrap a model
@@ -45,7 +46,7 @@ def rewrap_ddp(trainer: "pl.Trainer") -> None:
         strategy.configure_ddp()
 
 
-def launcher_start_method(trainer: "pl.Trainer") -> str | None:
+def launcher_start_method(trainer: pl.Trainer) -> str | None:
     """``"spawn"``, ``"fork"`` or ``"forkserver"`` when the strategy starts its processes that way, else ``None``.
 
     Such launchers copy the trained weights back into the main process's module at the end of the fit;
@@ -73,7 +74,7 @@ class CheckpointHooks:
         self.plan: dict[str, Any] | None = None
 
 
-def checkpoint_hooks(pl_module: "pl.LightningModule") -> CheckpointHooks:
+def checkpoint_hooks(pl_module: pl.LightningModule) -> CheckpointHooks:
     """The :class:`CheckpointHooks` of ``pl_module``, installed on first use."""
     hooks = pl_module.__dict__.get("_lightning_worm_checkpoint_hooks")
     if hooks is not None:
@@ -98,7 +99,7 @@ def checkpoint_hooks(pl_module: "pl.LightningModule") -> CheckpointHooks:
     return hooks
 
 
-def attached_trainer(pl_module: "pl.LightningModule") -> "pl.Trainer | None":
+def attached_trainer(pl_module: pl.LightningModule) -> pl.Trainer | None:
     """The trainer ``pl_module`` is attached to now, or ``None`` (public API: ``trainer`` raises when detached)."""
     try:
         return pl_module.trainer

@@ -6,7 +6,7 @@ the name of the change. The core imports these names from here, never from torch
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -126,7 +126,7 @@ def set_index_mapping(dep: Any, mapping: Callable[[list], list]) -> None:
     dep.index_mapping[0] = mapping
 
 
-def hybrid_index(idx: int, root_idx: Optional[int]) -> Any:
+def hybrid_index(idx: int, root_idx: int | None) -> Any:
     return tp._helpers._HybridIndex(idx, root_idx)
 
 
@@ -134,7 +134,7 @@ def is_split_op(module: nn.Module) -> bool:
     return isinstance(module, ops._SplitOp)
 
 
-def split_sizes(module: nn.Module) -> Optional[list[int]]:
+def split_sizes(module: nn.Module) -> list[int] | None:
     """The sizes of a split op's parts as traced (``None`` if unknown)."""
     return module.split_sizes
 
@@ -151,7 +151,7 @@ def group_of(graph: tp.DependencyGraph, deps: list[tuple[Any, list[int]]]) -> tp
 # ------------------------------------------------------------------------------------------- autograd
 
 
-def saved_sizes(grad_fn: Any) -> Optional[list[int]]:
+def saved_sizes(grad_fn: Any) -> list[int] | None:
     """The input sizes a view/split saved (``_saved_self_sym_sizes``), ``None`` if none."""
     sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
     return None if sizes is None else list(sizes)
@@ -188,12 +188,12 @@ class SplitGradFn:
 
 # ------------------------------------------------------------------------- the parameter-slice recorder
 
-_recorder: ContextVar[Optional[Callable[[Tensor, Tensor, Any, int], None]]] = ContextVar(
+_recorder: ContextVar[Callable[[Tensor, Tensor, Any, int], None] | None] = ContextVar(
     "lightning_worm_parameter_recorder", default=None
 )
 _lock = threading.Lock()
 _depth = 0
-_original: Optional[Callable] = None
+_original: Callable | None = None
 
 
 def _recording(self: Any, weight: Tensor, keep_idxs: Any, pruning_dim: int) -> nn.Parameter:
@@ -261,7 +261,7 @@ class _ChunkShuffle(nn.Module):
 class _Probe(HookedDependencyGraph):
     def __init__(self) -> None:
         super().__init__()
-        self.traced: Optional[dict] = None
+        self.traced: dict | None = None
         self.built = False
 
     def after_trace(self, module2node: dict) -> None:
@@ -279,7 +279,7 @@ def _probe_graph() -> _Probe:
         return _Probe().build_dependency(_ChunkShuffle().eval(), torch.zeros(1, 3, 4, 4), verbose=False)
 
 
-def _check_trace() -> Optional[str]:
+def _check_trace() -> str | None:
     params = list(inspect.signature(tp.DependencyGraph._trace).parameters)
     if params[:2] != ["self", "model"]:
         return f"its signature is now {params}"
@@ -289,12 +289,12 @@ def _check_trace() -> Optional[str]:
     return None
 
 
-def _check_build_dependency() -> Optional[str]:
+def _check_build_dependency() -> str | None:
     graph = _probe_graph()
     return None if graph.built else "it is no longer called with the traced module2node after _trace"
 
 
-def _check_registered_pruners() -> Optional[str]:
+def _check_registered_pruners() -> str | None:
     graph = tp.DependencyGraph()
     missing = [a for a in ("REGISTERED_PRUNERS", "_in_channel_pruning_fn", "_out_channel_pruning_fn")
                if not hasattr(graph, a)]
@@ -307,7 +307,7 @@ def _check_registered_pruners() -> Optional[str]:
     return None
 
 
-def _check_node_fields() -> Optional[str]:
+def _check_node_fields() -> str | None:
     graph = _probe_graph()
     node = graph.module2node[graph.model.bn]
     missing = [a for a in ("type", "module", "module_class", "grad_fn", "outputs", "inputs", "dependencies")
@@ -319,7 +319,7 @@ def _check_node_fields() -> Optional[str]:
     return None
 
 
-def _check_index_mapping() -> Optional[str]:
+def _check_index_mapping() -> str | None:
     graph = _probe_graph()
     deps = [d for n in graph.module2node.values() for d in n.dependencies]
     if not deps or not all(isinstance(getattr(d, "index_mapping", None), list) and len(d.index_mapping) == 2
@@ -328,7 +328,7 @@ def _check_index_mapping() -> Optional[str]:
     return None
 
 
-def _check_split_op() -> Optional[str]:
+def _check_split_op() -> str | None:
     if not hasattr(ops, "_SplitOp"):
         return "torch_pruning.ops._SplitOp is gone"
     graph = _probe_graph()
@@ -341,7 +341,7 @@ def _check_split_op() -> Optional[str]:
     return None
 
 
-def _check_hybrid_index() -> Optional[str]:
+def _check_hybrid_index() -> str | None:
     cls = getattr(getattr(tp, "_helpers", None), "_HybridIndex", None)
     if cls is None:
         return "torch_pruning._helpers._HybridIndex is gone"
@@ -351,7 +351,7 @@ def _check_hybrid_index() -> Optional[str]:
     return None
 
 
-def _check_group_dg() -> Optional[str]:
+def _check_group_dg() -> str | None:
     group = tp.dependency.Group()
     if not hasattr(group, "_DG"):
         return "Group no longer has _DG"
@@ -360,7 +360,7 @@ def _check_group_dg() -> Optional[str]:
     return None
 
 
-def _check_prune_parameter_and_grad() -> Optional[str]:
+def _check_prune_parameter_and_grad() -> str | None:
     fn = getattr(function.BasePruningFunc, "_prune_parameter_and_grad", None)
     if fn is None:
         return "BasePruningFunc._prune_parameter_and_grad is gone"
@@ -376,7 +376,7 @@ def _check_prune_parameter_and_grad() -> Optional[str]:
     return None
 
 
-def _check_autograd() -> Optional[str]:
+def _check_autograd() -> str | None:
     x = torch.zeros(1, 4, 2, 2, requires_grad=True)
     y = x.view(1, 2, 2, 2, 2).transpose(1, 2)
     if y.grad_fn.name() != "TransposeBackward0" or transposed_dims(y.grad_fn) != (1, 2):
@@ -392,7 +392,7 @@ def _check_autograd() -> Optional[str]:
     return None
 
 
-_CHECKS: dict[str, Callable[[], Optional[str]]] = {
+_CHECKS: dict[str, Callable[[], str | None]] = {
     "DependencyGraph._trace": _check_trace,
     "DependencyGraph._build_dependency": _check_build_dependency,
     "DependencyGraph.REGISTERED_PRUNERS": _check_registered_pruners,
@@ -406,7 +406,7 @@ _CHECKS: dict[str, Callable[[], Optional[str]]] = {
 }
 
 
-def check(name: str) -> Optional[str]:
+def check(name: str) -> str | None:
     """``None`` if the internal ``name`` (a key of :data:`INTERNALS`) still works as used, else what changed."""
     try:
         problem = _CHECKS[name]()

@@ -17,7 +17,7 @@ SUPPORTED = (
 )
 
 
-def check_strategy(trainer: "pl.Trainer", who: str) -> None:
+def check_strategy(trainer: pl.Trainer, who: str) -> None:
     """Raise if the strategy shards parameters (FSDP, DeepSpeed, model parallel): units must be whole.
 
     Raises:
@@ -31,13 +31,13 @@ def check_strategy(trainer: "pl.Trainer", who: str) -> None:
         )
 
 
-def decide_on_rank_zero(trainer: "pl.Trainer", obj: T) -> T:
+def decide_on_rank_zero(trainer: pl.Trainer, obj: T) -> T:
     """Return rank 0's ``obj`` on every rank (a no-op on one process). Every rank must call it together."""
     if trainer.world_size == 1:
         return obj
     return trainer.strategy.broadcast(obj, src=0)
 
 
-def log_shared(pl_module: "pl.LightningModule", name: str, value: float, prog_bar: bool = False) -> None:
+def log_shared(pl_module: pl.LightningModule, name: str, value: float, prog_bar: bool = False) -> None:
     """Log, once per epoch, a value every rank holds alike (``reduce_fx="max"`` keeps it exact under DDP)."""
     pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max", prog_bar=prog_bar)

@@ -31,12 +31,12 @@ def check_tracker_spec(early_bird: Any, who: str) -> None:
     )
 
 
-def trackers(trainer: "pl.Trainer") -> list[EarlyBirdCallback]:
+def trackers(trainer: pl.Trainer) -> list[EarlyBirdCallback]:
     """The trainer's EarlyBirdCallbacks, in list order."""
     return [c for c in trainer.callbacks if isinstance(c, EarlyBirdCallback)]
 
 
-def end_every_search(trainer: "pl.Trainer") -> None:
+def end_every_search(trainer: pl.Trainer) -> None:
     """End the search of every tracker in ``trainer`` that still searches (the model was pruned: masks of the
     old shapes mean nothing any more)."""
     for tracker in trackers(trainer):
@@ -44,7 +44,7 @@ def end_every_search(trainer: "pl.Trainer") -> None:
             tracker.end_search()
 
 
-def find_tracker(trainer: "pl.Trainer", early_bird: TrackerSpec, who: str) -> EarlyBirdCallback:
+def find_tracker(trainer: pl.Trainer, early_bird: TrackerSpec, who: str) -> EarlyBirdCallback:
     """The tracker ``early_bird`` designates among the trainer's callbacks.
 
     Raises:

@@ -16,11 +16,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_worm._deprecation import RenamedAttribute, warn_renamed
 from lightning_worm._internals.lightning import attached_trainer, checkpoint_hooks
 from lightning_worm.callbacks._strategy import check_strategy, decide_on_rank_zero, log_shared
-from lightning_worm.checkpoint import find_pruning_plan, _raise_for_unloadable_checkpoint
+from lightning_worm.checkpoint import _raise_for_unloadable_checkpoint, find_pruning_plan
 from lightning_worm.core.detector import TicketDetector
-from lightning_worm.core.masks import Mask, NonFiniteScoreError, channel_scores, mask_from_scores
+from lightning_worm.core.masks import Mask, NonFiniteScoreError, mask_from_scores, unit_scores
 from lightning_worm.core.regularization import add_sparsity_gradient
 from lightning_worm.core.sources import ScoreSource, resolve_source
 from lightning_worm.core.truncation import GradientTruncation
@@ -52,7 +53,8 @@ class EarlyBirdCallback(Callback):
         threshold: the ticket emerges once the distance is at most this, in [0, 1].
         sparsity: network-slimming L1 term: ``sparsity * sign(score parameter)`` is added to the source's
             sparsity parameters' (unscaled) gradient once per optimizer step while the search runs. 0: off.
-        min_channels: units every entry keeps at least.
+        min_units: units every entry keeps at least.
+        min_channels: deprecated name of ``min_units`` (removed in 0.3).
         every_n_epochs: take a mask every this many epochs (epochs in between record NaN).
         stop_on_ticket: stop the fit at the end of the epoch in which the ticket emerges.
         source: what is scored: a :class:`~lightning_worm.ScoreSource` or the name of one (``"batchnorm"``,
@@ -87,7 +89,7 @@ class EarlyBirdCallback(Callback):
         window: int = 5,
         threshold: float = 0.1,
         sparsity: float = 0.0,
-        min_channels: int = 1,
+        min_units: int = 1,
         every_n_epochs: int = 1,
         stop_on_ticket: bool = False,
         source: str | ScoreSource | None = None,
@@ -95,11 +97,15 @@ class EarlyBirdCallback(Callback):
         verbose: bool = True,
         accept_first_window: bool = True,
         first_mask: Literal["epoch_end", "train_start"] = "epoch_end",
+        min_channels: int | None = None,
     ) -> None:
         super().__init__()
+        if min_channels is not None:
+            warn_renamed("EarlyBirdCallback(min_channels=...)", "min_units=")
+            min_units = min_channels
         self.prune_ratio = check_number("prune_ratio", prune_ratio, low=0.0, high=1.0, low_open=True, high_open=True)
         self.sparsity = check_number("sparsity", sparsity, low=0.0)
-        self.min_channels = check_int("min_channels", min_channels, minimum=1)
+        self.min_units = check_int("min_units", min_units, minimum=1)
         self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=1)
         self.stop_on_ticket = check_bool("stop_on_ticket", stop_on_ticket)
         self.verbose = check_bool("verbose", verbose)
@@ -128,8 +134,11 @@ class EarlyBirdCallback(Callback):
     def _settings(self) -> dict[str, Any]:
         return dict(
             prune_ratio=self.prune_ratio, window=self.window, threshold=self.threshold, sparsity=self.sparsity,
-            min_channels=self.min_channels, every_n_epochs=self.every_n_epochs, source=type(self.source).__name__,
+            # `min_channels` is the name this setting has in the state keys of earlier checkpoints: kept, so they resume.
+            min_channels=self.min_units, every_n_epochs=self.every_n_epochs, source=type(self.source).__name__,
         )
+
+    min_channels = RenamedAttribute("min_units")
 
     @property
     def window(self) -> int:
@@ -171,7 +180,7 @@ class EarlyBirdCallback(Callback):
         self.version += 1
 
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         check_strategy(trainer, type(self).__name__)
@@ -196,7 +205,7 @@ class EarlyBirdCallback(Callback):
 
     @override
     def on_load_checkpoint(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         # Lightning matches states by key; a tracker whose settings changed would silently start afresh.
         states = checkpoint.get("callbacks", {})
@@ -216,24 +225,24 @@ class EarlyBirdCallback(Callback):
         )
 
     @override
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # A checkpoint that cannot be read fails inside Lightning with a bare EOFError or OSError: name it.
         _raise_for_unloadable_checkpoint(trainer, exception)
 
     @override
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.first_mask == "train_start" and self.detector.epoch == 0 and self.searching:
             self._offset = 1
             self._record(trainer, pl_module)
 
     @override
     def on_train_batch_start(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch_idx = batch_idx
 
     @override
-    def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # WORM's truncation, once per optimizer step on the final loss gradient: the backward that completes an
         # accumulation (DDP has reduced it; clipping comes later). It commutes with AMP's loss scale.
         if (self.truncation is not None and pl_module.automatic_optimization
@@ -242,7 +251,7 @@ class EarlyBirdCallback(Callback):
 
     @override
     def on_before_optimizer_step(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Optimizer
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         # After the closure and, under AMP, after unscaling: the true gradient, once per step. The edits in their
         # one order: WORM's truncation (here under manual optimization), then the sparsity term, never truncated.
@@ -261,10 +270,10 @@ class EarlyBirdCallback(Callback):
         add_sparsity_gradient(params, self.sparsity)
 
     @override
-    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.observe_epoch(trainer, pl_module)
 
-    def observe_epoch(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def observe_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Take this epoch's mask (once per epoch; later calls in the same epoch do nothing).
 
         Followers that act at the end of an epoch call it first, so that the tracker's state is that of
@@ -290,7 +299,7 @@ class EarlyBirdCallback(Callback):
             return
         self._record(trainer, pl_module)
 
-    def _record(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         outcome = self._take_mask(pl_module)
         if trainer.world_size > 1:
             outcome = self._share_rank_zero_mask(trainer, pl_module, outcome)
@@ -309,8 +318,8 @@ class EarlyBirdCallback(Callback):
             if self.stop_on_ticket:
                 trainer.should_stop = True
 
-    def _take_mask(self, pl_module: "pl.LightningModule") -> tuple[Mask, int] | NonFiniteScoreError:
-        scores = channel_scores(pl_module, self.source)
+    def _take_mask(self, pl_module: pl.LightningModule) -> tuple[Mask, int] | NonFiniteScoreError:
+        scores = unit_scores(pl_module, self.source)
         if not scores:
             lazy = [n for n, why in self.source.skipped(pl_module).items() if why.startswith("lazy")]
             raise ValueError(
@@ -320,13 +329,13 @@ class EarlyBirdCallback(Callback):
                 + "Run the model once before the fit, use non-lazy layers, or pass a `source=` that scores your layers."
             )
         try:
-            result = mask_from_scores(scores, self.prune_ratio, self.min_channels)
+            result = mask_from_scores(scores, self.prune_ratio, self.min_units)
         except NonFiniteScoreError as err:
             return err
         if result.restored and self.verbose and not self._restored_reported:
             self._restored_reported = True
             rank_zero_info(
-                f"{type(self).__name__}: `min_channels={self.min_channels}` keeps back "
+                f"{type(self).__name__}: `min_units={self.min_units}` keeps back "
                 f"{result.requested - result.pruned} of the {result.requested} units the ratio prunes "
                 f"(in {', '.join(result.restored)})."
             )
@@ -335,7 +344,7 @@ class EarlyBirdCallback(Callback):
 
     @staticmethod
     def _share_rank_zero_mask(
-        trainer: "pl.Trainer", pl_module: "pl.LightningModule", outcome: Any
+        trainer: pl.Trainer, pl_module: pl.LightningModule, outcome: Any
     ) -> tuple[Mask, int] | NonFiniteScoreError:
         # Rank 0 decides; the broadcast pickles, so send the packed bits and place them on this rank's device.
         if not isinstance(outcome, NonFiniteScoreError):
@@ -347,14 +356,14 @@ class EarlyBirdCallback(Callback):
         packed, layout, fingerprint = outcome
         return Mask.unpack(packed, layout).to(pl_module.device), fingerprint
 
-    def _log(self, pl_module: "pl.LightningModule", distance: float, mean: float) -> None:
+    def _log(self, pl_module: pl.LightningModule, distance: float, mean: float) -> None:
         prefix = self.log_prefix(pl_module.trainer, "earlybird")
         if not math.isnan(distance):
             log_shared(pl_module, f"{prefix}/mask_distance", distance, prog_bar=True)
             log_shared(pl_module, f"{prefix}/mean_distance", mean)
         log_shared(pl_module, f"{prefix}/ticket_found", float(self.ticket is not None))
 
-    def log_prefix(self, trainer: "pl.Trainer", name: str) -> str:
+    def log_prefix(self, trainer: pl.Trainer, name: str) -> str:
         """``name``, namespaced by this tracker's prune ratio when several trackers run in ``trainer``."""
         several = sum(isinstance(c, EarlyBirdCallback) for c in trainer.callbacks) > 1
         return f"{name}_{self.prune_ratio:g}" if several else name
@@ -391,7 +400,7 @@ class EarlyBirdCallback(Callback):
         self.version += 1
 
 
-def _completes_accumulation(trainer: "pl.Trainer", batch_idx: int) -> bool:
+def _completes_accumulation(trainer: pl.Trainer, batch_idx: int) -> bool:
     """Whether the backward of batch ``batch_idx`` is the last before an optimizer step (public state only).
 
     Lightning steps after every ``accumulate_grad_batches`` batches and on the last batch of the epoch.
@@ -412,7 +421,7 @@ def _settings_from_key(key: str) -> dict[str, Any]:
     return settings if isinstance(settings, dict) else {}
 
 
-def _check_resumable(pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+def _check_resumable(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
     """Run before the weights load: a pruned checkpoint needs a PruneAndFinetune in the module's Trainer."""
     trainer = attached_trainer(pl_module)
     if trainer is None or checkpoint_hooks(pl_module).plan is not None:

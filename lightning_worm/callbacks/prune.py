@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -21,14 +22,20 @@ from lightning_worm._internals.lightning import (
     optimizers_to_device,
     rewrap_ddp,
 )
-from lightning_worm.callbacks.early_bird import EarlyBirdCallback
 from lightning_worm.callbacks._strategy import check_strategy, decide_on_rank_zero, log_shared
-from lightning_worm.callbacks._tracking import TrackerSpec, check_tracker_spec, end_every_search, find_tracker, tracker_key
-from lightning_worm.checkpoint import CHECKPOINT_KEY, PLAN_OWNER, find_pruning_plan, _raise_for_unloadable_checkpoint
-from lightning_worm.core.masks import Mask
-from lightning_worm.core.serialization import strict_json
+from lightning_worm.callbacks._tracking import (
+    TrackerSpec,
+    check_tracker_spec,
+    end_every_search,
+    find_tracker,
+    tracker_key,
+)
+from lightning_worm.callbacks.early_bird import EarlyBirdCallback
+from lightning_worm.checkpoint import CHECKPOINT_KEY, PLAN_OWNER, _raise_for_unloadable_checkpoint, find_pruning_plan
 from lightning_worm.core.inputs import as_inputs, first_input, inputs_to
+from lightning_worm.core.masks import Mask
 from lightning_worm.core.measure import eval_mode
+from lightning_worm.core.serialization import strict_json
 from lightning_worm.core.surgery import (
     DEFAULT_COUPLING,
     PruningPlan,
@@ -137,8 +144,8 @@ class PruneAndFinetune(Callback):
         reinit: bool = False,
         measure_latency: bool = True,
         recalibrate_batches: int = 10,
-        evaluate: Callable[["pl.LightningModule"], float] | None = None,
-        recalibrate_forward: Callable[["pl.LightningModule", Any], Any] | None = None,
+        evaluate: Callable[[pl.LightningModule], float] | None = None,
+        recalibrate_forward: Callable[[pl.LightningModule, Any], Any] | None = None,
         ticket: Literal["early_bird", "random"] = "early_bird",
         seed: int = 0,
         report_dir: str | None = None,
@@ -181,7 +188,7 @@ class PruneAndFinetune(Callback):
         return self._generate_state_key(early_bird=tracker_key(self._spec, self.early_bird))
 
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         hooks = checkpoint_hooks(pl_module)
         # The hooks live on the module and outlast this fit: they read the trainer the module is in when they
         # run, and the plan is the module's (any later checkpoint of the pruned module describes it).
@@ -223,12 +230,12 @@ class PruneAndFinetune(Callback):
                 f"({surgery.kind!r}) takes {list(surgery.options)}. Leave the option at its default."
             )
 
-    def _record_plan(self, pl_module: "pl.LightningModule", plan: PruningPlan) -> None:
+    def _record_plan(self, pl_module: pl.LightningModule, plan: PruningPlan) -> None:
         """The plan now applied to ``pl_module``: this callback's, and the module's (its later checkpoints')."""
         self.plan = plan
         checkpoint_hooks(pl_module).plan = plan.to_dict()
 
-    def _apply_checkpoint_plan(self, pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+    def _apply_checkpoint_plan(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         trainer = attached_trainer(pl_module)
         if trainer is None or not any(c is self for c in trainer.callbacks):
             return  # an earlier fit's callback: the callbacks of the module's current Trainer decide
@@ -240,17 +247,17 @@ class PruneAndFinetune(Callback):
         end_every_search(trainer)  # a weights-only checkpoint has no tracker state to say so
 
     @override
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         _raise_for_unloadable_checkpoint(trainer, exception)
 
     @override
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.stop_epoch is not None:  # resumed after the prune: the fine-tuning still ends where it should
             trainer.fit_loop.max_epochs = self.stop_epoch
 
     @override
     def on_train_batch_start(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.example_input is None and self.plan is None:
             self.example_input = first_input(batch, limit=2)
@@ -264,7 +271,7 @@ class PruneAndFinetune(Callback):
                 )
 
     @override
-    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.early_bird is None or trainer.sanity_checking:
             return
         self.early_bird.observe_epoch(trainer, pl_module)  # whatever the callbacks' order
@@ -275,7 +282,7 @@ class PruneAndFinetune(Callback):
         tracker = self.early_bird
         return self.plan is None and tracker is not None and tracker.searching and tracker.ticket is not None
 
-    def prune(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Prune the ticket now, rebuild the optimizers, end the search. Every rank calls it together."""
         example = self.example_input if self.example_input is not None else pl_module.example_input_array
         if example is None:
@@ -317,12 +324,12 @@ class PruneAndFinetune(Callback):
                 f"`configure_optimizers` returned {len(trainer.strategy.optimizers)} optimizers after pruning but "
                 f"{len(old_optimizers)} before: it must build the same optimizers from `self.parameters()`."
             )
-        for old, new in zip(old_optimizers, trainer.strategy.optimizers):
+        for old, new in zip(old_optimizers, trainer.strategy.optimizers, strict=False):
             carry_optimizer_state(old, new, params_before, params_after, report.kept_indices,
                                   hyperparameters=not self.restart_schedule,  # the schedule's current lr goes on
                                   state=not (self.reset_optimizer_state or self.reinit))
         if not self.restart_schedule:
-            for old, cfg in zip(old_schedulers, trainer.strategy.lr_scheduler_configs):
+            for old, cfg in zip(old_schedulers, trainer.strategy.lr_scheduler_configs, strict=False):
                 cfg.scheduler.load_state_dict(old.state_dict())
         if self.finetune_epochs is not None:
             self.stop_epoch = self.pruned_epoch + 1 + self.finetune_epochs
@@ -337,14 +344,14 @@ class PruneAndFinetune(Callback):
         self.report.pop("plan", None)
         self._publish(trainer, pl_module)
 
-    def _evaluate(self, pl_module: "pl.LightningModule") -> float | None:
+    def _evaluate(self, pl_module: pl.LightningModule) -> float | None:
         if self.evaluate is None:
             return None
         with eval_mode(pl_module), torch.no_grad():
             value = self.evaluate(pl_module)
         return float(value) if isinstance(value, (int, float, Tensor)) else value
 
-    def _recalibrate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> int:
+    def _recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
         if not self.recalibrate_batches:
             return 0
         from lightning_worm.core.recalibration import has_running_statistics, recalibrate_batchnorm
@@ -380,7 +387,7 @@ class PruneAndFinetune(Callback):
                 pl_module.get_buffer(name).copy_(value)
         return used
 
-    def _publish(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def _publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         r = self.report
         log_shared(pl_module, "pruning/params_ratio", r["params_after"] / r["params_before"])
         log_shared(pl_module, "pruning/flops_ratio", r["flops_after"] / r["flops_before"])

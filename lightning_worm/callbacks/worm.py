@@ -10,9 +10,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_worm.callbacks.early_bird import EarlyBirdCallback
+from lightning_worm._deprecation import RenamedAttribute
 from lightning_worm.callbacks._strategy import check_strategy, log_shared
 from lightning_worm.callbacks._tracking import TrackerSpec, check_tracker_spec, find_tracker, tracker_key
+from lightning_worm.callbacks.early_bird import EarlyBirdCallback
 from lightning_worm.core.truncation import ChiSchedule, GradientTruncation
 
 __all__ = ["WormCallback"]
@@ -38,7 +39,7 @@ class WormCallback(Callback):
     ``on_before_optimizer_step``. Its sparsity term comes after, under both, and is never truncated;
     neither is weight decay inside the optimizer. Once the model is pruned, nothing is truncated any more.
 
-    Logs ``worm/chi`` (the multiplier in use during the epoch) and ``worm/truncated_channels``
+    Logs ``worm/chi`` (the multiplier in use during the epoch) and ``worm/truncated_units``
     (``worm_<ratio>/...`` when several trackers run).
 
     Args:
@@ -96,12 +97,14 @@ class WormCallback(Callback):
         return self.schedule.value
 
     @property
-    def truncated_channels(self) -> int:
+    def truncated_units(self) -> int:
         """How many units' gradients are multiplied by :attr:`chi` now (0 once the model is pruned)."""
-        return self._truncation.truncated_channels if self._truncation is not None else 0
+        return self._truncation.truncated_units if self._truncation is not None else 0
+
+    truncated_channels = RenamedAttribute("truncated_units")
 
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         name = type(self).__name__
@@ -131,7 +134,7 @@ class WormCallback(Callback):
             self.schedule.update(detector.mean_distances[epoch])
         self._consumed = len(detector.mask_epochs)
 
-    def _sync(self, pl_module: "pl.LightningModule") -> None:
+    def _sync(self, pl_module: pl.LightningModule) -> None:
         """Re-read the tracker's state if it changed: advance the schedule, rebuild the factors."""
         tracker = self.early_bird
         if tracker is None or self._truncation is None or tracker.version == self._seen_version:
@@ -142,22 +145,22 @@ class WormCallback(Callback):
         self._truncation.set(mask, self.schedule.value if mask is not None else 1.0)
 
     @override
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync(pl_module)  # after a checkpoint restore
 
     @override
     def on_train_batch_start(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._sync(pl_module)
         if self._logged_chi is None and self.early_bird is not None and self.early_bird.searching:
             self._logged_chi = self.schedule.value
             prefix = self.early_bird.log_prefix(trainer, "worm")
             log_shared(pl_module, f"{prefix}/chi", self._logged_chi, prog_bar=True)
-            log_shared(pl_module, f"{prefix}/truncated_channels", float(self.truncated_channels))
+            log_shared(pl_module, f"{prefix}/truncated_units", float(self.truncated_units))
 
     @override
-    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._logged_chi = None
 
     @override
@@ -173,7 +176,7 @@ class WormCallback(Callback):
         self._seen_version = -1
 
     @override
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The tracker applies the truncation in its own hooks, in one order with its sparsity term; every setup
         # has run by now, so the tracker's own (which forgets an earlier fit's truncation) cannot undo this.
         self.early_bird.truncation = self._truncation

@@ -9,6 +9,8 @@ from lightning_worm.core.masks import (
     channel_scores,
     mask_distance,
     mask_from_scores,
+    unit_mask,
+    unit_scores,
 )
 from lightning_worm.core.regularization import add_sparsity_gradient
 from lightning_worm.core.sources import SOURCES, BatchNormSource, ChannelSource, ScoreSource, resolve_source
@@ -31,4 +33,6 @@ __all__ = [
     "mask_distance",
     "mask_from_scores",
     "resolve_source",
+    "unit_mask",
+    "unit_scores",
 ]

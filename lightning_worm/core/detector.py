@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,7 +47,7 @@ class TicketDetector:
         detector = TicketDetector(window=5, threshold=0.1)
         for epoch in range(epochs):
             train_one_epoch()
-            detector.update(channel_mask(model, 0.5))
+            detector.update(unit_mask(model, 0.5))
             if detector.ticket is not None:
                 break
     """

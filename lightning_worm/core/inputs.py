@@ -8,7 +8,7 @@ takes one (the surgery, the measurements, ``PruneAndFinetune(example_input=...)`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -44,12 +44,12 @@ def batch_size(example_input: ExampleInput) -> int:
     return int(first.shape[0]) if first.dim() and first.shape[0] else 1
 
 
-def inputs_to(example_input: ExampleInput, device: Union[torch.device, str]) -> tuple[Tensor, ...]:
+def inputs_to(example_input: ExampleInput, device: torch.device | str) -> tuple[Tensor, ...]:
     """The inputs of ``example_input`` on ``device``."""
     return tuple(x.to(device) for x in as_inputs(example_input))
 
 
-def first_input(batch: Any, limit: Optional[int] = None) -> Optional[Tensor]:
+def first_input(batch: Any, limit: int | None = None) -> Tensor | None:
     """The model input of a training batch: the batch itself if it is a tensor, else its first item if that is
     one (``(inputs, targets)``); ``None`` if neither. ``limit`` keeps its first examples only (detached)."""
     if isinstance(batch, (tuple, list)) and batch:

@@ -18,6 +18,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from lightning_worm._deprecation import warn_renamed
 from lightning_worm.core.sources import ScoreSource, resolve_source
 from lightning_worm.core.validation import check_int, check_number
 
@@ -31,6 +32,8 @@ __all__ = [
     "mask_distance",
     "mask_from_scores",
     "score_checksum",
+    "unit_mask",
+    "unit_scores",
 ]
 
 Layout = tuple[tuple[str, tuple[int, ...]], ...]
@@ -41,7 +44,7 @@ class Mask(Mapping[str, Tensor]):
     """Keep-masks of several entries, backed by one flat bool tensor and its layout.
 
     ``mask[name]`` is a read-only view shaped like that entry's scores; ``mask.flat`` is every unit in
-    layout order. Build one with :meth:`from_dict`, or get one from :func:`channel_mask`. A mask is
+    layout order. Build one with :meth:`from_dict`, or get one from :func:`unit_mask`. A mask is
     immutable: its packed bits (:meth:`packed`) are kept once computed, and a mask rebuilt from them
     (:meth:`unpack`) unpacks its units only when they are read, so that the distance of two packed masks
     (:func:`mask_distance`) is taken on their bits.
@@ -61,7 +64,7 @@ class Mask(Mapping[str, Tensor]):
 
     __slots__ = ("_flat", "_bits", "layout", "_offsets", "_total")
 
-    def __init__(self, flat: Tensor, layout: Union[Mapping[str, Sequence[int]], Sequence[tuple[str, Sequence[int]]]]):
+    def __init__(self, flat: Tensor, layout: Mapping[str, Sequence[int]] | Sequence[tuple[str, Sequence[int]]]):
         self._set_layout(layout)
         flat = flat.reshape(-1)
         if flat.dtype != torch.bool:
@@ -71,7 +74,7 @@ class Mask(Mapping[str, Tensor]):
         self._flat: Tensor | None = flat
         self._bits: Tensor | None = None
 
-    def _set_layout(self, layout: Union[Mapping[str, Sequence[int]], Sequence[tuple[str, Sequence[int]]]]) -> None:
+    def _set_layout(self, layout: Mapping[str, Sequence[int]] | Sequence[tuple[str, Sequence[int]]]) -> None:
         items = layout.items() if isinstance(layout, Mapping) else layout
         self.layout: Layout = tuple((str(name), tuple(int(s) for s in shape)) for name, shape in items)
         if len({name for name, _ in self.layout}) != len(self.layout):
@@ -93,7 +96,7 @@ class Mask(Mapping[str, Tensor]):
         return self._flat
 
     @classmethod
-    def from_dict(cls, masks: Mapping[str, Tensor]) -> "Mask":
+    def from_dict(cls, masks: Mapping[str, Tensor]) -> Mask:
         """A :class:`Mask` from ``{name: bool tensor}`` (a :class:`Mask` is returned as it is).
 
         Raises:
@@ -145,7 +148,7 @@ class Mask(Mapping[str, Tensor]):
         """``{name: bool tensor}``, copies."""
         return {name: self[name].clone() for name in self}
 
-    def to(self, device: Any) -> "Mask":
+    def to(self, device: Any) -> Mask:
         return Mask(self.flat.to(device), self.layout)
 
     def packed(self) -> Tensor:
@@ -158,7 +161,7 @@ class Mask(Mapping[str, Tensor]):
         return self._bits
 
     @classmethod
-    def unpack(cls, packed: Tensor, layout: Union[Layout, Mapping[str, Sequence[int]]]) -> "Mask":
+    def unpack(cls, packed: Tensor, layout: Layout | Mapping[str, Sequence[int]]) -> Mask:
         """The :class:`Mask` that :meth:`packed` produced, given its layout (its units are unpacked when read).
 
         Raises:
@@ -226,8 +229,8 @@ class MaskResult:
     Attributes:
         mask: the mask, ``True`` = keep.
         requested: ``round(prune_ratio * N)``, the units the global ranking prunes.
-        pruned: the units actually pruned (below ``requested`` when ``min_channels`` kept some back).
-        restored: per entry, how many units ``min_channels`` kept back.
+        pruned: the units actually pruned (below ``requested`` when ``min_units`` kept some back).
+        restored: per entry, how many units ``min_units`` kept back.
         checksum: :func:`score_checksum` of the scores ranked (equal scores give equal checksums), so that a
             caller can tell whether any score moved between two masks without another pass over them.
     """
@@ -239,25 +242,25 @@ class MaskResult:
     checksum: int = 0
 
 
-def mask_from_scores(scores: Mapping[str, Tensor], prune_ratio: float, min_channels: int = 1) -> MaskResult:
+def mask_from_scores(scores: Mapping[str, Tensor], prune_ratio: float, min_units: int = 1) -> MaskResult:
     """Global mask from per-entry scores (any shapes).
 
     The ``round(prune_ratio * N)`` units with the smallest score over all ``N`` units are pruned; ties go
     by entry order, then flat index (as a stable ascending sort would, in O(N) through ``kthvalue``). An
-    entry left with fewer than ``min_channels`` units keeps its ``min_channels`` best ones instead (ties:
+    entry left with fewer than ``min_units`` units keeps its ``min_units`` best ones instead (ties:
     lower index kept).
 
     Args:
         scores: score tensor per entry, in order. Compared in float32 or wider.
         prune_ratio: fraction of units to prune, in (0, 1).
-        min_channels: units every entry keeps at least (all of them if it has fewer).
+        min_units: units every entry keeps at least (all of them if it has fewer).
 
     Raises:
-        ValueError: on a bad ratio, ``min_channels``, or no unit at all.
+        ValueError: on a bad ratio, ``min_units``, or no unit at all.
         NonFiniteScoreError: if a score is NaN or infinite.
     """
     check_number("prune_ratio", prune_ratio, low=0.0, high=1.0, low_open=True, high_open=True)
-    check_int("min_channels", min_channels, minimum=1)
+    check_int("min_units", min_units, minimum=1)
     names = list(scores)
     if not names or all(scores[n].numel() == 0 for n in names):
         raise ValueError("No unit to mask: `scores` is empty.")
@@ -283,9 +286,9 @@ def mask_from_scores(scores: Mapping[str, Tensor], prune_ratio: float, min_chann
     restored = {}
     sizes = mask.sizes
     # An entry can fall below its minimum only if the ranking can take more than size - minimum from it.
-    if any(requested > size - min(size, min_channels) for size in sizes.values()):
+    if any(requested > size - min(size, min_units) for size in sizes.values()):
         for name, size in sizes.items():
-            minimum = min(size, min_channels)
+            minimum = min(size, min_units)
             entry = mask[name].reshape(-1)
             kept = int(torch.count_nonzero(entry))
             if kept < minimum:
@@ -345,21 +348,21 @@ def _kth_smallest_counted(values: Tensor, k: int) -> tuple[Tensor, int, Tensor]:
 _NARROW_FROM, _SAMPLE, _MARGIN = 1 << 20, 1 << 16, 1 << 11  # margin: 8 standard deviations of the sample rank
 
 
-def channel_scores(model: nn.Module, source: str | ScoreSource | None = None) -> dict[str, Tensor]:
+def unit_scores(model: nn.Module, source: str | ScoreSource | None = None) -> dict[str, Tensor]:
     """The scores of every tracked entry of ``model`` (by default BatchNorm ``|gamma|``)."""
     source = resolve_source(source)
     return {name: source.scores(h) for name, h in source.tracked(model).items()}
 
 
-def channel_mask(
-    model: nn.Module, prune_ratio: float, min_channels: int = 1, source: str | ScoreSource | None = None
+def unit_mask(
+    model: nn.Module, prune_ratio: float, min_units: int = 1, source: str | ScoreSource | None = None
 ) -> Mask:
     """Global mask of ``model`` at ``prune_ratio``.
 
     Args:
         model: any ``nn.Module``; its tracked units are scored by ``source``.
         prune_ratio: fraction of units to prune, in (0, 1).
-        min_channels: units every entry keeps at least.
+        min_units: units every entry keeps at least.
         source: what is scored; :class:`~lightning_worm.BatchNormSource` by default.
 
     Returns:
@@ -371,14 +374,28 @@ def channel_mask(
 
     Example::
 
-        mask = channel_mask(model, prune_ratio=0.5)
+        mask = unit_mask(model, prune_ratio=0.5)
         print({name: int(m.sum()) for name, m in mask.items()})  # channels kept per layer
     """
     source = resolve_source(source)
-    scores = channel_scores(model, source)
+    scores = unit_scores(model, source)
     if not scores:
         raise ValueError(f"The model has no tracked channels or units ({source.description}).")
-    return mask_from_scores(scores, prune_ratio, min_channels).mask
+    return mask_from_scores(scores, prune_ratio, min_units).mask
+
+
+def channel_mask(
+    model: nn.Module, prune_ratio: float, min_channels: int = 1, source: str | ScoreSource | None = None
+) -> Mask:
+    """Deprecated name of :func:`unit_mask` (``min_channels`` is ``min_units``); removed in 0.3."""
+    warn_renamed("channel_mask", "unit_mask")
+    return unit_mask(model, prune_ratio, min_channels, source)
+
+
+def channel_scores(model: nn.Module, source: str | ScoreSource | None = None) -> dict[str, Tensor]:
+    """Deprecated name of :func:`unit_scores`; removed in 0.3."""
+    warn_renamed("channel_scores", "unit_scores")
+    return unit_scores(model, source)
 
 
 def mask_distance(a: MaskLike, b: MaskLike) -> float:

@@ -11,8 +11,9 @@ One place for the numbers that the pruning report and the benchmarks print, so t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,7 +79,7 @@ def forward_flops(model: nn.Module, example_input: ExampleInput, per_example: bo
 
 
 def timer(
-    model: nn.Module, example_input: ExampleInput, *, num_threads: Optional[int] = None, **labels: str
+    model: nn.Module, example_input: ExampleInput, *, num_threads: int | None = None, **labels: str
 ) -> benchmark.Timer:
     """A ``torch.utils.benchmark.Timer`` of ``model(*inputs)`` with ``num_threads`` threads (default: now's).
 
@@ -96,9 +97,9 @@ def latency(
     *,
     repeats: int = 10,
     warmup: int = 3,
-    num_threads: Optional[int] = None,
+    num_threads: int | None = None,
     label: str = "",
-    min_run_time: Optional[float] = None,
+    min_run_time: float | None = None,
 ) -> benchmark.Measurement:
     """Time ``model(*inputs)`` in eval mode without grad with ``torch.utils.benchmark``.
 

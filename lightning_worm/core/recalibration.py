@@ -11,7 +11,7 @@ per entry as a given one, at random positions.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,8 +48,8 @@ def recalibrate_batchnorm(
     model: nn.Module,
     batches: Iterable[Any],
     *,
-    forward: Optional[Callable[[nn.Module, Any], Any]] = None,
-    max_batches: Optional[int] = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    max_batches: int | None = None,
 ) -> int:
     r"""Re-estimate the running mean and variance of every BatchNorm of ``model`` on ``batches``.
 
@@ -110,19 +110,19 @@ def recalibrate_batchnorm(
             raise ValueError("`batches` yielded no batch: the BatchNorm statistics are left as they were.")
     except BaseException:  # an empty or failing pass: put the old statistics back
         with torch.no_grad():
-            for m, (_, buffers) in zip(layers, saved):
+            for m, (_, buffers) in zip(layers, saved, strict=False):
                 for key, value in buffers.items():
                     getattr(m, key).copy_(value)
         raise
     finally:
-        for m, (momentum, _) in zip(layers, saved):
+        for m, (momentum, _) in zip(layers, saved, strict=False):
             m.momentum = momentum
         for m, training in modes.items():
             m.training = training
     return used
 
 
-def random_ticket(ticket: Mapping[str, Tensor], generator: Union[torch.Generator, int]) -> dict[str, Tensor]:
+def random_ticket(ticket: Mapping[str, Tensor], generator: torch.Generator | int) -> dict[str, Tensor]:
     """A ticket that keeps exactly as many units per entry as ``ticket``, at uniformly random positions.
 
     The control of the Early-Bird claim: if a ticket does not beat a random one of the same shape (same

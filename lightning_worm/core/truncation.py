@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_worm._deprecation import RenamedAttribute
 from lightning_worm._internals.torch import foreach_mul_
 from lightning_worm.core.masks import Mask, MaskLike
 from lightning_worm.core.sources import ScoreSource, resolve_source
@@ -90,7 +92,7 @@ class GradientTruncation:
     Example::
 
         truncation = GradientTruncation(model)
-        truncation.set(channel_mask(model, 0.5), chi=0.003)
+        truncation.set(unit_mask(model, 0.5), chi=0.003)
         loss.backward()
         truncation.apply()
         optimizer.step()
@@ -100,9 +102,11 @@ class GradientTruncation:
         self.model = model
         self.source = resolve_source(source)
         self.chi = 1.0
-        self.truncated_channels = 0
+        self.truncated_units = 0
         self._params: list[Tensor] = []
         self._factors: list[Tensor] = []
+
+    truncated_channels = RenamedAttribute("truncated_units")
 
     def set(self, mask: MaskLike | None, chi: float) -> None:
         """Use ``mask`` (``True`` = keep) and multiplier ``chi`` from now on; ``None`` or chi = 1 disables.
@@ -112,7 +116,7 @@ class GradientTruncation:
         """
         self.chi = check_number("chi", chi, low=0.0, high=1.0)
         self._params, self._factors = [], []
-        self.truncated_channels = 0
+        self.truncated_units = 0
         if mask is None or self.chi == 1.0:
             return
         mask = Mask.from_dict(mask)
@@ -130,14 +134,14 @@ class GradientTruncation:
                 if id(param) in factors:
                     factor = factors[id(param)][1] * factor
                 factors[id(param)] = (param, factor)
-            self.truncated_channels += int((~keep).sum())
+            self.truncated_units += int((~keep).sum())
         self._params = [param for param, _ in factors.values()]
         self._factors = [factor for _, factor in factors.values()]
 
     @torch.no_grad()
     def apply(self) -> None:
         """Multiply the current gradients in place (parameters without a gradient are skipped)."""
-        pairs = [(p.grad, f) for p, f in zip(self._params, self._factors) if p.grad is not None]
+        pairs = [(p.grad, f) for p, f in zip(self._params, self._factors, strict=False) if p.grad is not None]
         if pairs:
-            grads, factors = zip(*pairs)
+            grads, factors = zip(*pairs, strict=False)
             foreach_mul_(grads, factors)

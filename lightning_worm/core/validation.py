@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from numbers import Integral, Real
-from typing import Any, Optional
+from typing import Any
 
 __all__ = ["check_bool", "check_callable", "check_choice", "check_int", "check_names", "check_number"]
 
@@ -69,7 +69,7 @@ def check_callable(name: str, value: Any, signature: str, *, allow_none: bool = 
     raise ValueError(f"`{name}` must be {none}a callable `{signature}`, got {value!r}.")
 
 
-def check_names(name: str, value: Any, *, count: Optional[tuple[int, ...]] = None) -> Optional[list[str]]:
+def check_names(name: str, value: Any, *, count: tuple[int, ...] | None = None) -> list[str] | None:
     """``value`` as a list of strings (``None`` stays ``None``); else a ValueError naming it.
 
     ``count``: the numbers of names allowed.

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from lightning_worm.core.sources.attention import AttentionHeadSource, AttentionQKSource
 from lightning_worm.core.sources.base import ChannelSource, ScaleSource, ScoreSource
 from lightning_worm.core.sources.batchnorm import BatchNormSource
-from lightning_worm.core.sources.attention import AttentionHeadSource, AttentionQKSource
 from lightning_worm.core.sources.layernorm import LayerNormSource
 
 #: The sources selectable by name (``EarlyBirdCallback(source="batchnorm")``, YAML).

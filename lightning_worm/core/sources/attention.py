@@ -18,8 +18,9 @@ is read the same way (``num_key_value_heads``, ``num_kv_heads``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -86,14 +87,14 @@ class AttentionBlock:
     module: nn.Module
     layout: str
     projections: tuple[str, ...]
-    num_heads: Optional[int] = None
-    num_kv_heads: Optional[int] = None
-    head_dim: Optional[int] = None
-    problem: Optional[str] = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    problem: str | None = None
 
     # ----------------------------------------------------------------- where each part's rows live
 
-    def part(self, part: str) -> tuple[nn.Parameter, slice, Optional[nn.Parameter], slice, str]:
+    def part(self, part: str) -> tuple[nn.Parameter, slice, nn.Parameter | None, slice, str]:
         """``(weight, weight rows, bias, bias rows, entry name)`` of ``"q"``, ``"k"`` or ``"v"``."""
         i = PARTS.index(part)
         prefix = f"{self.name}." if self.name else ""
@@ -127,7 +128,7 @@ class AttentionBlock:
         return self.num_heads // self.num_kv_heads
 
 
-def _int_attr(objects: Sequence[Any], names: Sequence[str]) -> Optional[int]:
+def _int_attr(objects: Sequence[Any], names: Sequence[str]) -> int | None:
     for obj in objects:
         for name in names:
             value = getattr(obj, name, None)
@@ -136,7 +137,7 @@ def _int_attr(objects: Sequence[Any], names: Sequence[str]) -> Optional[int]:
     return None
 
 
-def _read_heads(block: AttentionBlock, num_heads: Optional[int]) -> AttentionBlock:
+def _read_heads(block: AttentionBlock, num_heads: int | None) -> AttentionBlock:
     """Fill head count, key/value head count and head size from the module (or its config)."""
     module = block.module
     if block.layout == "mha":
@@ -174,7 +175,7 @@ def _read_heads(block: AttentionBlock, num_heads: Optional[int]) -> AttentionBlo
     return block
 
 
-def _recognise(name: str, module: nn.Module, projections: Optional[Sequence[str]] = None) -> Optional[AttentionBlock]:
+def _recognise(name: str, module: nn.Module, projections: Sequence[str] | None = None) -> AttentionBlock | None:
     """The block ``module`` is, or ``None`` if it is no self-attention module this source knows."""
     if isinstance(module, nn.MultiheadAttention):
         return AttentionBlock(name, module, "mha", ())
@@ -195,9 +196,9 @@ def _recognise(name: str, module: nn.Module, projections: Optional[Sequence[str]
 
 def find_attention(
     model: nn.Module,
-    modules: Optional[Sequence[str]] = None,
-    projections: Optional[Sequence[str]] = None,
-    num_heads: Optional[int] = None,
+    modules: Sequence[str] | None = None,
+    projections: Sequence[str] | None = None,
+    num_heads: int | None = None,
 ) -> dict[str, AttentionBlock]:
     """The self-attention blocks of ``model`` by module name, in ``named_modules()`` order.
 
@@ -248,9 +249,9 @@ class _AttentionSource(ScoreSource):
 
     def __init__(
         self,
-        modules: Optional[Sequence[str]] = None,
-        projections: Optional[Sequence[str]] = None,
-        num_heads: Optional[int] = None,
+        modules: Sequence[str] | None = None,
+        projections: Sequence[str] | None = None,
+        num_heads: int | None = None,
     ) -> None:
         self.modules = check_names("modules", modules)
         projections = check_names("projections", projections, count=(1, 3))
@@ -329,7 +330,7 @@ class AttentionQKSource(_AttentionSource):
                 entry = QKEntry(block, part)
                 yield entry.name, entry
 
-    def skip_reason(self, entry: QKEntry) -> Optional[str]:
+    def skip_reason(self, entry: QKEntry) -> str | None:
         if _frozen(entry.block.part(entry.part)[0]):
             return "weight frozen (requires_grad=False)"
         return None
@@ -395,7 +396,7 @@ class AttentionHeadSource(_AttentionSource):
     def candidates(self, model: nn.Module) -> Iterator[tuple[str, AttentionBlock]]:
         yield from self.blocks(model).items()
 
-    def skip_reason(self, block: AttentionBlock) -> Optional[str]:
+    def skip_reason(self, block: AttentionBlock) -> str | None:
         if block.problem is not None:
             return block.problem
         if any(_frozen(block.part(p)[0]) for p in PARTS):

@@ -6,8 +6,8 @@ import functools
 import inspect
 import math
 import re
+from collections.abc import Iterator
 from numbers import Real
-from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -31,8 +31,8 @@ def _is_norm(module: nn.Module) -> bool:
     return (name.endswith("LayerNorm") or name.endswith("RMSNorm")) and isinstance(weight, nn.Parameter)
 
 
-@functools.lru_cache(maxsize=None)
-def _offset_of_class(cls: type) -> Optional[float]:
+@functools.cache
+def _offset_of_class(cls: type) -> float | None:
     """1.0 if the class's forward scales by ``(1 + weight)``, else 0.0; ``None`` if that cannot be told.
 
     Without readable code (a ``.pyc``-only install), a class named like Gemma's norms cannot be told (Gemma 1-3
@@ -45,7 +45,7 @@ def _offset_of_class(cls: type) -> Optional[float]:
     return 1.0 if _OFFSET_CODE.search(code) else 0.0
 
 
-def scale_offset(module: nn.Module) -> Optional[float]:
+def scale_offset(module: nn.Module) -> float | None:
     """The ``offset`` of a norm that scales its channels by ``offset + weight`` (``None``: cannot tell).
 
     ``nn.LayerNorm`` and ``nn.RMSNorm`` scale by ``weight`` (0). Gemma-style RMSNorms (Hugging Face's
@@ -91,7 +91,7 @@ class LayerNormSource(ScaleSource):
             if _is_norm(module):
                 yield name, module
 
-    def skip_reason(self, module: nn.Module) -> Optional[str]:
+    def skip_reason(self, module: nn.Module) -> str | None:
         weight = getattr(module, "weight", None)
         if not isinstance(weight, nn.Parameter):
             return "no learnable scale (elementwise_affine=False)"

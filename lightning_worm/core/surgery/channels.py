@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,7 @@ def prune_channels(
     *,
     source: Any = None,
     coupling: str = DEFAULT_COUPLING,
-    round_to: Optional[int] = None,
+    round_to: int | None = None,
     measure_latency: bool = True,
     latency_repeats: int = 10,
 ) -> PruningReport:
@@ -103,7 +103,7 @@ def prune_channels(
         flops_before, shapes_before = _counted_forward(model, inputs, when="before pruning")
         latency_before = latency() if latency else None
         params_before = measure.count_params(model)
-        channels_before = {name: _count(source, m) for name, m in modules.items()}
+        units_before = {name: _count(source, m) for name, m in modules.items()}
         scores = {name: source.scores(m).detach().float().cpu().tolist() for name, m in modules.items()}
 
         graph, output_nodes = build_graph(model, inputs)
@@ -124,8 +124,8 @@ def prune_channels(
     plan = PruningPlan.of(
         model, inputs,
         pruned_groups=[[names[root], idxs] for root, idxs in decision.pruned_roots],
-        channels_before=channels_before,
-        channels_after={name: _count(source, m) for name, m in modules.items()},
+        units_before=units_before,
+        units_after={name: _count(source, m) for name, m in modules.items()},
         source=getattr(source, "key", "batchnorm"),
     )
     return PruningReport(
@@ -135,8 +135,8 @@ def prune_channels(
         flops_before=round(flops_before / batch),
         flops_after=round(flops_after / batch),
         flops_batch=batch,
-        channels_before=dict(plan.channels_before),
-        channels_after=dict(plan.channels_after),
+        units_before=dict(plan.units_before),
+        units_after=dict(plan.units_after),
         latency_before_ms=latency_before,
         latency_after_ms=latency_after,
         kept_indices=kept_indices,
@@ -166,20 +166,20 @@ def _replay_channels(model: nn.Module, plan: PruningPlan, *, source: Any = None)
         graph, _ = build_graph(model, inputs)
         _check_roots(graph, plan, roots)
         cuts = plan_cuts(graph, roots)
-        predicted = {name: plan.channels_before[name] - removed_out_channels(graph, cuts, candidates[name])
-                     for name in plan.channels_before}
-        if predicted != plan.channels_after:
+        predicted = {name: plan.units_before[name] - removed_out_channels(graph, cuts, candidates[name])
+                     for name in plan.units_before}
+        if predicted != plan.units_after:
             raise ValueError(
-                f"The plan is inconsistent: its pruned_groups would leave {_differences(predicted, plan.channels_after)}"
-                " channels, not its channels_after. The plan was edited or belongs to another model; re-create it "
+                f"The plan is inconsistent: its pruned_groups would leave {_differences(predicted, plan.units_after)}"
+                " channels, not its units_after. The plan was edited or belongs to another model; re-create it "
                 "with prune_channels."
             )
         with _recorded_parameter_slices(model) as kept_indices:
             cut(graph, cuts)
-    reached = {name: _count(source, candidates[name]) for name in plan.channels_after}
-    if reached != plan.channels_after:  # pragma: no cover - predicted above
+    reached = {name: _count(source, candidates[name]) for name in plan.units_after}
+    if reached != plan.units_after:  # pragma: no cover - predicted above
         raise RuntimeError(
-            f"Replaying the plan did not reproduce its channel counts ({_differences(reached, plan.channels_after)})."
+            f"Replaying the plan did not reproduce its channel counts ({_differences(reached, plan.units_after)})."
         )
     return kept_indices
 
@@ -215,7 +215,7 @@ def _validated_ticket(ticket: Ticket, modules: Mapping[str, nn.Module], source: 
     if not isinstance(ticket, Mapping) or len(ticket) == 0:
         raise ValueError(
             "The ticket is empty: it must map tracked module names to 1-D bool masks (True = keep), "
-            "e.g. the mask of `channel_mask(model, ...)`."
+            "e.g. the mask of `unit_mask(model, ...)`."
         )
     unknown = [name for name in ticket if name not in modules]
     if unknown:
@@ -294,7 +294,7 @@ def _check_plan_fits(model: nn.Module, plan: PruningPlan, candidates: Mapping[st
     """The model's structure must fit the plan; its class may differ (a subclass building the same layers)."""
     made_for = plan.made_for(model)
     modules = dict(model.named_modules())
-    missing = [n for n in plan.channels_before if n not in candidates]
+    missing = [n for n in plan.units_before if n not in candidates]
     missing += [name for name, _ in plan.pruned_groups if name not in modules]
     if missing:
         raise ValueError(
@@ -302,22 +302,22 @@ def _check_plan_fits(model: nn.Module, plan: PruningPlan, candidates: Mapping[st
             "Build the model with the same arguments."
         )
     counts = {}
-    for name in plan.channels_before:
+    for name in plan.units_before:
         try:
             counts[name] = _count(source, candidates[name])
         except Exception as error:  # noqa: BLE001 - e.g. a lazy or non-affine module
             reason = source.skip_reason(candidates[name]) or f"{type(error).__name__}: {error}"
             raise ValueError(
-                f"Plan entry channels_before[{name!r}]: the model's {type(candidates[name]).__name__} there has no "
+                f"Plan entry units_before[{name!r}]: the model's {type(candidates[name]).__name__} there has no "
                 f"channels to count ({reason}).{made_for} Build the model as the pruned one was built."
             ) from error
-    if counts != plan.channels_before:
+    if counts != plan.units_before:
         hint = (
             "It looks already pruned; apply a plan to a freshly built model only."
-            if counts == plan.channels_after
+            if counts == plan.units_after
             else "Build the model with the same arguments (width, num_classes) as the pruned one."
         )
-        differences = _differences(counts, plan.channels_before)
+        differences = _differences(counts, plan.units_before)
         raise ValueError(
             f"The model's channel counts differ from the plan's ({differences}).{made_for} {hint}"
         )
@@ -326,7 +326,7 @@ def _check_plan_fits(model: nn.Module, plan: PruningPlan, candidates: Mapping[st
 def _check_roots(graph: Any, plan: PruningPlan, roots: Sequence[tuple[nn.Module, list[int]]]) -> None:
     """Each pruned group's root is a prunable layer of the graph and its indices are in range."""
     fix = "The plan was edited or belongs to another model; re-create it with prune_channels."
-    for i, ((name, _), (module, idxs)) in enumerate(zip(plan.pruned_groups, roots)):
+    for i, ((name, _), (module, idxs)) in enumerate(zip(plan.pruned_groups, roots, strict=False)):
         pruner = graph.get_pruner_of_module(module) if module in graph.module2node else None
         channels = graph.get_out_channels(module) if pruner is not None else None
         if not isinstance(channels, int):

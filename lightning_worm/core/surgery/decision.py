@@ -30,13 +30,13 @@ import itertools
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from torch import Tensor, nn
 from torch_pruning.dependency import Node
 
-from lightning_worm._internals.torch import ConvNd
 from lightning_worm._internals import torch_pruning as tpi
+from lightning_worm._internals.torch import ConvNd
 from lightning_worm.core.surgery.graph import SurgeryGraph
 
 __all__ = ["COUPLINGS", "ROOT_TYPES", "Decision", "decide"]
@@ -79,7 +79,7 @@ class Decision:
 _ChannelUnits = dict[tuple[Node, bool], dict[int, _Unit]]
 
 
-def _channel_groups(graph: SurgeryGraph, node: Node, is_out: bool) -> tuple[int, Optional[int]]:
+def _channel_groups(graph: SurgeryGraph, node: Node, is_out: bool) -> tuple[int, int | None]:
     """(channel groups, channels) of a node on one side; depthwise convolutions count as one group."""
     module = node.module
     if isinstance(module, ConvNd) and module.groups == module.out_channels:
@@ -109,7 +109,7 @@ def _coupled_units(
             has_scored |= id(node.module) in scored
             reaches_output |= is_out and node in output_nodes
             channels = owner[(node, is_out)]
-            for idx, root in zip(item.idxs, item.root_idxs):
+            for idx, root in zip(item.idxs, item.root_idxs, strict=False):
                 if root is None:
                     continue
                 if idx in channels:
@@ -158,7 +158,7 @@ def _score_units(
     unowned = 0
     for name, mask in masks.items():
         channels = channel_units.get((graph.module2node.get(modules[name]), True), {})
-        for idx, (keep, score) in enumerate(zip(mask.tolist(), scores[name])):
+        for idx, (keep, score) in enumerate(zip(mask.tolist(), scores[name], strict=False)):
             unit = channels.get(idx)
             if unit is None:
                 unowned += not keep
@@ -233,7 +233,7 @@ def decide(
     modules: Mapping[str, nn.Module],
     scores: Mapping[str, list[float]],
     coupling: str,
-    round_to: Optional[int],
+    round_to: int | None,
 ) -> Decision:
     """Which root channels of which groups go, and the channel accounting of the report.
 
@@ -270,7 +270,7 @@ def decide(
         pruned_from_ticket=sum(u.ticket_pruned for u in pruned.values()),
         pruned_outside_ticket=sum(len(u.scored_channels) - u.ticket_pruned for u in pruned.values()),
         kept_for_coupling=sum(u.ticket_pruned for u in candidates) - sum(u.ticket_pruned for u in chosen),
-        kept_for_min_channels=sum(u.ticket_pruned for u in kept_for_min),
+        kept_for_min_units=sum(u.ticket_pruned for u in kept_for_min),
         kept_for_round_to=sum(u.ticket_pruned for u in kept_for_round),
         kept_unprunable=unowned + sum(u.ticket_pruned for u in units if u.frozen),
         prunable=sum(len(u.scored_channels) for u in candidates),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -56,9 +55,9 @@ def _weight_masks(model: nn.Module, ticket: Mapping[str, Tensor], source: Attent
 def prune_elementwise(
     model: nn.Module,
     ticket: Mapping[str, Tensor],
-    example_input: Optional[ExampleInput] = None,
+    example_input: ExampleInput | None = None,
     *,
-    source: Optional[AttentionQKSource] = None,
+    source: AttentionQKSource | None = None,
     measure_latency: bool = True,
     latency_repeats: int = 10,
 ) -> PruningReport:
@@ -84,11 +83,11 @@ def prune_elementwise(
     warnings.warn(ELEMENTWISE_NOTE, UserWarning, stacklevel=2)
     after = {f"{m}:{p}": int(t.sum()) for (m, p), t in masks.items()}
     ticket_pruned = sum(int((~m).sum()) for m in ticket.values())
-    plan = PruningPlan.of(model, inputs, pruned_groups=[[m, p] for m, p in masks], channels_before=before,
-                          channels_after=after, kind="elementwise", source=AttentionQKSource.key, options={})
+    plan = PruningPlan.of(model, inputs, pruned_groups=[[m, p] for m, p in masks], units_before=before,
+                          units_after=after, kind="elementwise", source=AttentionQKSource.key, options={})
     return PruningReport(
-        plan=plan, **numbers, channels_before=before, channels_after=after, ticket_pruned=ticket_pruned,
-        pruned_from_ticket=ticket_pruned, pruned_outside_ticket=0, kept_for_coupling=0, kept_for_min_channels=0,
+        plan=plan, **numbers, units_before=before, units_after=after, ticket_pruned=ticket_pruned,
+        pruned_from_ticket=ticket_pruned, pruned_outside_ticket=0, kept_for_coupling=0, kept_for_min_units=0,
         kept_for_round_to=0, kept_unprunable=0, kept_indices={}, coupling="elementwise (fixed zeros: no time saved)",
         round_to=None, prunable=sum(before.values()), note=ELEMENTWISE_NOTE,
     )

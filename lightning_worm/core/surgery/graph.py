@@ -12,7 +12,7 @@ the same size. Every Torch-Pruning internal this needs is reached through
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -98,7 +98,7 @@ class ShuffleIndexMapping:
         return [tpi.hybrid_index(idx, root) for idx, root in sorted(mapped)]
 
 
-def channel_shuffle(grad_fn: Any) -> Optional[tuple[ChannelShuffleOp, Optional[list[int]]]]:
+def channel_shuffle(grad_fn: Any) -> tuple[ChannelShuffleOp, list[int] | None] | None:
     """A channel shuffle op if ``grad_fn`` is one, with the shape the view back to channels starts from.
 
     Recognised: ``F.channel_shuffle`` (``nn.ChannelShuffle``), and the transpose of
@@ -133,7 +133,7 @@ def _shuffle_views(node: Node, shape: list[int]) -> Iterator[Node]:
             yield n
 
 
-def _consumed_output(consumer: Node, producer_fn: Any) -> Optional[int]:
+def _consumed_output(consumer: Node, producer_fn: Any) -> int | None:
     """Which output of ``producer_fn`` (e.g. which chunk) ``consumer`` reads, if its grad_fn says so."""
     return min((nr for fn, nr in getattr(consumer.grad_fn, "next_functions", ()) if fn is producer_fn), default=None)
 
@@ -167,7 +167,7 @@ class SurgeryGraph(tpi.HookedDependencyGraph):
                 # Torch-Pruning maps the i-th consumer to the i-th chunk; consumers come in tracing order.
                 chunks = [_consumed_output(out, node.grad_fn) for out in node.outputs]
                 if None not in chunks:
-                    ordered = [out for _, out in sorted(zip(chunks, node.outputs), key=lambda pair: pair[0])]
+                    ordered = [out for _, out in sorted(zip(chunks, node.outputs, strict=False), key=lambda pair: pair[0])]
                     tpi.set_node_outputs(node, ordered)
                 tpi.set_node_grad_fn(node, tpi.SplitGradFn(node.grad_fn))
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -65,7 +65,7 @@ def _validated_heads(ticket: Any, blocks: Mapping[str, AttentionBlock]) -> dict[
     return masks
 
 
-def _own_output(block: AttentionBlock) -> Optional[str]:
+def _own_output(block: AttentionBlock) -> str | None:
     children = dict(block.module.named_children())
     width = block.num_heads * block.head_dim
     for name in OUTPUT_NAMES:
@@ -171,10 +171,10 @@ def _cut_heads(model: nn.Module, block: AttentionBlock, removed_units: list[int]
 def prune_heads(
     model: nn.Module,
     ticket: Mapping[str, Tensor],
-    example_input: Optional[ExampleInput] = None,
+    example_input: ExampleInput | None = None,
     *,
-    source: Optional[AttentionHeadSource] = None,
-    round_to: Optional[int] = None,
+    source: AttentionHeadSource | None = None,
+    round_to: int | None = None,
     measure_latency: bool = True,
     latency_repeats: int = 10,
 ) -> PruningReport:
@@ -244,19 +244,19 @@ def prune_heads(
     if missing:
         outputs.update(_graph_outputs(model, missing, inputs))
 
-    channels_before = {name: block.num_kv_heads for name, block in blocks.items()}
+    units_before = {name: block.num_kv_heads for name, block in blocks.items()}
     heads_before = {name: [block.num_heads, block.num_kv_heads] for name, block in blocks.items()}
     kept_indices: KeptIndices = {}
     with _measured(model, inputs, measure_latency, latency_repeats) as numbers:
         for name, units in removed.items():
             kept_indices.update(_cut_heads(model, blocks[name], units, outputs[name]))
 
-    channels_after = {name: block.num_kv_heads for name, block in blocks.items()}
+    units_after = {name: block.num_kv_heads for name, block in blocks.items()}
     plan = PruningPlan.of(
         model, inputs,
         pruned_groups=[[name, units, outputs[name]] for name, units in removed.items()],
-        channels_before=channels_before,
-        channels_after=channels_after,
+        units_before=units_before,
+        units_after=units_after,
         kind="heads",
         source=AttentionHeadSource.key,
         options={"heads_before": heads_before, "source_options": source.options()},
@@ -265,22 +265,22 @@ def prune_heads(
     return PruningReport(
         plan=plan,
         **numbers,
-        channels_before=channels_before,
-        channels_after=channels_after,
+        units_before=units_before,
+        units_after=units_after,
         ticket_pruned=ticket_pruned,
         pruned_from_ticket=ticket_pruned - kept_for_min - kept_for_round,
         pruned_outside_ticket=0,
         kept_for_coupling=0,
-        kept_for_min_channels=kept_for_min,
+        kept_for_min_units=kept_for_min,
         kept_for_round_to=kept_for_round,
         kept_unprunable=0,
         kept_indices=kept_indices,
         coupling="heads",
         round_to=round_to,
-        prunable=sum(channels_before.values()) - len(blocks),  # every block keeps one head
+        prunable=sum(units_before.values()) - len(blocks),  # every block keeps one head
     )
 
-def _replay_heads(model: nn.Module, plan: PruningPlan, *, source: Optional[AttentionHeadSource] = None) -> KeptIndices:
+def _replay_heads(model: nn.Module, plan: PruningPlan, *, source: AttentionHeadSource | None = None) -> KeptIndices:
     """Repeat a head prune on a freshly built model (``apply_plan`` dispatches ``kind="heads"`` here).
 
     Args:
@@ -301,16 +301,16 @@ def _replay_heads(model: nn.Module, plan: PruningPlan, *, source: Optional[Atten
     if not isinstance(source, AttentionHeadSource):
         source = _recorded_source(plan)
     blocks = source.tracked(model)
-    counts = {name: blocks[name].num_kv_heads for name in plan.channels_before if name in blocks}
-    missing = [n for n in plan.channels_before if n not in blocks]
+    counts = {name: blocks[name].num_kv_heads for name in plan.units_before if name in blocks}
+    missing = [n for n in plan.units_before if n not in blocks]
     missing += [out for _, _, out in plan.pruned_groups if not _has_linear(model, out)]
     if missing:
         raise ValueError(f"The head plan names modules this model lacks or does not recognise: {missing[:5]}. "
                          f"Build the model with the same arguments (the plan is for a {plan.model_class}).")
-    if counts != plan.channels_before:
+    if counts != plan.units_before:
         hint = ("It looks already pruned; apply a plan to a freshly built model only."
-                if counts == plan.channels_after else "Build the model with the same arguments as the pruned one.")
-        raise ValueError(f"The model's head counts {counts} differ from the plan's {plan.channels_before}. {hint}")
+                if counts == plan.units_after else "Build the model with the same arguments as the pruned one.")
+        raise ValueError(f"The model's head counts {counts} differ from the plan's {plan.units_before}. {hint}")
     for name, units, _ in plan.pruned_groups:
         if not units or max(units) >= counts[name] or len(set(units)) != len(units):
             raise ValueError(f"The plan's heads {units} do not fit {name!r} with {counts[name]} heads.")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -49,7 +49,7 @@ def carry_optimizer_state(
         carry_optimizer_state(optimizer, new, before, dict(model.named_parameters()), report.kept_indices)
     """
     if hyperparameters:
-        for old_group, new_group in zip(old.param_groups, new.param_groups):
+        for old_group, new_group in zip(old.param_groups, new.param_groups, strict=False):
             new_group.update({k: v for k, v in old_group.items() if k != "params"})
     if not state:
         return
@@ -62,7 +62,7 @@ def carry_optimizer_state(
             new.state[new_param] = {key: _sliced(value, param, kept_indices.get(name)) for key, value in values.items()}
 
 
-def _sliced(value: Any, old_param: Tensor, kept: Optional[list[Optional[Tensor]]]) -> Any:
+def _sliced(value: Any, old_param: Tensor, kept: list[Tensor | None] | None) -> Any:
     """An optimizer state tensor shaped like ``old_param``, sliced to the kept indices (other values as they are)."""
     if kept is None or not isinstance(value, Tensor) or value.shape != old_param.shape:
         return value

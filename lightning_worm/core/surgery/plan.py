@@ -6,29 +6,33 @@ import copy
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
+from lightning_worm._deprecation import RenamedAttribute
 from lightning_worm.core import measure
 from lightning_worm.core.inputs import batch_size
 
 __all__ = ["KeptIndices", "PruningPlan", "PruningReport"]
 
 #: Per changed parameter (named as before the surgery), the kept original indices along each dim.
-KeptIndices = dict[str, list[Optional[Tensor]]]
+KeptIndices = dict[str, list[Tensor | None]]
 
-PLAN_FORMAT_VERSION = 1
+PLAN_FORMAT_VERSION = 2
+# Version 1 (lightning-worm 0.1) named the unit counts `channels_before` / `channels_after`.
+_V1_NAMES = {"channels_before": "units_before", "channels_after": "units_after"}
 
 
 @dataclass
 class PruningPlan:
     """What :func:`~lightning_worm.core.surgery.apply_plan` needs to repeat a surgery on a fresh model.
 
-    JSON-serialisable via :meth:`to_dict`. Plans written before ``kind`` and ``source`` existed load with
-    their defaults.
+    JSON-serialisable via :meth:`to_dict`. Plans of format version 1 (lightning-worm 0.1, which named the
+    unit counts ``channels_before`` and ``channels_after``) load too; plans written before ``kind`` and
+    ``source`` existed load with their defaults.
 
     Attributes:
         model_class: qualified class name of the pruned model.
@@ -36,8 +40,8 @@ class PruningPlan:
             floating inputs are made in the fresh model's parameter dtype).
         pruned_groups: ``[root module name, output channel indices]`` per pruned group; the indices are
             those of the unpruned model, and all groups are removed in one step.
-        channels_before: units of every scored module (entry) before the surgery.
-        channels_after: units of every scored module after it.
+        units_before: units of every scored module (entry) before the surgery.
+        units_after: units of every scored module after it.
         format_version: version of this layout.
         kind: what was removed (``"channels"``); :func:`~lightning_worm.core.surgery.apply_plan`
             replays a plan with the replay registered for its kind.
@@ -48,12 +52,15 @@ class PruningPlan:
     model_class: str
     input_specs: list[dict[str, Any]]
     pruned_groups: list[list[Any]]
-    channels_before: dict[str, int]
-    channels_after: dict[str, int]
+    units_before: dict[str, int]
+    units_after: dict[str, int]
     format_version: int = PLAN_FORMAT_VERSION
     kind: str = "channels"
     source: str = "batchnorm"
     options: dict[str, Any] = field(default_factory=dict)
+
+    channels_before = RenamedAttribute("units_before")
+    channels_after = RenamedAttribute("units_after")
 
     @classmethod
     def of(cls, model: nn.Module, inputs: Sequence[Tensor], **fields: Any) -> PruningPlan:
@@ -108,18 +115,18 @@ class PruningPlan:
             if not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
                 raise ValueError(f"Plan input_specs[{i}] has dtype {dtype!r}, not a torch dtype name such as "
                                  f"'float32'. {fix}")
-        for key in ("channels_before", "channels_after"):
+        for key in ("units_before", "units_after"):
             counts = getattr(self, key)
             if not isinstance(counts, Mapping) or not all(isinstance(k, str) and _is_int(v) and v >= 0
                                                          for k, v in counts.items()):
                 raise ValueError(f"Plan field {key} must map entry names to non-negative integers, got {counts!r}. "
                                  f"{fix}")
-        if list(self.channels_before) != list(self.channels_after):
-            raise ValueError(f"Plan fields channels_before and channels_after name different entries. {fix}")
-        grown = [n for n in self.channels_before if self.channels_after[n] > self.channels_before[n]]
+        if list(self.units_before) != list(self.units_after):
+            raise ValueError(f"Plan fields units_before and units_after name different entries. {fix}")
+        grown = [n for n in self.units_before if self.units_after[n] > self.units_before[n]]
         if grown:
-            raise ValueError(f"Plan entry channels_after[{grown[0]!r}] = {self.channels_after[grown[0]]} exceeds "
-                             f"channels_before ({self.channels_before[grown[0]]}): a surgery only removes. {fix}")
+            raise ValueError(f"Plan entry units_after[{grown[0]!r}] = {self.units_after[grown[0]]} exceeds "
+                             f"units_before ({self.units_before[grown[0]]}): a surgery only removes. {fix}")
         if not isinstance(self.pruned_groups, list):
             raise ValueError(f"Plan field pruned_groups must be a list. {fix}")
         if not isinstance(self.options, Mapping):
@@ -139,11 +146,13 @@ class PruningPlan:
                 f"A pruning plan must be a PruningPlan or the dict of its `to_dict()`, got {type(data).__name__}."
             )
         version = data.get("format_version")
-        if version != PLAN_FORMAT_VERSION:
+        if version not in (1, PLAN_FORMAT_VERSION):
             raise ValueError(
-                f"Unsupported pruning plan format_version {version!r}; this lightning-worm reads version "
+                f"Unsupported pruning plan format_version {version!r}; this lightning-worm reads versions 1 to "
                 f"{PLAN_FORMAT_VERSION}. Re-create the plan with this version of lightning-worm."
             )
+        if version == 1:
+            data = {_V1_NAMES.get(k, k): v for k, v in data.items()} | {"format_version": PLAN_FORMAT_VERSION}
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         missing = sorted(f.name for f in fields(cls) if f.name not in data and f.name in _REQUIRED)
@@ -154,7 +163,7 @@ class PruningPlan:
         return cls(**copy.deepcopy(dict(data)))
 
 
-_REQUIRED = ("model_class", "input_specs", "pruned_groups", "channels_before", "channels_after")
+_REQUIRED = ("model_class", "input_specs", "pruned_groups", "units_before", "units_after")
 
 
 def _class_name(model: nn.Module) -> str:
@@ -170,8 +179,8 @@ class PruningReport:
     """The outcome of :func:`~lightning_worm.core.surgery.prune_channels`.
 
     Channel counts are the score source's units (BatchNorm channels by default). They add up:
-    ``ticket_pruned == pruned_from_ticket + kept_for_coupling + kept_for_min_channels + kept_for_round_to
-    + kept_unprunable`` and ``sum(channels_before) - sum(channels_after) == pruned_from_ticket +
+    ``ticket_pruned == pruned_from_ticket + kept_for_coupling + kept_for_min_units + kept_for_round_to
+    + kept_unprunable`` and ``sum(units_before) - sum(units_after) == pruned_from_ticket +
     pruned_outside_ticket``.
 
     Attributes:
@@ -182,13 +191,13 @@ class PruningReport:
             multiply-add counts 2, as in Lightning's model summary; the example input's FLOPs divided by
             its batch, ``flops_batch``).
         flops_after: the same, after.
-        channels_before: units per scored module before.
-        channels_after: units per scored module after.
+        units_before: units per scored module before.
+        units_after: units per scored module after.
         ticket_pruned: units the ticket asks to prune.
         pruned_from_ticket: of those, the units removed.
         pruned_outside_ticket: units removed although the ticket keeps them (``coupling="mean_rank"``).
         kept_for_coupling: ticket-pruned units kept because the coupling rule kept their channel.
-        kept_for_min_channels: ticket-pruned units kept so that no layer loses all its channels.
+        kept_for_min_units: ticket-pruned units kept so that no layer loses all its channels.
         kept_for_round_to: ticket-pruned units kept to round channel counts to ``round_to``.
         kept_unprunable: ticket-pruned units that cannot be removed (no prunable producer, reaching the
             model output, partly unprunable chunk or group).
@@ -214,23 +223,27 @@ class PruningReport:
     params_after: int
     flops_before: int
     flops_after: int
-    channels_before: dict[str, int]
-    channels_after: dict[str, int]
+    units_before: dict[str, int]
+    units_after: dict[str, int]
     ticket_pruned: int
     pruned_from_ticket: int
     pruned_outside_ticket: int
     kept_for_coupling: int
-    kept_for_min_channels: int
+    kept_for_min_units: int
     kept_for_round_to: int
     kept_unprunable: int
-    latency_before_ms: Optional[float]
-    latency_after_ms: Optional[float]
+    latency_before_ms: float | None
+    latency_after_ms: float | None
     kept_indices: KeptIndices = field(repr=False)
     coupling: str = "all"
-    round_to: Optional[int] = None
+    round_to: int | None = None
     flops_batch: int = 1
     prunable: int = 0
-    note: Optional[str] = None
+    note: str | None = None
+
+    channels_before = RenamedAttribute("units_before")
+    channels_after = RenamedAttribute("units_after")
+    kept_for_min_channels = RenamedAttribute("kept_for_min_units")
 
     @property
     def ticket_agreement(self) -> float:

@@ -8,9 +8,9 @@ of surgery that wrote it, so :func:`apply_plan` finds the replay from the plan a
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 from torch import nn
 
@@ -38,7 +38,7 @@ class Surgery:
     kind: str
     prune: Callable[..., PruningReport]
     replay: Callable[..., KeptIndices]
-    check: Optional[Callable[[nn.Module, ScoreSource], None]] = None
+    check: Callable[[nn.Module, ScoreSource], None] | None = None
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -46,11 +46,11 @@ class Surgery:
         return _keyword_only(self.prune, exclude="source")
 
 
-_BY_SOURCE: dict[type, Union[Surgery, str]] = {}
+_BY_SOURCE: dict[type, Surgery | str] = {}
 _BY_KIND: dict[str, Surgery] = {}
 
 
-def register_surgery(source_type: type[ScoreSource], surgery: Union[Surgery, str]) -> None:
+def register_surgery(source_type: type[ScoreSource], surgery: Surgery | str) -> None:
     """Register the surgery of ``source_type`` and its subclasses, or, as a string, why their units cannot go.
 
     Raises:
@@ -110,7 +110,7 @@ def check_prunable(model: nn.Module, source: ScoreSource) -> Surgery:
     return surgery
 
 
-def apply_plan(model: nn.Module, plan: Union[PruningPlan, Mapping[str, Any]], **options: Any) -> KeptIndices:
+def apply_plan(model: nn.Module, plan: PruningPlan | Mapping[str, Any], **options: Any) -> KeptIndices:
     r"""Repeat a surgery on a freshly built model of the same class, in place.
 
     Afterwards ``model.load_state_dict(pruned_model.state_dict())`` works and gives identical outputs.
