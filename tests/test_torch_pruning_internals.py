@@ -1,27 +1,229 @@
 """Every Torch-Pruning internal lightning-worm uses still works as used (see lightning_worm/_internals/torch_pruning.py).
 
-A failure names the internal that changed in the installed release; the upper bound of ``torch-pruning`` in
+Each internal listed in ``INTERNALS`` has a probe here that exercises it the way the library does. A failure
+names the internal that changed in the installed release; the upper bound of ``torch-pruning`` in
 ``pyproject.toml`` moves once these pass on a new release.
 """
 
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
 import pytest
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+from torch_pruning import ops
+from torch_pruning.pruner import function
 
 from lightning_worm._internals import torch_pruning as tpi
 
 
+class _ChunkShuffle(nn.Module):
+    """conv-bn, chunk, a branch, concatenation, a view-transpose-view shuffle, F.channel_shuffle, pool, fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+        self.branch = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.bn(self.conv(x)).chunk(2, dim=1)
+        x = torch.cat([a, self.branch(b)], 1)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        x = nn.functional.channel_shuffle(x, 2)
+        return self.fc(x.mean((2, 3)))
+
+
+class _Probe(tpi.HookedDependencyGraph):
+    def __init__(self) -> None:
+        super().__init__()
+        self.traced: dict | None = None
+        self.built = False
+
+    def after_trace(self, module2node: dict) -> None:
+        self.traced = module2node
+        for node in module2node.values():
+            if node.type == ops.OPTYPE.SPLIT:
+                tpi.set_node_grad_fn(node, tpi.SplitGradFn(node.grad_fn))
+
+    def after_build(self, module2node: dict) -> None:
+        self.built = module2node is self.traced
+
+
+def _probe_graph() -> _Probe:
+    with torch.enable_grad():
+        return _Probe().build_dependency(_ChunkShuffle().eval(), torch.zeros(1, 3, 4, 4), verbose=False)
+
+
+def _check_trace() -> str | None:
+    params = list(inspect.signature(tp.DependencyGraph._trace).parameters)
+    if params[:2] != ["self", "model"]:
+        return f"its signature is now {params}"
+    graph = _probe_graph()
+    if not isinstance(graph.traced, dict) or not all(isinstance(n, tp.dependency.Node) for n in graph.traced.values()):
+        return "it no longer runs from build_dependency or no longer returns {module: Node}"
+    return None
+
+
+def _check_build_dependency() -> str | None:
+    graph = _probe_graph()
+    return None if graph.built else "it is no longer called with the traced module2node after _trace"
+
+
+def _check_registered_pruners() -> str | None:
+    graph = tp.DependencyGraph()
+    missing = [a for a in ("REGISTERED_PRUNERS", "_in_channel_pruning_fn", "_out_channel_pruning_fn")
+               if not hasattr(graph, a)]
+    if missing:
+        return f"DependencyGraph no longer has {missing}"
+    if not isinstance(graph.REGISTERED_PRUNERS, dict) or ops.OPTYPE.SPLIT not in graph.REGISTERED_PRUNERS:
+        return "REGISTERED_PRUNERS is no longer a dict keyed by ops.OPTYPE holding OPTYPE.SPLIT"
+    if not isinstance(graph._in_channel_pruning_fn, set) or not isinstance(graph._out_channel_pruning_fn, set):
+        return "_in_channel_pruning_fn / _out_channel_pruning_fn are no longer sets"
+    return None
+
+
+def _check_node_fields() -> str | None:
+    graph = _probe_graph()
+    node = graph.module2node[graph.model.bn]
+    missing = [a for a in ("type", "module", "module_class", "grad_fn", "outputs", "inputs", "dependencies")
+               if not hasattr(node, a)]
+    if missing:
+        return f"Node no longer has {missing}"
+    if not isinstance(node.outputs, list) or not isinstance(node.dependencies, list):
+        return "Node.outputs / Node.dependencies are no longer lists"
+    return None
+
+
+def _check_index_mapping() -> str | None:
+    graph = _probe_graph()
+    deps = [d for n in graph.module2node.values() for d in n.dependencies]
+    if not deps or not all(isinstance(getattr(d, "index_mapping", None), list) and len(d.index_mapping) == 2
+                           for d in deps):
+        return "Dependency.index_mapping is no longer a list of two mappings"
+    return None
+
+
+def _check_split_op() -> str | None:
+    if not hasattr(ops, "_SplitOp"):
+        return "torch_pruning.ops._SplitOp is gone"
+    graph = _probe_graph()
+    splits = [m for m in graph.module2node if isinstance(m, ops._SplitOp)]
+    if not splits:
+        return "a chunk is no longer traced as an ops._SplitOp"
+    if getattr(splits[0], "split_sizes", None) != [4, 4]:
+        return (f"_SplitOp.split_sizes of a chunk of 8 into 2 is {getattr(splits[0], 'split_sizes', None)!r}, not "
+                "[4, 4] (read from the grad_fn's _saved_self_sizes through SplitGradFn)")
+    return None
+
+
+def _check_hybrid_index() -> str | None:
+    cls = getattr(getattr(tp, "_helpers", None), "_HybridIndex", None)
+    if cls is None:
+        return "torch_pruning._helpers._HybridIndex is gone"
+    index = cls(3, 1)
+    if (getattr(index, "idx", None), getattr(index, "root_idx", None)) != (3, 1):
+        return "_HybridIndex(idx, root_idx) no longer has the fields idx and root_idx"
+    return None
+
+
+def _check_group_dg() -> str | None:
+    group = tp.dependency.Group()
+    if not hasattr(group, "_DG"):
+        return "Group no longer has _DG"
+    if "_DG" not in inspect.getsource(tp.dependency.Group.prune):
+        return "Group.prune no longer reads _DG"
+    return None
+
+
+def _check_prune_parameter_and_grad() -> str | None:
+    fn = getattr(function.BasePruningFunc, "_prune_parameter_and_grad", None)
+    if fn is None:
+        return "BasePruningFunc._prune_parameter_and_grad is gone"
+    params = list(inspect.signature(fn).parameters)
+    if params != ["self", "weight", "keep_idxs", "pruning_dim"]:
+        return f"its signature is now {params}"
+    seen: list[int] = []
+    conv = nn.Conv2d(2, 4, 1)
+    with tpi.recorded_parameter_slices(lambda old, new, keep, dim: seen.append(dim)):
+        function.ConvPruner().prune_out_channels(conv, [1])
+    if sorted(seen) != [0, 0]:
+        return "ConvPruner.prune_out_channels no longer slices weight and bias through it"
+    return None
+
+
+def _check_autograd() -> str | None:
+    x = torch.zeros(1, 4, 2, 2, requires_grad=True)
+    y = x.view(1, 2, 2, 2, 2).transpose(1, 2)
+    if y.grad_fn.name() != "TransposeBackward0" or tpi.transposed_dims(y.grad_fn) != (1, 2):
+        return "TransposeBackward0 no longer saves _saved_dim0/_saved_dim1"
+    if tpi.input_shape(y.grad_fn) != [1, 2, 2, 2, 2]:
+        return "grad_fn._input_metadata[0].shape no longer gives the input shape"
+    view = y.grad_fn.next_functions[0][0]
+    if view.name() != "ViewBackward0" or tpi.saved_sizes(view) != [1, 4, 2, 2]:
+        return "ViewBackward0 no longer saves _saved_self_sym_sizes"
+    z = nn.functional.channel_shuffle(x, 2)
+    if z.grad_fn.name() != "ChannelShuffleBackward0" or tpi.shuffle_groups(z.grad_fn) != 2:
+        return "F.channel_shuffle's grad_fn is no longer a ChannelShuffleBackward0 saving _saved_groups"
+    return None
+
+
+_CHECKS: dict[str, Callable[[], str | None]] = {
+    "DependencyGraph._trace": _check_trace,
+    "DependencyGraph._build_dependency": _check_build_dependency,
+    "DependencyGraph.REGISTERED_PRUNERS": _check_registered_pruners,
+    "Node fields": _check_node_fields,
+    "Dependency.index_mapping": _check_index_mapping,
+    "ops._SplitOp": _check_split_op,
+    "_helpers._HybridIndex": _check_hybrid_index,
+    "Group._DG": _check_group_dg,
+    "BasePruningFunc._prune_parameter_and_grad": _check_prune_parameter_and_grad,
+    "autograd saved attributes": _check_autograd,
+}
+
+
+def check(name: str) -> str | None:
+    """``None`` if the internal ``name`` (a key of :data:`INTERNALS`) still works as used, else what changed."""
+    try:
+        problem = _CHECKS[name]()
+    except Exception as error:  # a probe that crashes is a changed internal too
+        problem = f"probing it raised {type(error).__name__}: {error}"
+    if problem is None:
+        return None
+    return (
+        f"Torch-Pruning {_installed_version()} / torch {torch.__version__} changed the internal {name!r} "
+        f"({tpi.INTERNALS[name]}): {problem}. Update lightning_worm/_internals/torch_pruning.py and the "
+        "torch-pruning bound in pyproject.toml."
+    )
+
+
+def _installed_version() -> str:
+    """The installed distribution's version (torch-pruning 1.6.1's ``__version__`` still says 1.6.0)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch-pruning")
+    except PackageNotFoundError:
+        return str(getattr(tp, "__version__", "unknown"))
+
+
 @pytest.mark.parametrize("name", list(tpi.INTERNALS))
 def test_internal_still_works_as_used(name):
-    problem = tpi.check(name)
+    problem = check(name)
     assert problem is None, problem
 
 
 def test_every_internal_has_a_check():
-    assert set(tpi.INTERNALS) == set(tpi._CHECKS)
+    assert set(tpi.INTERNALS) == set(_CHECKS)
 
 
 def test_a_changed_internal_is_reported_by_name(monkeypatch):
-    monkeypatch.delattr(tpi.tp._helpers, "_HybridIndex")
-    problem = tpi.check("_helpers._HybridIndex")
+    monkeypatch.delattr(tp._helpers, "_HybridIndex")
+    problem = check("_helpers._HybridIndex")
     assert "changed the internal '_helpers._HybridIndex'" in problem and "_HybridIndex is gone" in problem
     assert "Torch-Pruning" in problem and "pyproject.toml" in problem
 
@@ -30,6 +232,6 @@ def test_a_probe_that_crashes_is_reported_too(monkeypatch):
     def broken(self, model, example_inputs, forward_fn, output_transform):
         raise KeyError("module2node")
 
-    monkeypatch.setattr(tpi.tp.DependencyGraph, "_trace", broken)
-    problem = tpi.check("DependencyGraph._trace")
+    monkeypatch.setattr(tp.DependencyGraph, "_trace", broken)
+    problem = check("DependencyGraph._trace")
     assert "changed the internal 'DependencyGraph._trace'" in problem and "KeyError" in problem
