@@ -22,68 +22,6 @@ def tiny_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
     return DataLoader(tiny_data(n, seed), batch_size=batch_size, shuffle=False)
 
 
-class TinyNet(L.LightningModule):
-    """conv-bn-relu x2, pool, linear. SGD with momentum; deterministic under a seed."""
-
-    def __init__(self, lr: float = 0.2, momentum: float = 0.9, weight_decay: float = 0.0, width: int = 8) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-        self.classifier = nn.Linear(2 * width, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum,
-                               weight_decay=self.hparams.weight_decay)
-
-
-class ManualTinyNet(TinyNet):
-    """TinyNet under manual optimization: one backward and one optimizer step per batch."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        optimizer = self.optimizers()
-        optimizer.zero_grad()
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.manual_backward(loss)
-        optimizer.step()
-        return loss
-
-
-class SizedMix(nn.Module):
-    """Attention of its own: projections ``wq``/``wk``/``wv``/``o``, no head count; it splits heads by ``size``."""
-
-    def __init__(self, dim=8, size=4):
-        super().__init__()
-        self.size = size
-        self.wq, self.wk, self.wv, self.o = (nn.Linear(dim, dim) for _ in range(4))
-
-    def forward(self, x):
-        b, n, _ = x.shape
-        q, k, v = (p(x).view(b, n, -1, self.size).transpose(1, 2) for p in (self.wq, self.wk, self.wv))
-        return self.o(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
-
-
 def assert_equal_up_to_rounding(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """Two computations of one function (other matrix shapes, other kernels) agree within their dtype's rounding.
 

@@ -10,10 +10,13 @@ pytest.importorskip("mnist1d")
 
 from examples.benchmarks import BENCHMARKS, claims, ticket  # noqa: E402
 from examples.benchmarks.common import (  # noqa: E402
-    Settings, Spread, interleave, markdown_table, paired_ratios,
+    Settings,
+    Spread,
+    interleave,
+    markdown_table,
+    paired_ratios,
 )
 from examples.benchmarks.run import main  # noqa: E402
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,8 +7,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_worm import EarlyBirdCallback, WormCallback, unit_mask, mask_distance
-from tests.helpers import TinyNet, tiny_loader, trainer
+from lightning_worm import EarlyBirdCallback, WormCallback, mask_distance, unit_mask
+from tests.helpers import tiny_loader, trainer
+from tests.models import TinyNet
 
 
 def fit(callbacks, tmp_path=None, model=None, **kwargs):

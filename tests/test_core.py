@@ -13,23 +13,11 @@ from lightning_worm.core import (
     NonFiniteScoreError,
     TicketDetector,
     add_sparsity_gradient,
-    unit_mask,
     mask_distance,
     mask_from_scores,
+    unit_mask,
 )
-
-
-def set_gammas(bn: nn.Module, values) -> None:
-    with torch.no_grad():
-        bn.weight.copy_(torch.tensor(values, dtype=bn.weight.dtype))
-
-
-def two_layer(a, b) -> nn.Sequential:
-    model = nn.Sequential(nn.Conv2d(3, len(a), 1), nn.BatchNorm2d(len(a)), nn.Conv2d(len(a), len(b), 1),
-                          nn.BatchNorm2d(len(b)))
-    set_gammas(model[1], a)
-    set_gammas(model[3], b)
-    return model
+from tests.models import two_layer
 
 
 def as_lists(mask):
@@ -269,7 +257,8 @@ def test_sparsity_gradient_adds_sign():
 
 def test_plain_pytorch_loop_finds_ticket_with_worm():
     """The core serves a plain loop: train, mask per epoch, detect, truncate once per step."""
-    from tests.helpers import tiny_loader, TinyNet
+    from tests.helpers import tiny_loader
+    from tests.models import TinyNet
 
     torch.manual_seed(0)
     model = TinyNet()

@@ -6,7 +6,8 @@ import torch
 from lightning_worm import EarlyBirdCallback, GradientTruncation, WormCallback, channel_mask, unit_mask
 from lightning_worm.core import channel_scores, unit_scores
 from lightning_worm.core.surgery import PruningPlan, prune_channels
-from tests.helpers import TinyNet, global_ticket, randomize_batchnorms
+from tests.helpers import global_ticket, randomize_batchnorms
+from tests.models import TinyNet
 
 
 def test_channel_mask_and_channel_scores_are_unit_mask_and_unit_scores():

@@ -10,7 +10,8 @@ from torch import nn
 
 from lightning_worm import EarlyBirdCallback, WormCallback
 from lightning_worm.core import ChiSchedule, GradientTruncation, TicketDetector, add_sparsity_gradient, unit_mask
-from tests.helpers import TinyNet, tiny_loader, trainer
+from tests.helpers import tiny_loader, trainer
+from tests.models import TinyNet
 
 EPOCHS, WINDOW, CHI = 3, 2, 0.5  # chi = 0.5 so that truncating per micro-batch (chi^k) would show
 

@@ -11,7 +11,8 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_worm._internals import lightning as internals
 from lightning_worm.callbacks.early_bird import _completes_accumulation as completes_accumulation
-from tests.helpers import TinyNet, tiny_loader, trainer
+from tests.helpers import tiny_loader, trainer
+from tests.models import TinyNet
 
 
 def test_configure_ddp_and_model_assignment_exist():

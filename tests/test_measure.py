@@ -2,7 +2,6 @@
 
 import warnings
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.utilities.model_summary import ModelSummary
@@ -10,24 +9,7 @@ from torch import nn
 
 from lightning_worm.core import inputs, measure
 from tests.helpers import randomize_batchnorms
-
-
-def convnet() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 6, 3, padding=1, groups=2), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4),
-    )
-
-
-class Wrapped(L.LightningModule):
-    def __init__(self, net: nn.Module, example: torch.Tensor) -> None:
-        super().__init__()
-        self.net = net
-        self.example_input_array = example
-
-    def forward(self, x):
-        return self.net(x)
+from tests.models import Wrapped, convnet
 
 
 def test_flops_per_example_match_lightnings_model_summary_of_one_example():

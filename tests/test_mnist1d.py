@@ -13,7 +13,7 @@ pytest.importorskip("mnist1d")
 
 from examples.data import MNIST1DDataModule, make_mnist1d  # noqa: E402
 from examples.models import CNN1D, build_model, cnn1d  # noqa: E402
-from lightning_worm import apply_plan, unit_mask, prune_channels  # noqa: E402
+from lightning_worm import apply_plan, prune_channels, unit_mask  # noqa: E402
 
 # sha256 of the default data set (num_samples 5000, seed 42): signals rounded to 1e-4, then labels, train then test.
 MNIST1D_SHA256 = "b75c8ac167f76c79754a29c827a06f434c966fc8970b8cf505964340d067c77a"

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback
-from tests.helpers import ManualTinyNet, TinyNet, tiny_loader, trainer
+from tests.helpers import tiny_loader, trainer
+from tests.models import ManualTinyNet, TinyNet
 
 BUILDERS = {
     "early_bird": lambda eb: eb,

@@ -7,15 +7,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback, load_pruned
-from tests.helpers import TinyNet, tiny_loader, trainer
+from tests.helpers import tiny_loader, trainer
+from tests.models import ScheduledNet, TinyNet
 
 TICKET_EPOCH = 1  # window=2, threshold=1.0: the ticket is the mask of the first full window
-
-
-class ScheduledNet(TinyNet):
-    def configure_optimizers(self):
-        optimizer = super().configure_optimizers()
-        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)}
 
 
 class Spy(Callback):

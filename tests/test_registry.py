@@ -4,8 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_worm import AttentionHeadSource, AttentionQKSource, BatchNormSource, EarlyBirdCallback, LayerNormSource
-from lightning_worm import PruneAndFinetune, ScoreSource
+from lightning_worm import (
+    AttentionHeadSource,
+    AttentionQKSource,
+    BatchNormSource,
+    EarlyBirdCallback,
+    LayerNormSource,
+    PruneAndFinetune,
+    ScoreSource,
+)
 from lightning_worm.core.surgery import (
     LAYERNORM_REFUSAL,
     Surgery,
@@ -17,7 +24,8 @@ from lightning_worm.core.surgery import (
     register_surgery,
     surgery_for,
 )
-from tests.helpers import TinyNet, global_ticket, randomize_batchnorms, tiny_loader, trainer
+from tests.helpers import global_ticket, randomize_batchnorms, tiny_loader, trainer
+from tests.models import TinyNet
 
 
 @pytest.mark.parametrize(("source", "kind", "prune", "options"), [
@@ -70,7 +78,7 @@ def test_the_head_surgery_refuses_round_to_true():
     ({"coupling": "mean_rank", "round_to": 2}, r"coupling='mean_rank'\) does not apply"),
 ])
 def test_prune_and_finetune_refuses_an_option_its_surgery_does_not_take(options, match):
-    from tests.test_transformers_fit import tiny_vit
+    from tests.models import tiny_vit
 
     eb = EarlyBirdCallback(prune_ratio=0.5, source=AttentionHeadSource())
     t = trainer(callbacks=[eb, PruneAndFinetune(eb, **options)], max_epochs=1)

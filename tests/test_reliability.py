@@ -11,7 +11,8 @@ from torch import nn
 
 from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback, load_pruned
 from lightning_worm.checkpoint import find_pruning_plan, newest_loadable_checkpoint
-from tests.helpers import TinyNet, tiny_loader, trainer
+from tests.helpers import tiny_loader, trainer
+from tests.models import LazyNet, LazyUnused, TinyNet
 
 
 def fit(tmp_path, max_epochs=3, ckpt_path=None, extra=(), eb_kwargs=None, prune_kwargs=None, model=None, **kwargs):
@@ -181,26 +182,11 @@ def test_a_moving_search_does_not_warn(tmp_path):
 
 # ----------------------------------------------------------------------------- errors that help
 
-class LazyUnused(TinyNet):
-    """Its only BatchNorm is lazy and never called: nothing can ever be scored."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.features[1] = nn.Identity()
-        self.features[4] = nn.Identity()
-        self.unused = nn.LazyBatchNorm2d()
-
 
 def test_lazy_batchnorm_never_materialised_is_named(tmp_path):
     eb = EarlyBirdCallback(verbose=False)
     with pytest.raises(ValueError, match="lazy layers unused were never materialised"):
         trainer(tmp_path, callbacks=[eb], max_epochs=1).fit(LazyUnused(), tiny_loader())
-
-
-class LazyNet(TinyNet):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.features[1] = nn.LazyBatchNorm2d()
 
 
 def test_load_pruned_materialises_lazy_layers(tmp_path):

@@ -7,58 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import batchnorms, randomize_batchnorms, global_ticket, silence_removed_channels
 from lightning_worm.core.sources import BatchNormSource
 from lightning_worm.core.surgery import PruningPlan, apply_plan, prune_channels
+from tests.helpers import batchnorms, global_ticket, randomize_batchnorms, silence_removed_channels
+from tests.models import GroupedNet, ShuffleNet, SmallResNet, SmallVGG
 
 # ----------------------------------------------------------------------------------------- models
-
-
-def conv_bn(c_in: int, c_out: int, **kwargs) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False, **kwargs), nn.BatchNorm2d(c_out), nn.ReLU()]
-
-
-class SmallVGG(nn.Module):
-    """CIFAR-style conv-bn-relu stacks: no coupling at all."""
-
-    def __init__(self, width: int = 16, num_classes: int = 10) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            *conv_bn(3, width), *conv_bn(width, width), nn.MaxPool2d(2), *conv_bn(width, 2 * width), nn.MaxPool2d(2)
-        )
-        self.classifier = nn.Linear(2 * width * 4 * 4, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
-        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
-        self.down = None
-        if c_in != c_out:
-            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-        return torch.relu(out + (x if self.down is None else self.down(x)))
-
-
-class SmallResNet(nn.Module):
-    """Residual additions couple ``stem.1``, ``block1.bn2`` and ``block2.bn2``; ``block2`` widens with a downsample."""
-
-    def __init__(self, width: int = 8, num_classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(*conv_bn(3, width))
-        self.block1 = BasicBlock(width, width)
-        self.block2 = BasicBlock(width, 2 * width)
-        self.fc = nn.Linear(2 * width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.block2(self.block1(self.stem(x)))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
 def mlp() -> nn.Sequential:
@@ -67,44 +21,6 @@ def mlp() -> nn.Sequential:
         *(nn.Linear(32, 16), nn.BatchNorm1d(16), nn.ReLU()),
         nn.Linear(16, 5),
     )
-
-
-class ShuffleBlock(nn.Module):
-    """ShuffleNet-v2 style: chunk, a branch on the second half, concatenation, channel shuffle."""
-
-    def __init__(self, channels: int, native: bool) -> None:
-        super().__init__()
-        self.branch = nn.Sequential(*conv_bn(channels // 2, channels // 2))
-        self.shuffle = nn.ChannelShuffle(2) if native else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = x.chunk(2, dim=1)
-        out = torch.cat((a, self.branch(b)), dim=1)
-        if self.shuffle is not None:
-            return self.shuffle(out)
-        n, c, h, w = out.shape  # torchvision's channel_shuffle
-        return out.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
-
-
-class ShuffleNet(nn.Module):
-    def __init__(self, native: bool) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(*conv_bn(3, 8))
-        self.blocks = nn.Sequential(ShuffleBlock(8, native), ShuffleBlock(8, native))
-        self.head = nn.Sequential(*conv_bn(8, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
-
-
-class GroupedNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(*conv_bn(3, 8), *conv_bn(8, 8, groups=4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
 
 
 # ---------------------------------------------------------------------------------------- helpers

@@ -14,8 +14,8 @@ import torch
 import torchvision
 from torch import nn
 
-from tests.helpers import randomize_batchnorms, global_ticket, silence_removed_channels
 from lightning_worm.core.surgery import DEFAULT_COUPLING, apply_plan, prune_channels
+from tests.helpers import global_ticket, randomize_batchnorms, silence_removed_channels
 
 slow = pytest.mark.slow
 

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 import lightning_worm
-from examples.vit import VisionTransformer
 from lightning_worm import (
     AttentionHeadSource,
     AttentionQKSource,
@@ -28,85 +27,24 @@ from lightning_worm.core.sources.attention import find_attention
 from lightning_worm.core.surgery import LAYERNORM_REFUSAL, PruningPlan, apply_plan, check_prunable, surgery_for
 from lightning_worm.core.surgery.elementwise import ELEMENTWISE_NOTE, prune_elementwise
 from lightning_worm.core.surgery.heads import MHA_REFUSAL, prune_heads
-from tests.helpers import SizedMix, assert_equal_up_to_rounding
+from tests.helpers import assert_equal_up_to_rounding
+from tests.models import (
+    CustomNet,
+    LastHidden,
+    MHANet,
+    Norms,
+    PackedNet,
+    SizedMixNet,
+    bert,
+    encoder,
+    llama,
+    vit,
+)
 
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     yield
-
-
-def vit(seed=0, **kwargs):
-    torch.manual_seed(seed)
-    return VisionTransformer(**{"dim": 32, "depth": 2, "num_heads": 4, **kwargs}).eval()
-
-
-class Logits(nn.Module):
-    """A Hugging Face model whose forward returns plain logits (as a LightningModule would)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        return self.model(ids).logits
-
-
-class LastHidden(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        return self.model(ids).last_hidden_state
-
-
-def bert(seed=0, heads=4):
-    transformers = pytest.importorskip("transformers")  # only these helpers need it: the other tests run without
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=heads,
-                                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
-    return Logits(transformers.BertForSequenceClassification(config)).eval()
-
-
-def llama(kv_heads=2):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                      num_key_value_heads=kv_heads, intermediate_size=64)
-    return transformers.LlamaModel(config).eval()
-
-
-class PackedAttention(nn.Module):
-    """timm's ``Attention``: one ``qkv`` Linear laid out ``[q | k | v]``, heads inside each part."""
-
-    def __init__(self, dim=16, num_heads=4):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = nn.functional.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
-
-
-class PackedNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.attn = PackedAttention()
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.head(self.attn(x))
-
-
-def encoder():
-    torch.manual_seed(0)
-    return nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2).eval()
 
 
 def zero_heads(model, ticket, source=None):
@@ -171,18 +109,6 @@ def test_masks_are_named_and_shaped_as_the_issue_says():
     assert list(ln) == ["blocks.0.norm1", "blocks.0.norm2", "blocks.1.norm1", "blocks.1.norm2", "norm"]
 
 
-class Custom(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.wq, self.wk, self.wv = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
-
-
-class CustomNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.mix = Custom()
-
-
 def test_user_named_modules_and_projections():
     assert AttentionHeadSource().tracked(CustomNet()) == {}
     source = AttentionHeadSource(modules=["mix"], projections=("wq", "wk", "wv"))
@@ -195,16 +121,6 @@ def test_user_named_modules_and_projections():
         AttentionQKSource(modules=["mix"]).tracked(CustomNet())
     with pytest.raises(ValueError, match="3 names"):
         AttentionQKSource(projections=("a", "b"))
-
-
-class SizedMixNet(nn.Module):
-    def __init__(self, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.mix = SizedMix()
-
-    def forward(self, x):
-        return self.mix(x)
 
 
 def test_a_head_plan_keeps_the_sources_options_and_the_pruned_head_count():
@@ -292,13 +208,6 @@ def test_head_truncation_scales_the_heads_qkv_rows_and_nothing_else():
     for name, p in model.named_parameters():
         if id(p) not in touched:
             assert torch.equal(p.grad, torch.ones_like(p)), name
-
-
-class MHANet(nn.Module):
-    def __init__(self, **kwargs):
-        super().__init__()
-        torch.manual_seed(0)
-        self.att = nn.MultiheadAttention(16, 4, batch_first=True, **kwargs)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"kdim": 8, "vdim": 8}], ids=["packed in_proj", "separate q/k/v weights"])
@@ -486,32 +395,6 @@ def test_multihead_attention_heads_cannot_be_removed():
     assert check_prunable(vit(), AttentionHeadSource()).kind == "heads"  # separate projections: heads can go
     with pytest.raises(ValueError, match="LayerNormSource cannot remove channels"):
         check_prunable(vit(), LayerNormSource())
-
-
-class TinyGemmaRMSNorm(nn.Module):
-    """Gemma's convention: the scale is ``1 + weight``, the weight starts at 0."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + self.weight)
-
-
-class PlainGemmaRMSNorm(TinyGemmaRMSNorm):
-    """Named like Gemma, scales by ``weight`` (as Gemma 4's norm does): the name alone decides nothing."""
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
-
-
-class Norms(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.gemma, self.plain, self.ln = TinyGemmaRMSNorm(4), PlainGemmaRMSNorm(4), nn.LayerNorm(4)
-        for norm in (self.gemma, self.plain, self.ln):
-            norm.weight.data = torch.tensor([-1.0, -0.5, 0.0, 0.5])
 
 
 def test_gemma_style_rmsnorm_is_scored_by_one_plus_its_weight():

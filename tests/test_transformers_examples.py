@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from examples.vit import ViTClassifier, VisionTransformer
+from examples.vit import VisionTransformer, ViTClassifier
 from lightning_worm import AttentionHeadSource, EarlyBirdCallback, WormCallback
 
 ROOT = Path(__file__).resolve().parents[1]

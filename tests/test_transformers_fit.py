@@ -2,21 +2,15 @@
 
 import math
 
-import lightning as L
 import pytest
 import torch
-from torch import nn
 
 from examples.vit import ViTClassifier
 from lightning_worm import AttentionHeadSource, AttentionQKSource, EarlyBirdCallback, PruneAndFinetune, WormCallback
-from tests.helpers import SizedMix, tiny_loader, trainer
+from tests.helpers import tiny_loader, trainer
+from tests.models import EncoderClassifier, MixClassifier, tiny_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-def tiny_vit(**kwargs):
-    torch.manual_seed(0)
-    return ViTClassifier(**{"num_classes": 4, "image_size": 8, "patch_size": 2, "dim": 16, "depth": 2,
-                            "num_heads": 4, "lr": 3e-3, **kwargs})
 
 
 def test_head_search_with_two_stage_worm(tmp_path, lightning_info):
@@ -237,25 +231,6 @@ def test_a_head_pruned_checkpoint_reloads_in_a_fresh_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-class MixClassifier(L.LightningModule):
-    """Pixels as 3-wide tokens through one attention block of its own (``SizedMix``: 2 heads, no head count)."""
-
-    def __init__(self, lr: float = 3e-3):
-        super().__init__()
-        self.save_hyperparameters()
-        self.embed, self.mix, self.head = nn.Linear(3, 8), SizedMix(), nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.head(self.mix(self.embed(x.flatten(2).transpose(1, 2))).mean(1))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-
-
 def mix_source():
     return AttentionHeadSource(modules=["mix"], projections=("wq", "wk", "wv"), num_heads=2)
 
@@ -287,14 +262,6 @@ def test_a_named_head_source_resumes_and_reloads_after_the_prune(tmp_path):
     loaded = load_pruned(MixClassifier, tmp_path / "ckpt" / "epoch=2.ckpt")
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(loaded(x), full.eval()(x))
-
-
-class EncoderClassifier(MixClassifier):
-    """Pixels as tokens through an ``nn.TransformerEncoder`` (``nn.MultiheadAttention`` blocks)."""
-
-    def __init__(self, lr: float = 3e-3):
-        super().__init__(lr)
-        self.mix = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1)
 
 
 @pytest.mark.parametrize("case", ["layernorm", "mha_heads"])

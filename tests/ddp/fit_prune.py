@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback
-from tests.helpers import TinyNet, tiny_loader
+from tests.helpers import tiny_loader
+from tests.models import TinyNet
 
 
 class CountSteps(Callback):

@@ -11,7 +11,8 @@ import lightning as L
 import torch
 
 from lightning_worm import EarlyBirdCallback, WormCallback
-from tests.helpers import TinyNet, tiny_loader
+from tests.helpers import tiny_loader
+from tests.models import TinyNet
 
 
 def main(out: Path) -> None:
