@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, TensorDataset
+
+#: The repository root (subprocesses run with it on PYTHONPATH).
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_data(n: int = 64, seed: int = 0, classes: int = 4) -> TensorDataset:

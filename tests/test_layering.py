@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "lightning_worm"
+from tests.helpers import ROOT
+
+PACKAGE = ROOT / "lightning_worm"
 
 
 def imported(path: Path) -> set[str]:

@@ -1,6 +1,6 @@
 """Which coupling rule removes what the ticket asks? One table over the torchvision BatchNorm families.
 
-For every family (the list of ``tests/test_torchvision_survey.py``), BN gammas are drawn from U(0.05, 1)
+For every family (the list of ``tests/core/surgery/test_torchvision_survey.py``), BN gammas are drawn from U(0.05, 1)
 (seed 0), the global 50 % |gamma| ticket is taken with ``unit_mask``, and ``prune_channels`` removes it
 under each coupling rule. Columns:
 

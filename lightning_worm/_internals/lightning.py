@@ -1,7 +1,7 @@
 """The private Lightning API lightning-worm relies on (lightning>=2.5,<2.7), and why.
 
-Each function names the internal it touches; ``tests/test_internals.py`` pins every one of them, so that a
-Lightning release that changes one fails there with the name of the change, not deep inside a fit.
+Each function names the internal it touches; ``tests/_internals/test_lightning.py`` pins every one of them, so
+that a Lightning release that changes one fails there with the name of the change, not deep inside a fit.
 Everything else in the callbacks uses public hooks and properties only.
 """
 

@@ -1,6 +1,6 @@
 """The private torch API lightning-worm relies on (torch>=2.5), and why.
 
-``tests/test_torch_internals.py`` pins every use, so that a torch release that changes one fails there with
+``tests/_internals/test_torch.py`` pins every use, so that a torch release that changes one fails there with
 the name of the change. The core imports these names from here, never from torch's private modules.
 """
 

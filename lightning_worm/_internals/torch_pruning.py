@@ -5,7 +5,7 @@ The surgery uses Torch-Pruning's public API where it does the job: ``DependencyG
 ``get_out_channels``, ``is_out_channel_pruning_fn``, ``Group.add_dep`` / ``Group.prune``, the graph's
 ``Node`` and ``Dependency`` objects as it hands them out, and the op pruners of ``torch_pruning.ops``.
 What that API does not cover is listed in :data:`INTERNALS` and used only through the functions below.
-``tests/test_torch_pruning_internals.py`` probes each one against the installed release, so that a release
+``tests/_internals/test_torch_pruning.py`` probes each one against the installed release, so that a release
 that changes one fails with the name of the internal that changed.
 
 Autograd attributes that the graph extensions read (``_saved_*`` of ``grad_fn`` objects) are torch

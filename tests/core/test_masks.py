@@ -7,8 +7,15 @@ import torch
 from torch import nn
 
 from lightning_worm import BatchNormSource, ChiSchedule, Mask, ScoreSource, TicketDetector, mask_distance
-from lightning_worm.core import SOURCES, mask_from_scores, resolve_source
+from lightning_worm.core import (
+    SOURCES,
+    NonFiniteScoreError,
+    mask_from_scores,
+    resolve_source,
+    unit_mask,
+)
 from lightning_worm.core.masks import score_checksum
+from tests.models import two_layer
 
 
 def sorted_reference(scores, ratio):
@@ -232,3 +239,121 @@ class TestSources:
         model(torch.randn(5, 3)).sum().backward()
         truncation.apply()
         assert torch.all(model[0].weight.grad[~mask["0"]] == 0) and model[0].bias.grad.abs().sum() > 0
+
+
+def as_lists(mask):
+    return {k: v.tolist() for k, v in mask.items()}
+
+
+class TestChannelMask:
+    def test_global_ranking_hand_computed(self):
+        model = two_layer([0.5, 0.1, 0.1, 0.9], [0.2, 0.1, 0.3, 0.05, 0.7, 0.1])
+        # sorted: 0.05 (3:3), then the four 0.1 in layer order: 1:1, 1:2, 3:1, 3:5 -> prune those 5
+        assert as_lists(unit_mask(model, 0.5)) == {
+            "1": [True, False, False, True], "3": [True, False, True, False, True, False]}
+
+    def test_ties_pruned_in_layer_then_channel_order(self):
+        model = two_layer([1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0])  # all equal, as at initialisation
+        # a stable ascending sort: the first four channels in layer order go ... but min_units=1
+        # keeps the first layer's lowest index, so one fewer is pruned (and reported)
+        assert as_lists(unit_mask(model, 0.5)) == {"1": [True, False, False, False], "3": [True] * 4}
+        result = mask_from_scores({"1": torch.ones(4), "3": torch.ones(4)}, 0.5)
+        assert (result.requested, result.pruned) == (4, 3)
+        model = two_layer([1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0])
+        assert as_lists(unit_mask(model, 0.25)) == {"1": [False, False, True, True], "3": [True] * 4}
+
+    def test_magnitude_not_sign(self):
+        model = two_layer([-0.9, 0.2], [0.3, -0.1])
+        assert as_lists(unit_mask(model, 0.5)) == {"1": [True, False], "3": [True, False]}
+
+    def test_round_half_to_even_count(self):
+        model = two_layer([0.1, 0.2, 0.3], [0.4, 0.5])
+        result = mask_from_scores({"a": torch.tensor([0.1, 0.2, 0.3]), "b": torch.tensor([0.4, 0.5])}, 0.5)
+        assert result.requested == round(2.5) == 2 and result.pruned == 2
+        assert sum((~m).sum().item() for m in unit_mask(model, 0.3).values()) == round(0.3 * 5)
+
+    def test_min_channels_keeps_largest_and_reports(self):
+        scores = {"a": torch.tensor([0.1, 0.3, 0.2, 0.3]), "b": torch.tensor([0.9, 0.8, 0.7, 0.6])}
+        result = mask_from_scores(scores, 0.5, min_units=2)
+        # the ratio prunes all of "a"; it keeps its two largest instead (0.3 and 0.3: ties keep lower index 1, 3)
+        assert result.mask["a"].tolist() == [False, True, False, True]
+        assert result.mask["b"].tolist() == [True, True, True, True]
+        assert (result.requested, result.pruned, result.restored) == (4, 2, {"a": 2})
+
+    def test_min_channels_tie_keeps_lower_index(self):
+        result = mask_from_scores({"a": torch.tensor([0.2, 0.2, 0.2]), "b": torch.tensor([5.0, 5.0, 5.0])},
+                                  0.5, min_units=1)
+        assert result.mask["a"].tolist() == [True, False, False]
+        assert result.restored == {"a": 1}
+
+    def test_min_channels_larger_than_layer_keeps_whole_layer(self):
+        result = mask_from_scores({"a": torch.tensor([0.1, 0.2]), "b": torch.arange(1.0, 9.0)}, 0.2, min_units=4)
+        assert result.mask["a"].tolist() == [True, True]
+
+    def test_bn_types_and_what_is_left_out(self):
+        model = nn.Sequential(
+            nn.Linear(4, 3), nn.BatchNorm1d(3),                      # 0, 1 tracked
+            nn.BatchNorm2d(2),                                       # 2 tracked
+            nn.BatchNorm3d(2),                                       # 3 tracked
+            nn.SyncBatchNorm(2),                                     # 4 tracked
+            nn.BatchNorm2d(2, affine=False),                         # 5 not affine
+            nn.BatchNorm2d(2),                                       # 6 frozen
+            nn.LazyBatchNorm2d(),                                    # 7 lazy, not materialised
+        )
+        model[6].weight.requires_grad_(False)
+        source = BatchNormSource()
+        assert list(source.tracked(model)) == ["1", "2", "3", "4"]
+        assert source.skipped(model) == {"5": "not affine", "6": "weight frozen (requires_grad=False)",
+                                         "7": "lazy, not materialised yet: run one forward pass before the fit"}
+        model[7](torch.randn(2, 5, 3, 3))  # materialise
+        assert list(source.tracked(model)) == ["1", "2", "3", "4", "7"]
+        mask = unit_mask(model, 0.5)
+        assert [m.numel() for m in mask.values()] == [3, 2, 2, 2, 5]
+
+    def test_half_precision_scores_compared_in_float32(self):
+        model = two_layer([1.0, 1.0039, 1.0078], [0.5, 2.0]).to(torch.bfloat16)
+        scores = BatchNormSource().scores(model[1])
+        assert scores.dtype == torch.float32
+        assert unit_mask(model, 0.4)["3"].tolist() == [False, True]
+
+    def test_mask_on_parameter_device_and_bool(self):
+        mask = unit_mask(two_layer([0.1, 0.2], [0.3, 0.4]), 0.5)
+        assert all(m.dtype == torch.bool and m.device == torch.device("cpu") for m in mask.values())
+
+    def test_non_finite_names_layer(self):
+        model = two_layer([0.1, float("nan")], [0.3, float("inf")])
+        with pytest.raises(NonFiniteScoreError, match=r"2 layer\(s\): 1, 3") as err:
+            unit_mask(model, 0.5)
+        assert err.value.layers == ["1", "3"]
+
+    @pytest.mark.parametrize("ratio", [0, 1, -0.1, 1.5, "0.5"])
+    def test_bad_ratio(self, ratio):
+        with pytest.raises(ValueError, match="prune_ratio"):
+            unit_mask(two_layer([0.1], [0.2]), ratio)
+
+    def test_bad_min_channels(self):
+        with pytest.raises(ValueError, match="min_units"):
+            unit_mask(two_layer([0.1], [0.2]), 0.5, min_units=0)
+
+    def test_no_channels(self):
+        with pytest.raises(ValueError, match="no tracked channels"):
+            unit_mask(nn.Linear(2, 2), 0.5)
+
+    def test_100k_channels(self):
+        model = nn.Sequential(*[nn.BatchNorm2d(1000) for _ in range(100)])
+        for bn in model:
+            bn.weight.data.uniform_()
+        mask = unit_mask(model, 0.5)
+        assert sum(int(m.sum()) for m in mask.values()) == 50_000
+
+
+class TestMaskDistance:
+    def test_hand_computed(self):
+        a = {"x": torch.tensor([True, False, True]), "y": torch.tensor([True])}
+        b = {"x": torch.tensor([True, True, False]), "y": torch.tensor([True])}
+        assert mask_distance(a, b) == 0.5
+        assert mask_distance(a, a) == 0.0
+
+    def test_different_layouts_raise(self):
+        with pytest.raises(ValueError, match="different layers"):
+            mask_distance({"x": torch.ones(3, dtype=torch.bool)}, {"x": torch.ones(2, dtype=torch.bool)})

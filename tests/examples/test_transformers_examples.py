@@ -1,6 +1,5 @@
 """The transformer examples: the ViT config builds what it says, the BERT recipe runs, the benchmark's parts."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -8,8 +7,7 @@ import yaml
 
 from examples.vit import VisionTransformer, ViTClassifier
 from lightning_worm import AttentionHeadSource, EarlyBirdCallback, WormCallback
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

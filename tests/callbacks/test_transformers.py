@@ -7,7 +7,7 @@ import torch
 
 from examples.vit import ViTClassifier
 from lightning_worm import AttentionHeadSource, AttentionQKSource, EarlyBirdCallback, PruneAndFinetune, WormCallback
-from tests.helpers import tiny_loader, trainer
+from tests.helpers import ROOT, tiny_loader, trainer
 from tests.models import EncoderClassifier, MixClassifier, tiny_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -210,7 +210,6 @@ def test_a_head_pruned_checkpoint_reloads_in_a_fresh_process(tmp_path):
     """The head replay is found after a plain `import lightning_worm`, not only where the prune ran."""
     import subprocess
     import sys
-    from pathlib import Path
 
     t, model, eb, prune = prune_fit(tmp_path, max_epochs=3)
     t.save_checkpoint(tmp_path / "pruned.ckpt")
@@ -224,7 +223,7 @@ def test_a_head_pruned_checkpoint_reloads_in_a_fresh_process(tmp_path):
         "model = load_pruned(ViTClassifier, sys.argv[1])\n"
         "assert torch.equal(model(io['x']), io['y'])\n"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "pruned.ckpt"), str(tmp_path / "io.pt")],
                           cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(root)},
                           capture_output=True, text=True, timeout=300)

@@ -1,7 +1,7 @@
 """The surgery registry: per source, its surgery, its replay and its pre-flight check; options only where taken."""
 
+
 import pytest
-import torch
 from torch import nn
 
 from lightning_worm import (
@@ -16,7 +16,6 @@ from lightning_worm import (
 from lightning_worm.core.surgery import (
     LAYERNORM_REFUSAL,
     Surgery,
-    carry_optimizer_state,
     check_prunable,
     prune_channels,
     prune_elementwise,
@@ -24,7 +23,7 @@ from lightning_worm.core.surgery import (
     register_surgery,
     surgery_for,
 )
-from tests.helpers import global_ticket, randomize_batchnorms, tiny_loader, trainer
+from tests.helpers import tiny_loader, trainer
 from tests.models import TinyNet
 
 
@@ -86,28 +85,7 @@ def test_prune_and_finetune_refuses_an_option_its_surgery_does_not_take(options,
         t.fit(tiny_vit(), tiny_loader())
 
 
-def test_carry_optimizer_state_slices_the_kept_units_and_keeps_the_rest():
-    torch.manual_seed(0)
-    model = randomize_batchnorms(TinyNet().train())
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
-    model(torch.randn(4, 3, 8, 8)).sum().backward()
-    optimizer.step()
-    optimizer.param_groups[0]["lr"] = 0.05  # a schedule moved it
-    before = dict(model.named_parameters())
-    old_state = {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in before.items()}
-    ticket = global_ticket(model)
-    report = prune_channels(model, ticket, torch.randn(2, 3, 8, 8), measure_latency=False)
-    after = dict(model.named_parameters())
-    new = torch.optim.Adam(model.parameters(), lr=0.1)
-    carry_optimizer_state(optimizer, new, before, after, report.kept_indices)
-    assert new.param_groups[0]["lr"] == 0.05
-    conv = "features.3.weight"
-    out, inp = report.kept_indices[conv][:2]
-    for key in ("exp_avg", "exp_avg_sq"):
-        assert torch.equal(new.state[after[conv]][key], old_state[conv][key][out][:, inp])
-        assert torch.equal(new.state[after["classifier.bias"]][key], old_state["classifier.bias"][key])
-    assert torch.equal(new.state[after[conv]]["step"], old_state[conv]["step"])
-
-    fresh = torch.optim.Adam(model.parameters(), lr=0.1)
-    carry_optimizer_state(optimizer, fresh, before, after, report.kept_indices, hyperparameters=False, state=False)
-    assert fresh.param_groups[0]["lr"] == 0.1 and not fresh.state
+def test_layernorm_prune_is_refused_with_what_to_use_instead():
+    with pytest.raises(ValueError, match="AttentionHeadSource") as error:
+        surgery_for(LayerNormSource())
+    assert str(error.value) == LAYERNORM_REFUSAL
