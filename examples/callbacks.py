@@ -17,17 +17,22 @@ class AccuracyAroundPrune(Callback):
     pruned the model, evaluates the pruned network once on the validation data (eval mode, no grad).
 
     Args:
-        prune: the :class:`~lightning_worm.PruneAndFinetune` whose prune is observed.
+        prune: the :class:`~lightning_worm.PruneAndFinetune` whose prune is observed; ``None``: the only
+            one in the trainer, found when the fit starts (with none, only the validation accuracy is
+            recorded).
         monitor: the logged validation accuracy.
+
+    Raises:
+        ValueError: at the start of a fit, if ``prune`` is ``None`` and the trainer has several
+            PruneAndFinetune callbacks.
 
     Example::
 
-        prune = PruneAndFinetune(early_bird)
-        accuracy = AccuracyAroundPrune(prune)
-        trainer = Trainer(callbacks=[early_bird, prune, accuracy])
+        trainer = Trainer(callbacks=[EarlyBirdCallback(), PruneAndFinetune(), AccuracyAroundPrune()])
     """
 
-    def __init__(self, prune: PruneAndFinetune, monitor: str = "val/acc") -> None:
+    def __init__(self, prune: PruneAndFinetune | None = None, monitor: str = "val/acc") -> None:
+        self._spec = prune
         self.prune = prune
         self.monitor = monitor
         self.val_acc: dict[int, float] = {}
@@ -36,7 +41,18 @@ class AccuracyAroundPrune(Callback):
     @property
     def before_prune(self) -> float | None:
         """Validation accuracy of the dense network at the epoch it was pruned."""
-        return None if self.prune.pruned_epoch is None else self.val_acc.get(self.prune.pruned_epoch)
+        pruned_epoch = self.prune.pruned_epoch if self.prune is not None else None
+        return None if pruned_epoch is None else self.val_acc.get(pruned_epoch)
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit" or self._spec is not None:
+            return
+        found = [c for c in trainer.callbacks if isinstance(c, PruneAndFinetune)]
+        if len(found) > 1:
+            raise ValueError(f"AccuracyAroundPrune cannot tell which of {len(found)} PruneAndFinetune callbacks "
+                             "to observe: pass it, `AccuracyAroundPrune(prune)`.")
+        self.prune = found[0] if found else None
 
     @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -45,7 +61,8 @@ class AccuracyAroundPrune(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.after_prune is None and self.prune.pruned_epoch is not None and trainer.val_dataloaders is not None:
+        if (self.after_prune is None and self.prune is not None and self.prune.pruned_epoch is not None
+                and trainer.val_dataloaders is not None):
             self.after_prune = evaluate(pl_module, trainer.val_dataloaders)
 
 

@@ -1,34 +1,43 @@
 """The main job: Early-Bird ticket search with WORM, prune at the ticket, fine-tune, test, report.
 
-Every option of the model, the data, the trainer and the three callbacks comes from flags or a YAML
-file (LightningCLI)::
+A :class:`~lightning.pytorch.cli.LightningCLI` whose ``fit`` is followed, in :meth:`MainJobCLI.after_fit`,
+by the test run, the checkpoint, the figures and the summary. ``fit`` is its one subcommand and the
+default: arguments that do not start with ``fit`` are ``fit``'s, so these two are the same::
 
-    python -m examples.main                                             # offline default (digits)
+    python -m examples.main                       # offline default (digits)
+    python -m examples.main fit
+
+More::
+
     python -m examples.main --config examples/configs/resnet18_cifar10.yaml --data.data_dir data
-    python -m examples.main --trainer.devices 2 --trainer.strategy ddp  # multi-GPU (or 2 CPU processes)
-    python -m examples.main --help                                      # every option
+    python -m examples.main --config examples/configs/plain_earlybird.yaml   # no WORM
+    python -m examples.main --config examples/configs/search_only.yaml       # no pruning
+    python -m examples.main --trainer.devices 2 --trainer.strategy ddp       # multi-GPU (or 2 CPU processes)
+    python -m examples.main --ckpt_path PATH                                  # resume (Trainer.fit's ckpt_path)
+    python -m examples.main --help                                            # every option
 
 ``examples/configs/offline.yaml`` is the default config file: a ``--config`` given on the command line
-is read on top of it. The run directory (the logger's ``log_dir``) receives the checkpoint
-(``pruned.ckpt``, or ``final.ckpt`` when nothing was pruned; the only checkpoint the job writes:
-``--trainer.enable_checkpointing true`` adds Lightning's periodic ones, to resume a long run with
-``--ckpt_path``), ``pruning_report.json``, ``summary.json`` (strict JSON: a missing value is ``null``),
-``config.yaml`` and the figures.
+is read on top of it. The three callbacks are ``trainer.callbacks`` entries (``class_path`` and
+``init_args``), as in any LightningCLI config; from flags, LightningCLI's list syntax sets them:
+``--trainer.callbacks=EarlyBirdCallback --trainer.callbacks.threshold 0.2
+--trainer.callbacks+=WormCallback --trainer.callbacks+=PruneAndFinetune`` (a list given on the command
+line replaces the config's; ``--trainer.callbacks.help EarlyBirdCallback`` lists a callback's options).
 
-The callbacks come from the ``--early_bird.*``, ``--worm.*`` and ``--prune.*`` groups, or from
-``trainer.callbacks`` entries (``class_path``/``init_args``, as in any LightningCLI config) with the
-matching group switched off (``early_bird.enabled: false`` ...): see
-``examples/configs/callbacks_in_yaml.yaml``.
+The run directory (the logger's ``log_dir``) receives the checkpoint (``pruned.ckpt``, or ``final.ckpt``
+when nothing was pruned; the only checkpoint the job writes: ``--trainer.enable_checkpointing true`` adds
+Lightning's periodic ones, to resume a long run with ``--ckpt_path``), ``pruning_report.json``,
+``summary.json`` (strict JSON: a missing value is ``null``), ``config.yaml`` and the figures.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
@@ -41,82 +50,111 @@ from lightning_worm.core.serialization import strict_json
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIGS / "offline.yaml"
 
-# group -> the callback class it builds
-GROUPS: dict[str, type[pl.Callback]] = {"early_bird": EarlyBirdCallback, "worm": WormCallback,
-                                        "prune": PruneAndFinetune}
 
+class MainJobCLI(LightningCLI):
+    """LightningCLI with one subcommand, ``fit`` (the default), and the job's report after it.
 
-class WormCLI(LightningCLI):
-    """LightningCLI with ``--early_bird.*``, ``--worm.*`` and ``--prune.*`` option groups and ``--ckpt_path``.
-
-    Each group builds its callback unless its ``enabled`` is false: ``--worm.enabled false`` runs plain
-    Early-Bird, ``--prune.enabled false`` only searches. A group switched off may instead be given as a
-    ``trainer.callbacks`` entry; the same callback type in both places is refused (two trackers, or two
-    WORMs on one tracker, are not what anyone means). :attr:`early_bird`, :attr:`worm`, :attr:`prune`
-    and :attr:`accuracy` are the callbacks the trainer got (``None`` where there is none).
+    :meth:`after_fit` tests the model, saves the checkpoint, writes the figures and ``summary.json`` and
+    prints the summary (also kept as :attr:`summary`). :attr:`early_bird`, :attr:`worm`, :attr:`prune` and
+    :attr:`accuracy` are the trainer's callbacks of these types (``None`` where there is none).
 
     Use :func:`build_cli` for the job's defaults (default config file, seed, no optimizer flags).
 
     Raises:
-        ValueError: if a callback type is both enabled as a group and listed in ``trainer.callbacks``, or
-            if no Early-Bird tracker is configured at all.
+        ValueError: if ``trainer.callbacks`` holds no EarlyBirdCallback, or several callbacks of one of
+            these types.
     """
 
     early_bird: EarlyBirdCallback
     worm: Optional[WormCallback]
     prune: Optional[PruneAndFinetune]
-    accuracy: Optional[AccuracyAroundPrune]
+    accuracy: AccuracyAroundPrune
+    summary: dict[str, Any]
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
-                            help="Resume the fit from this checkpoint (Trainer.fit's ckpt_path).")
-        parser.add_argument("--early_bird.enabled", type=bool, default=True,
-                            help="Build the Early-Bird tracker from this group (false: it is in trainer.callbacks).")
-        parser.add_class_arguments(EarlyBirdCallback, "early_bird", instantiate=False)
-        parser.add_argument("--worm.enabled", type=bool, default=True,
-                            help="Build WormCallback from this group (false: plain Early-Bird, or one in "
-                                 "trainer.callbacks).")
-        parser.add_class_arguments(WormCallback, "worm", skip={"early_bird"}, instantiate=False)
-        parser.add_argument("--prune.enabled", type=bool, default=True,
-                            help="Build PruneAndFinetune from this group (false: search only, or one in "
-                                 "trainer.callbacks).")
-        parser.add_class_arguments(PruneAndFinetune, "prune", skip={"early_bird", "example_input"},
-                                   instantiate=False)
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Only ``fit``: the job is a fit and its report."""
+        return {"fit": LightningCLI.subcommands()["fit"]}
 
-    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        given = config["trainer"].get("callbacks") or []
-        given = list(given) if isinstance(given, (list, tuple)) else [given]  # one callback, or a list
-        groups = {key: dict(config[key]) for key in GROUPS}
-        for key, cls in GROUPS.items():
-            if groups[key]["enabled"] and any(isinstance(c, cls) for c in given):
-                raise ValueError(
-                    f"`{key}.enabled` is true and `trainer.callbacks` also lists {cls.__name__}: set "
-                    f"`{key}.enabled: false` to use the one in `trainer.callbacks`, or remove it from there."
-                )
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any],
+                     subparser_kwargs: dict[str, Any]) -> None:
+        self._default_subcommand = "fit" if add_subcommands else None
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
 
-        def find(cls: type[pl.Callback]) -> Any:
-            return next((c for c in given if isinstance(c, cls)), None)
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse as LightningCLI does; arguments that do not start with ``fit`` are ``fit``'s."""
+        given = sys.argv[1:] if args is None else args
+        if self._default_subcommand and isinstance(given, list) and given[:1] != [self._default_subcommand]:
+            if args is None:  # the command line, completed (not "args and a command line")
+                self.config = parser.parse_args([self._default_subcommand, *given])
+                return
+            args = [self._default_subcommand, *args]
+        super().parse_arguments(parser, args)
 
-        ours: list[pl.Callback] = []
-        early_bird_args = groups["early_bird"]
-        if early_bird_args.pop("enabled"):
-            ours.append(EarlyBirdCallback(**early_bird_args))
-            self.early_bird = ours[-1]
-        else:
-            self.early_bird = find(EarlyBirdCallback)
-            if self.early_bird is None:
-                raise ValueError("No Early-Bird tracker: `early_bird.enabled` is false and `trainer.callbacks` "
-                                 "holds no EarlyBirdCallback. Enable the group or list the callback.")
-        for key in ("worm", "prune"):
-            args = groups[key]
-            callback = GROUPS[key](self.early_bird, **args) if args.pop("enabled") else find(GROUPS[key])
-            if callback is not None and callback not in given:
-                ours.append(callback)
-            setattr(self, key, callback)
-        self.accuracy = AccuracyAroundPrune(self.prune) if self.prune else None
-        ours += [self.accuracy] if self.accuracy else []
-        return super().instantiate_trainer(**{**kwargs, "callbacks": given + ours})
+    def after_instantiate_classes(self) -> None:
+        callbacks = self.trainer.callbacks
+        self.early_bird = _only(callbacks, EarlyBirdCallback, required=True)
+        self.worm = _only(callbacks, WormCallback)
+        self.prune = _only(callbacks, PruneAndFinetune)
+        self.accuracy = _only(callbacks, AccuracyAroundPrune, required=True)
+
+    def after_fit(self) -> None:
+        """Test the model, save the checkpoint, write the figures and ``summary.json``, print the summary."""
+        trainer = self.trainer
+        test_acc = trainer.test(self.model, datamodule=self.datamodule, verbose=False)[0].get("test/acc")
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        checkpoint = run_dir / ("pruned.ckpt" if self.prune and self.prune.plan else "final.ckpt")
+        trainer.save_checkpoint(checkpoint)
+        self.summary = summarize(self, test_acc, checkpoint)
+        _write_artefacts(self, self.summary, run_dir)
+
+
+def _only(callbacks: list[pl.Callback], cls: type[pl.Callback], required: bool = False) -> Any:
+    """The one callback of type ``cls`` (``None`` if there is none and none is required)."""
+    found = [c for c in callbacks if isinstance(c, cls)]
+    if len(found) > 1 or (required and not found):
+        raise ValueError(
+            f"The main job reports on {'one' if required else 'at most one'} {cls.__name__}; the trainer has "
+            f"{len(found)}. List {'exactly' if required else 'at most'} one under `trainer.callbacks` (as "
+            f"examples/configs/offline.yaml does)."
+        )
+    return found[0] if found else None
+
+
+def build_cli(args: ArgsType = None, run: bool = True) -> MainJobCLI:
+    """The job's :class:`MainJobCLI`: ``offline.yaml`` as the default config file, seed 0, no optimizer flags.
+
+    Args:
+        args: the arguments; ``None`` reads the command line (``sys.argv``).
+        run: run ``fit`` and the report; ``False`` only builds the model, the data and the trainer (the
+            arguments then take no subcommand).
+
+    Example::
+
+        summary = build_cli(["--trainer.max_epochs", "10"]).summary
+    """
+    default_config = {"default_config_files": [str(DEFAULT_CONFIG)]}
+    return MainJobCLI(
+        ImageClassifier,
+        subclass_mode_model=True,  # ImageClassifier or a subclass (examples.vit.ViTClassifier)
+        subclass_mode_data=True,
+        run=run,
+        args=args,
+        parser_kwargs={"fit": default_config} if run else default_config,
+        # the job writes its one checkpoint itself; the summary's accuracy around the prune
+        trainer_defaults={"enable_checkpointing": False, "callbacks": [AccuracyAroundPrune()]},
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        auto_configure_optimizers=False,  # ImageClassifier builds its own optimizer and schedule
+    )
+
+
+def main(args: ArgsType = None) -> dict[str, Any]:
+    """Run the job; returns the summary (also written to ``summary.json`` in the run directory).
+
+    ``args=None`` reads the command line; a list is parsed instead (for tests and notebooks).
+    """
+    return build_cli(args).summary
 
 
 def _describe(hparams: dict[str, Any]) -> str:
@@ -125,43 +163,7 @@ def _describe(hparams: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in hparams.items() if isinstance(v, (int, float, str)))
 
 
-def build_cli(args: list[str] | None = None) -> WormCLI:
-    """The job's :class:`WormCLI`: ``offline.yaml`` as the default config file, seed 0, no optimizer flags.
-
-    ``args=None`` reads ``sys.argv`` (the command line); a list is parsed instead of it.
-    """
-    return WormCLI(
-        ImageClassifier,
-        subclass_mode_model=True,  # ImageClassifier or a subclass (examples.vit.ViTClassifier)
-        subclass_mode_data=True,
-        run=False,
-        args=args,
-        parser_kwargs={"default_config_files": [str(DEFAULT_CONFIG)]},
-        trainer_defaults={"enable_checkpointing": False},  # the job writes its one checkpoint itself
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        auto_configure_optimizers=False,  # ImageClassifier builds its own optimizer and schedule
-    )
-
-
-def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Run the job; returns the summary (also written to ``summary.json`` in the run directory).
-
-    ``args=None`` reads the command line; a list is parsed instead (for tests and notebooks).
-    """
-    cli = build_cli(args)
-    trainer, model = cli.trainer, cli.model
-    trainer.fit(model, datamodule=cli.datamodule, ckpt_path=cli.config["ckpt_path"])
-    test_acc = trainer.test(model, datamodule=cli.datamodule, verbose=False)[0].get("test/acc")
-    run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-    checkpoint = run_dir / ("pruned.ckpt" if cli.prune and cli.prune.plan else "final.ckpt")
-    trainer.save_checkpoint(checkpoint)
-    summary = summarize(cli, test_acc, checkpoint)
-    _write_artefacts(cli, summary, run_dir)
-    return summary
-
-
-def summarize(cli: WormCLI, test_acc: float | None, checkpoint: Path) -> dict[str, Any]:
+def summarize(cli: MainJobCLI, test_acc: float | None, checkpoint: Path) -> dict[str, Any]:
     """The run's summary as plain JSON types; a value that is not known (or not finite) is ``None``.
 
     FLOPs are per example (as Lightning's model summary counts them: the pruning report's); the latency
@@ -186,8 +188,8 @@ def summarize(cli: WormCLI, test_acc: float | None, checkpoint: Path) -> dict[st
         "example_batch": report.get("flops_batch"),
         "latency_ms": [report.get("latency_before_ms"), report.get("latency_after_ms")],
         "accuracy": {
-            "before_prune": accuracy.before_prune if accuracy else None,
-            "after_prune": accuracy.after_prune if accuracy else None,
+            "before_prune": accuracy.before_prune,
+            "after_prune": accuracy.after_prune,
             "test_end": None if test_acc is None else float(test_acc),
         },
         "checkpoint": str(checkpoint),
@@ -195,7 +197,7 @@ def summarize(cli: WormCLI, test_acc: float | None, checkpoint: Path) -> dict[st
 
 
 @rank_zero_only
-def _write_artefacts(cli: WormCLI, summary: dict[str, Any], run_dir: Path) -> None:
+def _write_artefacts(cli: MainJobCLI, summary: dict[str, Any], run_dir: Path) -> None:
     """Figures, TensorBoard images and ``summary.json``; a file that cannot be written is a warning, not a lost run."""
     eb = cli.early_bird
     figures = {
@@ -250,7 +252,7 @@ def format_summary(s: dict[str, Any], run_dir: Path) -> str:
              f"{s['epochs']} epochs"]
     if s["ticket_epoch"] is None:
         lines.append("No Early-Bird ticket emerged: nothing was pruned. Train longer or raise "
-                     "`--early_bird.threshold`.")
+                     "the EarlyBirdCallback's `threshold`.")
     else:
         lines.append(f"Early-Bird ticket: epoch {s['ticket_epoch']} (mask distance "
                      f"{s['distances'][s['ticket_epoch']]:.3f}); pruned at the end of epoch {s['pruned_epoch']}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shlex
 import subprocess
 import sys
 import types
@@ -102,6 +103,32 @@ def test_python_blocks_of_the_page_run(page: Path, tmp_path: Path, monkeypatch: 
             continue
         where = f"{page.relative_to(ROOT)}:{block.line}"
         exec(compile(block.code, where, "exec"), module.__dict__)
+
+
+def example_job_commands() -> list[tuple[str, list[str]]]:
+    """(where, arguments) of every ``python -m examples.main`` command in a bash block of the docs or the README."""
+    found = []
+    for page in [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]:
+        for line, lang, code, _ in code_blocks(page):
+            for command in code.replace("\\\n", " ").splitlines() if lang == "bash" else []:
+                words = shlex.split(command, comments=True)
+                if "examples.main" in words:
+                    found.append((f"{page.relative_to(ROOT)}:{line}", words[words.index("examples.main") + 1:]))
+    return found
+
+
+@pytest.mark.parametrize("command", example_job_commands(), ids=lambda c: f"{c[0]} {' '.join(c[1])}")
+def test_example_job_commands_parse(command, monkeypatch, capsys):
+    """Each documented command of the main job parses (``--print_config``: nothing runs, nothing is written)."""
+    from examples.main import build_cli
+
+    where, args = command
+    monkeypatch.chdir(ROOT)  # the commands run from the repository root
+    monkeypatch.setattr(sys, "argv", ["examples.main"])
+    shows_help = any(a == "--help" or a.endswith(".help") for a in args)
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(args if shows_help else [*args, "--print_config"])
+    assert exit_info.value.code == 0, f"{where}: {args}\n{capsys.readouterr().err[-3000:]}"
 
 
 def test_shell_snippets_hold_no_python():

@@ -12,14 +12,19 @@ import pytest
 import torch
 from lightning.pytorch.utilities.model_summary import ModelSummary
 
+from examples.callbacks import AccuracyAroundPrune
 from examples.main import CONFIGS, build_cli, main
 from examples.module import ImageClassifier
 from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback, load_pruned
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
-TINY = ["--trainer.max_epochs", "4", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2",
-        "--early_bird.window", "2", "--early_bird.threshold", "1.0", "--trainer.enable_progress_bar", "false",
+# the callbacks from flags, in LightningCLI's list syntax: a ticket at the end of epoch 1
+TICKET_AT_1 = ["--trainer.callbacks=EarlyBirdCallback", "--trainer.callbacks.window", "2",
+               "--trainer.callbacks.threshold", "1.0"]
+SMALL = ["--trainer.max_epochs", "4", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2",
+         "--trainer.enable_progress_bar", "false"]
+TINY = [*SMALL, *TICKET_AT_1, "--trainer.callbacks+=WormCallback", "--trainer.callbacks+=PruneAndFinetune",
         "--trainer.default_root_dir", "run"]
 
 
@@ -84,9 +89,10 @@ def test_tiny_run_from_the_command_line_writes_every_artefact(capsys, monkeypatc
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-def test_without_worm_and_without_pruning():
-    summary = main(TINY + ["--worm.enabled", "false", "--prune.enabled", "false"])
+def test_without_worm_and_without_pruning_with_the_subcommand_typed():
+    summary = main(["fit", *SMALL, *TICKET_AT_1, "--trainer.default_root_dir", "run"])
     assert summary["worm"] is None and summary["pruned_epoch"] is None and summary["params"] == [None, None]
+    assert summary["ticket_epoch"] == 1 and summary["accuracy"]["before_prune"] is None
     assert Path(summary["checkpoint"]).name == "final.ckpt"
 
 
@@ -122,14 +128,11 @@ def cli_error(args: list[str], capsys) -> str:
     return capsys.readouterr().err
 
 
-def literal_options() -> dict[str, tuple]:
-    """``--group.name`` -> the allowed values, for every ``Literal`` argument of the model and the callbacks."""
+def literal_options(cls: type) -> dict[str, tuple]:
+    """Argument name -> the allowed values, for every ``Literal`` argument of ``cls``."""
     from typing import Literal, get_args, get_origin, get_type_hints
 
-    groups = {"model": ImageClassifier, "early_bird": EarlyBirdCallback, "worm": WormCallback,
-              "prune": PruneAndFinetune}
-    return {f"--{group}.{name}": get_args(hint) for group, cls in groups.items()
-            for name, hint in get_type_hints(cls.__init__).items() if get_origin(hint) is Literal}
+    return {name: get_args(hint) for name, hint in get_type_hints(cls.__init__).items() if get_origin(hint) is Literal}
 
 
 def test_help_lists_the_choices(capsys):
@@ -139,14 +142,17 @@ def test_help_lists_the_choices(capsys):
         assert exit_info.value.code == 0
         return capsys.readouterr().out
 
-    out = help_text(["--help"])
-    model_out = help_text(["--model.help", "ImageClassifier"])  # the model is a class (or a subclass) choice
-    options = literal_options()
-    assert {"--model.arch", "--model.schedule", "--worm.schedule", "--prune.coupling"} <= set(options)
-    for option, values in options.items():
-        assert f"{option} {{{','.join(values)}}}" in (model_out if option.startswith("--model.") else out), option
-    assert "offline.yaml" in out  # the default config file
+    out = help_text(["--help"])  # fit's: the default subcommand
+    assert "offline.yaml" in out and "--trainer.callbacks" in out and "--ckpt_path" in out
     assert "--optimizer" not in out and "--lr_scheduler" not in out  # the model builds its own
+    # the model is a class (or a subclass) choice, the callbacks are list entries: each has its own help
+    for key, cls in [("model", ImageClassifier), ("trainer.callbacks", EarlyBirdCallback),
+                     ("trainer.callbacks", WormCallback), ("trainer.callbacks", PruneAndFinetune)]:
+        text = help_text([f"--{key}.help", cls.__name__])
+        options = literal_options(cls)
+        assert options, cls
+        for name, values in options.items():
+            assert f"--{key}.{name} {{{','.join(values)}}}" in text, (cls, name)
 
 
 def test_the_vit_config_runs_from_the_same_entry(tmp_path):
@@ -158,10 +164,11 @@ def test_the_vit_config_runs_from_the_same_entry(tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (["--model.arch", "resnet50"], "resnet50"),
     (["--model.schedule", "linear"], "linear"),
-    (["--worm.schedule", "cosine"], "cosine"),
-    (["--prune.coupling", "any"], "any"),
-    (["--early_bird.first_mask", "never"], "never"),
+    (["--trainer.callbacks+=WormCallback", "--trainer.callbacks.schedule", "cosine"], "cosine"),
+    (["--trainer.callbacks.coupling", "any"], "any"),  # the last entry of offline.yaml's: PruneAndFinetune
+    (["--trainer.callbacks=EarlyBirdCallback", "--trainer.callbacks.first_mask", "never"], "never"),
     (["--optimizer", "Adam"], "--optimizer"),
+    (["--early_bird.threshold", "0.2"], "--early_bird.threshold"),  # the callbacks are trainer.callbacks
 ])
 def test_a_bad_choice_is_a_usage_error(args, expected, capsys):
     assert expected in cli_error(args, capsys)
@@ -176,22 +183,23 @@ def test_module_choices_are_the_models():
     assert set(get_args(Arch)) == set(MODELS)
 
 
-def test_one_callback_type_in_a_group_and_in_trainer_callbacks_is_refused():
-    callbacks = '--trainer.callbacks=[{"class_path": "lightning_worm.EarlyBirdCallback"}]'
-    with pytest.raises(ValueError, match=r"early_bird.enabled.*also lists EarlyBirdCallback"):
-        build_cli([callbacks])
-    with pytest.raises(ValueError, match="No Early-Bird tracker"):
-        build_cli(["--early_bird.enabled", "false"])
+@pytest.mark.parametrize("callbacks, count", [("--trainer.callbacks=PruneAndFinetune", 0),
+                                              ("--trainer.callbacks+=EarlyBirdCallback", 2)])
+def test_the_job_needs_one_tracker(callbacks, count):
+    with pytest.raises(ValueError, match=f"one EarlyBirdCallback; the trainer has {count}.*`trainer.callbacks`"):
+        build_cli([callbacks], run=False)
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_config_parses_and_builds(config):
-    cli = build_cli(["--config", str(CONFIGS / config)])
-    kinds = {type(c) for c in cli.trainer.callbacks}
-    assert EarlyBirdCallback in kinds and PruneAndFinetune in kinds
+    cli = build_cli(["--config", str(CONFIGS / config)], run=False)  # read on top of offline.yaml
+    kinds = [type(c) for c in cli.trainer.callbacks]
+    assert kinds.count(EarlyBirdCallback) == 1 and AccuracyAroundPrune in kinds
     assert (WormCallback in kinds) == (config != "plain_earlybird.yaml")
+    assert (PruneAndFinetune in kinds) == (config != "search_only.yaml")
     eb = cli.early_bird
     assert (eb.prune_ratio, eb.window, eb.threshold) == (0.5, 5, 0.1)  # the papers' search settings everywhere
+    assert Path(cli.trainer.default_root_dir) == Path("runs") / Path(config).stem
     if "cifar10" in config:
         assert type(cli.datamodule).__name__ == "CIFAR10DataModule" and cli.trainer.max_epochs == 160
         assert cli.model.hparams.width == 1.0
@@ -230,31 +238,13 @@ def test_ddp_is_a_flag_away(tmp_path):
     assert summary["pruned_epoch"] == 1 and summary["params"][1] < summary["params"][0]
 
 
-ONE_TINY_EPOCH = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-                  "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
-                  "--trainer.default_root_dir", "run"]
-
-
-def test_callbacks_in_yaml_parse_and_fit():
-    """The recipe of examples/configs/callbacks_in_yaml.yaml: the three callbacks as plain trainer.callbacks."""
-    cli = build_cli(["--config", str(CONFIGS / "callbacks_in_yaml.yaml"), *ONE_TINY_EPOCH])
-    ours = [c for c in cli.trainer.callbacks if isinstance(c, (EarlyBirdCallback, WormCallback, PruneAndFinetune))]
-    assert [type(c) for c in ours] == [EarlyBirdCallback, WormCallback, PruneAndFinetune]  # one of each
-    assert (cli.early_bird, cli.worm, cli.prune) == tuple(ours)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    assert cli.trainer.current_epoch == 1 and len(cli.early_bird.distances) == 1
-    assert cli.worm.early_bird is cli.early_bird and cli.prune.early_bird is cli.early_bird
-
-
 @pytest.mark.slow
-def test_callbacks_in_yaml_in_a_plain_lightning_cli(tmp_path):
-    """The same `trainer:` part, as a YAML file of the user's own LightningCLI (no example-job options), to the prune."""
+def test_the_default_config_works_in_a_plain_lightning_cli(tmp_path):
+    """offline.yaml, as the YAML file of the user's own LightningCLI (no example-job code), to the prune."""
     import yaml
     from lightning.pytorch.cli import LightningCLI
 
-    config = yaml.safe_load((CONFIGS / "callbacks_in_yaml.yaml").read_text())
-    for key in ("early_bird", "worm", "prune"):
-        del config[key]
+    config = yaml.safe_load((CONFIGS / "offline.yaml").read_text())
     config["trainer"].update(max_epochs=3, limit_train_batches=2, limit_val_batches=1, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, default_root_dir=str(tmp_path))
     early_bird_args = config["trainer"]["callbacks"][0]["init_args"]

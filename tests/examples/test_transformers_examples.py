@@ -16,10 +16,10 @@ def test_vit_config_builds_a_head_search():
     config = yaml.safe_load((ROOT / "examples/configs/vit_digits.yaml").read_text())
     assert config["model"]["class_path"] == "examples.vit.ViTClassifier"
     module = ViTClassifier(**config["model"]["init_args"])
-    early_bird = EarlyBirdCallback(**config["early_bird"])
+    entries = {entry["class_path"]: entry.get("init_args", {}) for entry in config["trainer"]["callbacks"]}
+    early_bird = EarlyBirdCallback(**entries["lightning_worm.EarlyBirdCallback"])
     assert isinstance(early_bird.source, AttentionHeadSource)
-    worm = {k: v for k, v in config["worm"].items() if k != "enabled"}
-    WormCallback(early_bird, **worm)
+    WormCallback(early_bird, **entries["lightning_worm.WormCallback"])
     assert early_bird.source.summary(module).startswith("tracking 32 units")  # 4 blocks x 8 heads
     assert module(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
