@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 import lightning_worm
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lightning_worm"
 
 

@@ -16,8 +16,8 @@ from examples.callbacks import AccuracyAroundPrune
 from examples.main import CONFIGS, build_cli, main
 from examples.module import ImageClassifier
 from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback, load_pruned
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 # the callbacks from flags, in LightningCLI's list syntax: a ticket at the end of epoch 1
 TICKET_AT_1 = ["--trainer.callbacks=EarlyBirdCallback", "--trainer.callbacks.window", "2",
