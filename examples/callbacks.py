@@ -45,7 +45,7 @@ class AccuracyAroundPrune(Callback):
         return None if pruned_epoch is None else self.val_acc.get(pruned_epoch)
 
     @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self._spec is not None:
             return
         found = [c for c in trainer.callbacks if isinstance(c, PruneAndFinetune)]
@@ -55,12 +55,12 @@ class AccuracyAroundPrune(Callback):
         self.prune = found[0] if found else None
 
     @override
-    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and self.monitor in trainer.callback_metrics:
             self.val_acc[trainer.current_epoch] = float(trainer.callback_metrics[self.monitor])
 
     @override
-    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (self.after_prune is None and self.prune is not None and self.prune.pruned_epoch is not None
                 and trainer.val_dataloaders is not None):
             self.after_prune = evaluate(pl_module, trainer.val_dataloaders)

@@ -4,7 +4,7 @@ import functools
 import os
 import random
 from collections.abc import Callable, Sequence
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,11 +45,11 @@ class _SplitDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
-        self.train_dataset: Optional[Dataset] = None
-        self.val_dataset: Optional[Dataset] = None
-        self.test_dataset: Optional[Dataset] = None
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
 
-    def _loader(self, dataset: Optional[Dataset], shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested.")
         return DataLoader(
@@ -177,7 +177,7 @@ class CIFAR10DataModule(_SplitDataModule):
 
     def __init__(
         self,
-        data_dir: Union[str, os.PathLike] = "data",
+        data_dir: str | os.PathLike = "data",
         download: bool = False,
         batch_size: int = 128,
         num_workers: int = 2,

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -43,8 +44,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from examples.callbacks import AccuracyAroundPrune
 from examples.module import ImageClassifier
-from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback
-from lightning_worm import plotting
+from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback, plotting
 from lightning_worm.core.serialization import strict_json
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -66,8 +66,8 @@ class MainJobCLI(LightningCLI):
     """
 
     early_bird: EarlyBirdCallback
-    worm: Optional[WormCallback]
-    prune: Optional[PruneAndFinetune]
+    worm: WormCallback | None
+    prune: PruneAndFinetune | None
     accuracy: AccuracyAroundPrune
     summary: dict[str, Any]
 
@@ -257,7 +257,8 @@ def format_summary(s: dict[str, Any], run_dir: Path) -> str:
         lines.append(f"Early-Bird ticket: epoch {s['ticket_epoch']} (mask distance "
                      f"{s['distances'][s['ticket_epoch']]:.3f}); pruned at the end of epoch {s['pruned_epoch']}")
     if s["worm"]:
-        lines.append(f"WORM ({s['worm']['schedule']}): {'switched on' if s['worm']['switched'] else 'never switched on'}")
+        switched = "switched on" if s["worm"]["switched"] else "never switched on"
+        lines.append(f"WORM ({s['worm']['schedule']}): {switched}")
     if s["channels_after"]:
         kept = ", ".join(f"{n} {s['channels_after'][n]}/{c}" for n, c in s["channels_before"].items())
         lines.append(f"channels kept per layer: {kept}")

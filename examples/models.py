@@ -7,13 +7,12 @@ trains quickly on a CPU. Every model has an ``input_shape`` attribute: the shape
 """
 
 from collections.abc import Callable, Sequence
-from typing import Union
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
-VGG11_CFG: tuple[Union[int, str], ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512)
+VGG11_CFG: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512)
 """VGG-11 as in the Early-Bird (network-slimming) code: torchvision's configuration ``"A"`` without
 its fifth max-pool; the 2x2 map left at the top is average-pooled before the linear classifier."""
 
@@ -39,7 +38,7 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def _conv_bn_stack(cfg: Sequence[Union[int, str]], in_channels: int, width: float,
+def _conv_bn_stack(cfg: Sequence[int | str], in_channels: int, width: float,
                    dims: int) -> tuple[nn.Sequential, int]:
     """Conv (3x3, no bias) -> BN -> ReLU per number in ``cfg``, a 2x2 max-pool per ``"M"``, in 1-D or 2-D.
 
@@ -77,7 +76,7 @@ class CifarVGG(nn.Module):
 
     input_shape = (3, 32, 32)
 
-    def __init__(self, cfg: Sequence[Union[int, str]], num_classes: int = 10, width: float = 1.0) -> None:
+    def __init__(self, cfg: Sequence[int | str], num_classes: int = 10, width: float = 1.0) -> None:
         super().__init__()
         _check_width(width)
         self.features, in_channels = _conv_bn_stack(cfg, 3, width, dims=2)
@@ -148,7 +147,7 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-CNN1D_CFG: tuple[Union[int, str], ...] = (16, 16, "M", 32, 32, "M", 64, 64)
+CNN1D_CFG: tuple[int | str, ...] = (16, 16, "M", 32, 32, "M", 64, 64)
 """The MNIST-1D network: three stages of two conv1d-BN-ReLU blocks (16, 32 and 64 channels)."""
 
 
@@ -182,7 +181,7 @@ class CNN1D(nn.Module):
 
     """
 
-    def __init__(self, cfg: Sequence[Union[int, str]] = CNN1D_CFG, num_classes: int = 10, width: float = 1.0,
+    def __init__(self, cfg: Sequence[int | str] = CNN1D_CFG, num_classes: int = 10, width: float = 1.0,
                  in_channels: int = 1, length: int = 40) -> None:
         super().__init__()
         _check_width(width)

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from lightning.pytorch import seed_everything
@@ -42,11 +42,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from examples.benchmarks.common import (
-    Meter, Settings, datamodule, example_input, log, trainer,
+    Meter,
+    Settings,
+    datamodule,
+    example_input,
+    log,
+    trainer,
 )
 from examples.callbacks import evaluate
 from examples.module import ImageClassifier
-from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback, unit_mask, prune_channels
+from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback, prune_channels, unit_mask
 from lightning_worm.core import measure
 from lightning_worm.core.recalibration import recalibrate_batchnorm
 
@@ -65,7 +70,7 @@ class Recipe:
     weight_decay: float
     sparsity: float
     schedule: str
-    search_cap: Optional[int]
+    search_cap: int | None
     source: str
 
     def describe(self, label: bool = True) -> str:
@@ -94,7 +99,7 @@ RECIPES: dict[str, Recipe] = {
 }
 
 #: method -> WORM schedule (``None``: none), for the methods with a ticket search.
-SEARCH_METHODS: dict[str, Optional[str]] = {
+SEARCH_METHODS: dict[str, str | None] = {
     "earlybird": None, "worm_elbow": "elbow", "worm_fixed": "fixed", "worm_greedy": "greedy", "random": None,
 }
 METHODS = ("dense", *SEARCH_METHODS, "slimming")
@@ -136,12 +141,12 @@ class PruneProbe(PruneAndFinetune):
     """
 
     def __init__(self, early_bird: EarlyBirdCallback, val_loader: Callable[[], Any], *,
-                 search_cap: Optional[int] = None, **kwargs: Any) -> None:
+                 search_cap: int | None = None, **kwargs: Any) -> None:
         super().__init__(early_bird, measure_latency=False, evaluate=self._timed_evaluate, **kwargs)
         self.val_loader, self.search_cap = val_loader, search_cap
-        self.acc_before: Optional[float] = None
-        self.acc_after: Optional[float] = None
-        self.acc_after_recal: Optional[float] = None
+        self.acc_before: float | None = None
+        self.acc_after: float | None = None
+        self.acc_after_recal: float | None = None
         self.eval_seconds = 0.0
         self.extra_flops = 0.0
         self.forced = False
@@ -352,7 +357,8 @@ def results(settings: Settings) -> dict[str, Any]:
     else:
         done = [_call(t) for t in todo]
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for (_, recipe, method, seed, _), result in sorted(zip(todo, done), key=lambda x: (x[0][1], x[0][2], x[0][3])):
+    ordered = sorted(zip(todo, done, strict=True), key=lambda pair: (pair[0][1], pair[0][2], pair[0][3]))
+    for (_, recipe, method, _seed, _), result in ordered:
         runs.setdefault(recipe, {}).setdefault(method, []).append(result)
     for recipe in runs:  # methods in their canonical order
         runs[recipe] = {m: runs[recipe][m] for m in METHODS if m in runs[recipe]}
@@ -369,13 +375,13 @@ def target(settings: Settings, dense_run: Mapping[str, Any]) -> float:
     return float(dense_run["curve"][-1]["val_acc"]) - settings.target_drop
 
 
-def reach(run: Mapping[str, Any], goal: float) -> Optional[dict[str, Any]]:
+def reach(run: Mapping[str, Any], goal: float) -> dict[str, Any] | None:
     """The first curve point of the delivered model at or above ``goal``, or ``None``."""
     return next((e for e in run["curve"][run["final_from"]:]
                  if e["val_acc"] is not None and e["val_acc"] >= goal - 1e-9), None)
 
 
-def recovery_epochs(run: Mapping[str, Any], goal: float) -> Optional[int]:
+def recovery_epochs(run: Mapping[str, Any], goal: float) -> int | None:
     """Epochs after the prune until the pruned model is at ``goal`` (0: right after the prune and re-calibration;
     ``None``: never)."""
     if run["pruned_epoch"] is None:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -27,7 +27,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_worm.core import measure
-
 
 T = TypeVar("T")
 
@@ -106,7 +105,7 @@ class Settings:
     slimming_finetune_epochs: int = 20
     recalibrate_batches: int = 10
     target_drop: float = 0.005
-    limit_train_batches: Optional[int] = None
+    limit_train_batches: int | None = None
     window: int = 5
     threshold: float = 0.1
     workers: int = 1
@@ -126,7 +125,7 @@ class Settings:
         return "bf16-mixed" if self.on_gpu else "32-true"
 
     @classmethod
-    def preset(cls, mode: str, accelerator: str = "auto", **overrides: Any) -> "Settings":
+    def preset(cls, mode: str, accelerator: str = "auto", **overrides: Any) -> Settings:
         """The settings of ``mode`` (``"tiny"``, ``"quick"`` or ``"full"``) on ``accelerator``.
 
         Raises:
@@ -242,7 +241,7 @@ class Spread:
     n: int
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> "Spread":
+    def of(cls, values: Sequence[float]) -> Spread:
         values = [float(v) for v in values if v == v]  # NaN left out
         if not values:
             nan = float("nan")
@@ -267,7 +266,7 @@ class Spread:
 def paired_ratios(samples: Mapping[str, Sequence[float]], reference: str) -> dict[str, Spread]:
     """Per contender, the spread of its per-round ratio to ``reference`` (same round, same background)."""
     ref = samples[reference]
-    return {name: Spread.of([v / r for v, r in zip(values, ref)]) for name, values in samples.items()}
+    return {name: Spread.of([v / r for v, r in zip(values, ref, strict=True)]) for name, values in samples.items()}
 
 
 def mean_std(values: Sequence[float]) -> str:
@@ -367,7 +366,7 @@ def example_input(module: nn.Module, batch: int = 1) -> torch.Tensor:
     return torch.zeros(batch, *shape, device=device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def scratch_dir() -> Path:
     """A temporary directory for what the fits write (``PruneAndFinetune``'s report), removed at exit."""
     path = Path(tempfile.mkdtemp(prefix="lightning-worm-bench-"))
@@ -416,21 +415,21 @@ class Meter(pl.Callback):
         self._epoch_flops = 0
         self._probe_counted = False
 
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter() - self.offset_seconds
 
-    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         key = measure.count_params(pl_module)
         if key not in self._flops_cache:
             self._flops_cache[key] = measure.forward_flops(pl_module, example_input(pl_module), per_example=True)
         self._epoch_flops = self._flops_cache[key]
         self._samples = 0
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         self._samples += len(batch[0])
 
-    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flops += 3 * self._epoch_flops * self._samples
         probe = self.probe
         if probe is not None and probe.pruned_epoch is not None and not self._probe_counted:
@@ -448,7 +447,7 @@ class Meter(pl.Callback):
     def total_flops(self) -> float:
         return self._flops
 
-    def acc_at(self, epoch: int) -> Optional[float]:
+    def acc_at(self, epoch: int) -> float | None:
         return next((e["val_acc"] for e in self.epochs if e["epoch"] == epoch), None)
 
 

@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from examples.benchmarks import claims
 from examples.benchmarks.common import (
-    DATA_NAMES, Section, Settings, device_name, markdown_table, new_figure, run_threads, save_figure,
+    DATA_NAMES,
+    Section,
+    Settings,
+    device_name,
+    markdown_table,
+    new_figure,
+    run_threads,
+    save_figure,
 )
 from examples.benchmarks.ticket import fmt, median, verdict
 
@@ -66,7 +73,7 @@ def _section(settings: Settings, recipe_name: str, per: dict[str, list[dict[str,
     rows, goal_rows = [], []
     for method, rs in per.items():
         hits = reached[method]
-        pts: list[Optional[dict[str, Any]]] = [h["reached"] for h in hits]
+        pts: list[dict[str, Any] | None] = [h["reached"] for h in hits]
         never = sum(p is None for p in pts)
         rows.append([
             claims.LABELS[method], fmt([h["target"] for h in hits], 1, 100),
@@ -109,7 +116,7 @@ def _section(settings: Settings, recipe_name: str, per: dict[str, list[dict[str,
     )
     figure = _plot(per, out_dir / "end_to_end.png", settings)
     data = {m: [dict({k: v for k, v in r.items() if k != "curve"}, **{k: v for k, v in h.items() if k != "reached"},
-                     curve=r["curve"]) for r, h in zip(rs, reached[m])] for m, rs in per.items()}
+                     curve=r["curve"]) for r, h in zip(rs, reached[m], strict=True)] for m, rs in per.items()}
     headline = [f"End to end ({settings.data}, {recipe.label}, {len(settings.seeds)} seeds, target: dense final "
                 f"val acc - {100 * settings.target_drop:g} pt): " + "; ".join(
                     f"{row[0]}: training FLOPs to the target {row[4]} (x dense's), test acc {row[8]} %, inference "

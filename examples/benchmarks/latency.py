@@ -37,9 +37,9 @@ import argparse
 import copy
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -47,11 +47,20 @@ from torch import nn
 from torch.nn.utils import prune
 
 from examples.benchmarks.common import (
-    Section, Settings, Spread, device_name, interleave, log, markdown_table, new_figure, paired_ratios,
-    randomize_bn, save_figure,
+    Section,
+    Settings,
+    Spread,
+    device_name,
+    interleave,
+    log,
+    markdown_table,
+    new_figure,
+    paired_ratios,
+    randomize_bn,
+    save_figure,
 )
 from examples.models import resnet18, vgg11_bn
-from lightning_worm import unit_mask, prune_channels
+from lightning_worm import prune_channels, unit_mask
 from lightning_worm.core import measure
 
 SEED = 0
@@ -244,8 +253,8 @@ def _section(settings: Settings, rows: list[dict[str, Any]], out_dir: Path) -> S
 
 def _plot(settings: Settings, rows: list[dict[str, Any]], path: Path, batch: int) -> Path:
     fig, (ax,) = new_figure(width=7.5, height=5.0)
-    markers = dict(zip(list(METHODS), "osPD^v"))
-    colors = dict(zip(settings.latency_models, ["tab:blue", "tab:orange", "tab:green", "tab:red"]))
+    markers = dict(zip(list(METHODS), "osPD^v", strict=False))
+    colors = dict(zip(settings.latency_models, ["tab:blue", "tab:orange", "tab:green", "tab:red"], strict=False))
     for r in rows:
         if r["method"] == "dense":
             continue
@@ -351,9 +360,9 @@ def export_paths(
                 continue
             dense_key = ("dense", path)
             for variant in variants:
-                per_round = [v / d for v, d in zip(samples[(variant, path)], samples[dense_key])]
-                vs_eager = [v / d for v, d in zip(samples[(variant, path)], samples[("dense", "eager")])] \
-                    if ("dense", "eager") in samples else []
+                per_round = [v / d for v, d in zip(samples[(variant, path)], samples[dense_key], strict=True)]
+                eager = samples.get(("dense", "eager"))
+                vs_eager = [v / d for v, d in zip(samples[(variant, path)], eager, strict=True)] if eager else []
                 rows.append(dict(
                     model=name, variant=variant, path=path, flops_ratio=flops[variant] / flops["dense"],
                     ms=Spread.of(samples[(variant, path)]).median * 1e3, ratio=Spread.of(per_round),
@@ -380,7 +389,7 @@ def export_table(rows: list[dict[str, Any]]) -> str:
                            "latency / dense eager", "latency / FLOPs", "<= 1.25"], lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Print the export-path table (see the module docstring for the full command)."""
     parser = argparse.ArgumentParser(description="Dense vs pruned latency in eager, channels-last and compiled form.")
     parser.add_argument("--models", nargs="+", default=["vgg11_bn", "resnet18", "mobilenet_v2"],

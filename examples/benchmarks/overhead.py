@@ -28,8 +28,23 @@ import torch
 from torch import nn
 
 from examples.benchmarks.common import (
-    Section, Settings, Spread, device_name, interleave, log, markdown_table, new_figure, paired_ratios,
-    peak_memory_mib, randomize_bn, reset_peak_memory, save_figure, synchronize, synthetic_loader, timed, trainer,
+    Section,
+    Settings,
+    Spread,
+    device_name,
+    interleave,
+    log,
+    markdown_table,
+    new_figure,
+    paired_ratios,
+    peak_memory_mib,
+    randomize_bn,
+    reset_peak_memory,
+    save_figure,
+    synchronize,
+    synthetic_loader,
+    timed,
+    trainer,
 )
 from examples.models import build_model
 from examples.module import ImageClassifier
@@ -51,17 +66,17 @@ class StepClock(pl.Callback):
         self.truncated: list[int] = []
         self._start = self._cpu_start = 0.0
 
-    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch == self.first_epoch:
             self.hook_seconds["seconds"] = 0.0  # the hooks' time is summed over the timed epoch only
 
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if trainer.current_epoch >= self.first_epoch:
             synchronize(pl_module.device)
             self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         if trainer.current_epoch >= self.first_epoch:
             synchronize(pl_module.device)
@@ -143,7 +158,7 @@ def mask_cost(settings: Settings) -> list[dict[str, Any]]:
         update_times = timed(functools.partial(detector.update, mask), repeats=settings.mask_repeats, device=device)
         rows.append(dict(model=name, channels=channels, mask_ms=Spread.of([t * 1e3 for t in mask_times]),
                          update_ms=Spread.of([t * 1e3 for t in update_times]),
-                         total_ms=Spread.of([(a + b) * 1e3 for a, b in zip(mask_times, update_times)])))
+                         total_ms=Spread.of([(a + b) * 1e3 for a, b in zip(mask_times, update_times, strict=True)])))
     return rows
 
 
@@ -237,7 +252,7 @@ def _section(settings: Settings, results: dict[str, Any], masks: list[dict[str, 
 
 def _plot(results: dict[str, Any], path: Path, device: str, key: str) -> Path:
     fig, axes = new_figure(ncols=len(results), width=5.0 * len(results), height=3.8)
-    for ax, (arch, per) in zip(axes, results.items()):
+    for ax, (arch, per) in zip(axes, results.items(), strict=True):
         names = list(per)
         ax.boxplot([[r[key] * 1e3 for r in per[n]] for n in names], showfliers=True)
         ax.set_xticks(range(1, len(names) + 1), [n.replace(" + ", "\n+ ") for n in names], fontsize=7)

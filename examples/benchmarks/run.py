@@ -26,8 +26,9 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `examples` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -41,7 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 ACCELERATORS = ("cpu", "gpu")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_const", const="quick", dest="mode", default=argparse.SUPPRESS,
                         help="fewer seeds, steps and epochs: the whole suite in under 10 minutes on a 2-core CPU")
@@ -72,7 +73,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Section]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Section]:
     """Run the selected benchmarks, print their headlines and write the report.
 
     Returns:

@@ -12,11 +12,19 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from examples.benchmarks import claims
 from examples.benchmarks.common import (
-    DATA_NAMES, Section, Settings, Spread, device_name, markdown_table, new_figure, run_threads, save_figure,
+    DATA_NAMES,
+    Section,
+    Settings,
+    Spread,
+    device_name,
+    markdown_table,
+    new_figure,
+    run_threads,
+    save_figure,
 )
 
 #: The goals of issue 9 that this section measures.
@@ -37,12 +45,12 @@ def run(settings: Settings, out_dir: Path) -> Section:
     return section
 
 
-def search_epochs(run: dict[str, Any]) -> Optional[int]:
+def search_epochs(run: dict[str, Any]) -> int | None:
     """Epochs trained until the prune (the ticket's 0-based epoch + 1; the cap for a forced prune)."""
     return None if run["pruned_epoch"] is None else run["pruned_epoch"] + 1
 
 
-def fmt(values: list[Optional[float]], digits: int = 3, scale: float = 1.0) -> str:
+def fmt(values: list[float | None], digits: int = 3, scale: float = 1.0) -> str:
     """``median [min, max]`` of the values that exist, with ``(k of n none)`` when some do not."""
     found = [v for v in values if v is not None]
     if not found:
@@ -51,22 +59,22 @@ def fmt(values: list[Optional[float]], digits: int = 3, scale: float = 1.0) -> s
     return text if len(found) == len(values) else f"{text} ({len(values) - len(found)} of {len(values)} none)"
 
 
-def ratios(runs: list[dict[str, Any]], reference: list[dict[str, Any]], value: Any) -> list[Optional[float]]:
+def ratios(runs: list[dict[str, Any]], reference: list[dict[str, Any]], value: Any) -> list[float | None]:
     """Per seed, ``value(run) / value(reference run of the same seed)`` (``None`` where either is missing)."""
     ref = claims.by_seed(reference)
-    out: list[Optional[float]] = []
+    out: list[float | None] = []
     for r in runs:
         a, b = value(r), value(ref[r["seed"]]) if r["seed"] in ref else None
         out.append(None if a is None or not b else a / b)
     return out
 
 
-def median(values: list[Optional[float]]) -> Optional[float]:
+def median(values: list[float | None]) -> float | None:
     found = [v for v in values if v is not None]
     return statistics.median(found) if found else None
 
 
-def verdict(value: Optional[float], goal: float, at_most: bool, missing: str = "nothing to measure") -> str:
+def verdict(value: float | None, goal: float, at_most: bool, missing: str = "nothing to measure") -> str:
     """``met`` or ``**NOT MET**``; a missing value (no ticket, target never reached) is not met, with ``missing``."""
     if value is None:
         return f"**NOT MET** ({missing})"
@@ -119,7 +127,7 @@ def _section(settings: Settings, runs: dict[str, dict[str, list[dict[str, Any]]]
                                   f"{claims.LABELS[method]}, {recipe.label}",
                                   "never pruned" if m is None else f"{m:.2f}x the dense final val acc (median)",
                                   verdict(m, GOAL_RECAL, at_most=False, missing="never pruned")])
-            for r, rec in zip(rs, recov):
+            for r, rec in zip(rs, recov, strict=True):
                 seed_rows.append([recipe_name, claims.LABELS[method], r["seed"], r["ticket_epoch"], r["pruned_epoch"],
                                   "yes" if r["forced"] else "", _pct(r["acc_before"]), _pct(r["acc_after"]),
                                   _pct(r["acc_after_recal"]), "" if rec is None else rec, _pct(r.get("test_acc"))])
@@ -177,7 +185,7 @@ def _section(settings: Settings, runs: dict[str, dict[str, list[dict[str, Any]]]
                    [figure], data, headline)
 
 
-def _pct(value: Optional[float]) -> str:
+def _pct(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.1f}"
 
 

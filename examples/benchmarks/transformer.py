@@ -34,8 +34,9 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch import seed_everything
@@ -134,7 +135,7 @@ class _StageClock:
         self.epoch: dict[str, list[float]] = {}
         self._saved: dict[str, tuple[bool, Any]] = {}
 
-    def __enter__(self) -> "_StageClock":
+    def __enter__(self) -> _StageClock:
         for stage, (owner, name) in self._targets.items():
             self._saved[stage] = (name in vars(owner), getattr(owner, name))
             setattr(owner, name, self._wrap(stage, self._saved[stage][1]))
@@ -180,7 +181,7 @@ def _move(weights: Sequence[Tensor], generator: torch.Generator) -> None:
 
 
 def mask_cost(repeats: int, layers: int = 12, width: int = 768, heads: int = 12, seed: int = 0,
-              threads: Optional[Sequence[int]] = None) -> dict[str, Any]:
+              threads: Sequence[int] | None = None) -> dict[str, Any]:
     """The tracker's real per-epoch path on a BERT-base-size model: time per stage and memory per stored mask.
 
     An ``EarlyBirdCallback`` with the paper's element-wise query/key source (ratio 0.5, window 3, threshold 0.01)
@@ -352,7 +353,7 @@ def vit_search(epochs: int, worm: bool, seed: int) -> dict[str, Any]:
             "epochs_to_recover": recovered, "final": accuracy.val_acc.get(max(accuracy.val_acc, default=0))}
 
 
-def _mean(values: Sequence[Optional[float]], fmt: str = "{:.1f}") -> str:
+def _mean(values: Sequence[float | None], fmt: str = "{:.1f}") -> str:
     present = [v for v in values if v is not None]
     if not present:
         return "n/a"
@@ -362,7 +363,7 @@ def _mean(values: Sequence[Optional[float]], fmt: str = "{:.1f}") -> str:
     return text + ("" if len(present) == len(values) else f" ({len(values) - len(present)} none)")
 
 
-def _previous(out_dir: Optional[Path]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _previous(out_dir: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The transformer results of the report's earlier run in ``out_dir`` (``results.json``), and the section's
     stamp (mode and date) for parts that carry none; ``({}, {})`` when there is none."""
     path = None if out_dir is None else Path(out_dir) / "results.json"
@@ -433,8 +434,8 @@ def render_mask_cost(cost: dict[str, Any], note: str = "") -> list[str]:
     ]
 
 
-def run(settings: Any = None, out_dir: Optional[Path] = None, mode: Optional[str] = None,
-        parts: Optional[Sequence[str]] = None) -> Section:
+def run(settings: Any = None, out_dir: Path | None = None, mode: str | None = None,
+        parts: Sequence[str] | None = None) -> Section:
     """Run the measurements; ``mode`` (or ``settings.mode``) is ``"tiny"``, ``"quick"`` or ``"full"``.
 
     ``parts`` (or ``settings.transformer_parts``; default: all of :data:`PARTS`) are rerun; the others are kept
@@ -518,7 +519,7 @@ def _median(spread: Any) -> float:
     return spread.median if isinstance(spread, Spread) else spread["median"]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Section:
+def main(argv: Sequence[str] | None = None) -> Section:
     parser = argparse.ArgumentParser(description="Transformer benchmark of lightning-worm.")
     parser.add_argument("--quick", action="store_const", const="quick", dest="mode", default="full")
     parser.add_argument("--mode", choices=tuple(MODES), dest="mode")

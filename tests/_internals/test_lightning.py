@@ -72,7 +72,7 @@ def test_public_accumulation_rule_matches_lightnings(accumulate, batches):
     probe = RecordAccumulation()
     t = trainer(max_epochs=2, accumulate_grad_batches=accumulate, limit_train_batches=batches, callbacks=[probe])
     t.fit(TinyNet(), tiny_loader())
-    public, private = zip(*probe.pairs)
+    public, private = zip(*probe.pairs, strict=True)
     assert public == private and len(public) == 2 * batches
 
 

@@ -1,4 +1,4 @@
-"""Every Torch-Pruning internal lightning-worm uses still works as used (see lightning_worm/_internals/torch_pruning.py).
+"""Every Torch-Pruning internal lightning-worm uses still works as used (lightning_worm/_internals/torch_pruning.py).
 
 Each internal listed in ``INTERNALS`` has a probe here that exercises it the way the library does. A failure
 names the internal that changed in the installed release; the upper bound of ``torch-pruning`` in

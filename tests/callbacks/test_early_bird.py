@@ -47,7 +47,7 @@ class TestEarlyBird:
         assert eb.ticket_epoch == 1
         assert {k: v.tolist() for k, v in eb.ticket.items()} == \
             {k: v.tolist() for k, v in zip(["features.1", "features.4"],
-                                           eb.detector.history[1].split([8, 16]))}
+                                           eb.detector.history[1].split([8, 16]), strict=True)}
         assert "Early-Bird ticket emerged at epoch 1" in caplog.text
         kept = int(eb.ticket["features.1"].sum())
         assert f"features.1: {kept}/8" in caplog.text and caplog.text.count("ticket emerged") == 1
@@ -131,7 +131,8 @@ class TestEarlyBird:
                 self.features[1] = nn.Identity()
                 self.features[4] = nn.BatchNorm2d(16, affine=False)
 
-        with pytest.raises(ValueError, match=r"found no channel \(or unit\) to track in NoBN.*features\.4 \(not affine\)"):
+        match = r"found no channel \(or unit\) to track in NoBN.*features\.4 \(not affine\)"
+        with pytest.raises(ValueError, match=match):
             fit([EarlyBirdCallback()], model=NoBN(), max_epochs=1)
 
     def test_frozen_bn_left_out_and_said_once(self, lightning_info):

@@ -64,7 +64,7 @@ def hand_loop(accumulate=1, clip=None, sparsity=0.0, scaler=False, per_micro_bat
 
 
 def assert_same_weights(a, b):
-    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 

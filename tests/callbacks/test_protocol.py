@@ -48,7 +48,7 @@ def test_every_construction_and_list_order_gives_the_same_fit(optimization):
     for other in results[1:]:
         assert {k: other[k] for k in ("chi", "truncated", "ticket", "pruned", "distances", "logged_chi")} == {
             k: first[k] for k in ("chi", "truncated", "ticket", "pruned", "distances", "logged_chi")}
-        assert all(torch.equal(a, b) for a, b in zip(other["weights"], first["weights"]))
+        assert all(torch.equal(a, b) for a, b in zip(other["weights"], first["weights"], strict=True))
 
 
 @pytest.mark.parametrize("optimization", MODELS)
@@ -74,7 +74,7 @@ def test_the_sparsity_term_is_never_truncated(optimization, reverse_list):
 def test_followers_find_their_tracker_in_the_trainer():
     given, found = run(list(BUILDERS), False), run(list(BUILDERS), False, discover=True)
     assert given["chi"] == found["chi"] and given["pruned"] == found["pruned"]
-    assert all(torch.equal(a, b) for a, b in zip(given["weights"], found["weights"]))
+    assert all(torch.equal(a, b) for a, b in zip(given["weights"], found["weights"], strict=True))
 
 
 def test_a_worm_outside_the_trainer_does_nothing():

@@ -118,7 +118,7 @@ def test_resume_after_prune_equals_uninterrupted(tmp_path):
     _, resumed, eb, _, prune, _ = fit(max_epochs=5, tmp_path=tmp_path / "resumed",
                                       ckpt_path=tmp_path / "half" / "last.ckpt")
     assert prune.pruned_epoch == TICKET_EPOCH and not eb.searching
-    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
 
 
@@ -251,7 +251,8 @@ def test_validate_a_fresh_module_from_a_pruned_checkpoint(tmp_path):
     v = trainer(tmp_path, callbacks=[eb, worm, prune])
     metrics = v.validate(fresh, tiny_loader(), ckpt_path=tmp_path / "pruned.ckpt", verbose=False)
     assert fresh.features[1].num_features == model.features[1].num_features
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    pairs = zip(fresh.state_dict().values(), model.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     assert metrics[0]["val_loss"] > 0
 
 
@@ -314,4 +315,5 @@ def test_random_ticket_control_keeps_the_same_widths():
     assert model.features[4].num_features == kept["features.4"]
     assert prune.report["ticket"] == "random"
     _, again, *_ = fit(max_epochs=3, prune_kwargs={"ticket": "random", "seed": 3})
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    pairs = zip(model.state_dict().values(), again.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)

@@ -175,7 +175,7 @@ def test_resume_mid_search_equals_the_uninterrupted_fit(tmp_path):
     resumed, eb_resumed, worm_resumed = fit(4, ckpt_path=tmp_path / "ckpt" / "epoch=1.ckpt")
     assert torch.equal(eb_resumed.mask.flat, eb_full.mask.flat)
     assert eb_resumed.distances[2:] == eb_full.distances[2:] and worm_resumed.chi == worm_full.chi < 1.0
-    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -202,7 +202,7 @@ def test_resume_after_a_head_prune_equals_the_uninterrupted_fit(tmp_path):
         int(m.sum()) for m in eb_full.ticket.values()]
     assert torch.equal(eb_resumed.ticket.flat, eb_full.ticket.flat) and not eb_resumed.searching
     assert full.state_dict().keys() == resumed.state_dict().keys()
-    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -256,7 +256,7 @@ def test_a_named_head_source_resumes_and_reloads_after_the_prune(tmp_path):
     full, prune = fit(3, saver=saver)
     assert prune.pruned_epoch == 1 and full.mix.wq.out_features == full.mix.o.in_features == 4
     resumed, _ = fit(3, ckpt_path=tmp_path / "ckpt" / "epoch=1.ckpt")
-    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     loaded = load_pruned(MixClassifier, tmp_path / "ckpt" / "epoch=2.ckpt")
     x = torch.randn(2, 3, 8, 8)

@@ -21,7 +21,7 @@ def test_plain_pytorch_loop_finds_ticket_with_worm():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     detector, schedule = TicketDetector(window=3, threshold=0.2), ChiSchedule("elbow", chi=0.003, elbow=0.3)
     truncation = GradientTruncation(model)
-    for epoch in range(12):
+    for _epoch in range(12):
         for x, y in tiny_loader():
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()

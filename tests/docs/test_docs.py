@@ -195,7 +195,8 @@ def test_every_page_is_in_the_nav():
     nav = config[config.index("\nnav:"):config.index("\nplugins:")]
     entries = re.findall(r"[\w./-]+\.md", nav)
     listed = set(entries)
-    assert len(entries) == len(listed), f"pages listed twice in the nav: {sorted({e for e in entries if entries.count(e) > 1})}"
+    twice = sorted({e for e in entries if entries.count(e) > 1})
+    assert len(entries) == len(listed), f"pages listed twice in the nav: {twice}"
     missing = [str(p.relative_to(DOCS)) for p in pages() if str(p.relative_to(DOCS)) not in listed]
     assert not missing, f"pages not in mkdocs.yml's nav: {missing}"
     assert not [p for p in listed if not (DOCS / p).is_file()], "nav names a page that does not exist"

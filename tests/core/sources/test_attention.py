@@ -31,7 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_recognises_bert_llama_packed_mha_and_the_vit():
     b = find_attention(bert())
     assert list(b) == [f"model.bert.encoder.layer.{i}.attention.self" for i in range(2)]
-    assert (b["model.bert.encoder.layer.0.attention.self"].num_heads, b["model.bert.encoder.layer.0.attention.self"].head_dim) == (4, 8)
+    first = b["model.bert.encoder.layer.0.attention.self"]
+    assert (first.num_heads, first.head_dim) == (4, 8)
     grouped = find_attention(llama(kv_heads=2))["layers.0.self_attn"]
     assert (grouped.layout, grouped.num_heads, grouped.num_kv_heads, grouped.group_size) == ("separate", 4, 2, 2)
     packed = find_attention(PackedNet())["attn"]
