@@ -7,7 +7,7 @@ on matplotlib's Agg canvas without pyplot: no window opens and no global state i
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,7 +18,7 @@ __all__ = ["mask_distance_matrix", "plot_channels", "plot_distance_matrix", "plo
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-_PathLike = Union[str, os.PathLike]
+_PathLike = str | os.PathLike
 
 
 def _new_figure(width: float, height: float) -> "Figure":
@@ -138,7 +138,11 @@ def plot_mask_distances(
     ax.set_title("Early-Bird mask distance")
     ax.set_xlim(-0.5, max(len(distances) - 1, ticket_epoch or 0) + 0.5)
     ax.set_ylim(bottom=0)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    from matplotlib.ticker import MaxNLocator
+
+    locator = ax.xaxis.get_major_locator()
+    if isinstance(locator, MaxNLocator):  # a new axis's AutoLocator
+        locator.set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(figure, path)

@@ -8,11 +8,13 @@ Everything else in the callbacks uses public hooks and properties only.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "USED",
@@ -22,6 +24,7 @@ __all__ = [
     "launcher_start_method",
     "optimizers_to_device",
     "rewrap_ddp",
+    "trainer_callbacks",
 ]
 
 #: The internals used here, for the README and the pinning test.
@@ -42,7 +45,7 @@ def rewrap_ddp(trainer: pl.Trainer) -> None:
     """
     strategy = trainer.strategy
     if isinstance(strategy, DDPStrategy):
-        strategy.model = strategy.model.module
+        strategy.model = cast(DistributedDataParallel, strategy.model).module  # wrapped by configure_ddp at setup
         strategy.configure_ddp()
 
 
@@ -105,6 +108,12 @@ def attached_trainer(pl_module: pl.LightningModule) -> pl.Trainer | None:
         return pl_module.trainer
     except RuntimeError:
         return None
+
+
+def trainer_callbacks(trainer: pl.Trainer) -> list[Callback]:
+    """``trainer.callbacks`` (public API), typed: Lightning assigns it in its callback connector and does not
+    declare it on ``Trainer``."""
+    return trainer.callbacks  # type: ignore[attr-defined]  # undeclared on Trainer (Lightning 2.5/2.6)
 
 
 def optimizers_to_device(optimizers: list[torch.optim.Optimizer], device: torch.device) -> None:

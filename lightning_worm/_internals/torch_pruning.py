@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, cast
 
 import torch_pruning as tp
 from torch import Tensor, nn
@@ -133,7 +133,7 @@ def is_split_op(module: nn.Module) -> bool:
 
 def split_sizes(module: nn.Module) -> list[int] | None:
     """The sizes of a split op's parts as traced (``None`` if unknown)."""
-    return module.split_sizes
+    return cast("list[int] | None", module.split_sizes)  # a torch-pruning _SplitOp's attribute
 
 
 def group_of(graph: tp.DependencyGraph, deps: list[tuple[Any, list[int]]]) -> tp.dependency.Group:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from numbers import Real
-from typing import Any, Union
+from typing import Any
 
 import lightning.pytorch as pl
 
+from lightning_worm._internals.lightning import trainer_callbacks
 from lightning_worm.callbacks.early_bird import EarlyBirdCallback
 
 __all__ = ["TrackerSpec", "check_tracker_spec", "end_every_search", "find_tracker", "tracker_key", "trackers"]
 
 #: What a follower accepts as ``early_bird``: the tracker itself, its ``prune_ratio``, or ``None`` (the only one).
-TrackerSpec = Union[EarlyBirdCallback, float, None]
+TrackerSpec = EarlyBirdCallback | float | None
 
 
 def check_tracker_spec(early_bird: Any, who: str) -> None:
@@ -23,7 +24,7 @@ def check_tracker_spec(early_bird: Any, who: str) -> None:
     """
     if early_bird is None or isinstance(early_bird, EarlyBirdCallback):
         return
-    if isinstance(early_bird, Real) and not isinstance(early_bird, bool) and 0.0 < early_bird < 1.0:
+    if isinstance(early_bird, Real) and not isinstance(early_bird, bool) and 0.0 < float(early_bird) < 1.0:
         return
     raise ValueError(
         f"`early_bird` must be an EarlyBirdCallback, the `prune_ratio` of one in the same Trainer, or None (the "
@@ -33,7 +34,7 @@ def check_tracker_spec(early_bird: Any, who: str) -> None:
 
 def trackers(trainer: pl.Trainer) -> list[EarlyBirdCallback]:
     """The trainer's EarlyBirdCallbacks, in list order."""
-    return [c for c in trainer.callbacks if isinstance(c, EarlyBirdCallback)]
+    return [c for c in trainer_callbacks(trainer) if isinstance(c, EarlyBirdCallback)]
 
 
 def end_every_search(trainer: pl.Trainer) -> None:

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_worm._deprecation import RenamedAttribute, warn_renamed
-from lightning_worm._internals.lightning import attached_trainer, checkpoint_hooks
+from lightning_worm._internals.lightning import attached_trainer, checkpoint_hooks, trainer_callbacks
 from lightning_worm.callbacks._strategy import check_strategy, decide_on_rank_zero, log_shared
 from lightning_worm.checkpoint import _raise_for_unloadable_checkpoint, find_pruning_plan
 from lightning_worm.core.detector import TicketDetector
@@ -134,7 +134,8 @@ class EarlyBirdCallback(Callback):
     def _settings(self) -> dict[str, Any]:
         return dict(
             prune_ratio=self.prune_ratio, window=self.window, threshold=self.threshold, sparsity=self.sparsity,
-            # `min_channels` is the name this setting has in the state keys of earlier checkpoints: kept, so they resume.
+            # `min_channels` is the name this setting has in the state keys of earlier checkpoints: kept, so they
+            # resume.
             min_channels=self.min_units, every_n_epochs=self.every_n_epochs, source=type(self.source).__name__,
         )
 
@@ -211,7 +212,7 @@ class EarlyBirdCallback(Callback):
         states = checkpoint.get("callbacks", {})
         if self.state_key in states:
             return
-        mine = {k for t in trainer.callbacks if isinstance(t, EarlyBirdCallback) for k in (t.state_key,)}
+        mine = {k for t in trainer_callbacks(trainer) if isinstance(t, EarlyBirdCallback) for k in (t.state_key,)}
         orphans = [key for key in states if isinstance(key, str) and key.startswith(type(self).__name__ + "{")
                    and key not in mine]
         if not orphans:
@@ -365,7 +366,7 @@ class EarlyBirdCallback(Callback):
 
     def log_prefix(self, trainer: pl.Trainer, name: str) -> str:
         """``name``, namespaced by this tracker's prune ratio when several trackers run in ``trainer``."""
-        several = sum(isinstance(c, EarlyBirdCallback) for c in trainer.callbacks) > 1
+        several = sum(isinstance(c, EarlyBirdCallback) for c in trainer_callbacks(trainer)) > 1
         return f"{name}_{self.prune_ratio:g}" if several else name
 
     def _announce(self) -> None:
@@ -379,6 +380,7 @@ class EarlyBirdCallback(Callback):
         if not self.verbose:
             return
         ticket = self.ticket
+        assert ticket is not None, "announced once the ticket has emerged"
         per_entry = ", ".join(f"{n}: {int(m.sum())}/{m.numel()}" for n, m in list(ticket.items())[:20])
         rank_zero_info(
             f"Early-Bird ticket emerged at epoch {self.ticket_epoch} (prune_ratio={self.prune_ratio:g}, "
@@ -427,7 +429,7 @@ def _check_resumable(pl_module: pl.LightningModule, checkpoint: dict[str, Any]) 
     if trainer is None or checkpoint_hooks(pl_module).plan is not None:
         return  # no fit, or the module object is pruned already and its weights fit as they are
     if find_pruning_plan(checkpoint) is not None and not any(
-        getattr(c, "applies_pruning_plans", False) for c in trainer.callbacks
+        getattr(c, "applies_pruning_plans", False) for c in trainer_callbacks(trainer)
     ):
         raise ValueError(
             "The checkpoint holds a pruned model (a PruneAndFinetune pruned it), but this Trainer has no "

@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -21,6 +21,7 @@ from lightning_worm._internals.lightning import (
     launcher_start_method,
     optimizers_to_device,
     rewrap_ddp,
+    trainer_callbacks,
 )
 from lightning_worm.callbacks._strategy import check_strategy, decide_on_rank_zero, log_shared
 from lightning_worm.callbacks._tracking import (
@@ -32,7 +33,7 @@ from lightning_worm.callbacks._tracking import (
 )
 from lightning_worm.callbacks.early_bird import EarlyBirdCallback
 from lightning_worm.checkpoint import CHECKPOINT_KEY, PLAN_OWNER, _raise_for_unloadable_checkpoint, find_pruning_plan
-from lightning_worm.core.inputs import as_inputs, first_input, inputs_to
+from lightning_worm.core.inputs import ExampleInput, as_inputs, first_input, inputs_to
 from lightning_worm.core.masks import Mask
 from lightning_worm.core.measure import eval_mode
 from lightning_worm.core.serialization import strict_json
@@ -171,7 +172,8 @@ class PruneAndFinetune(Callback):
             raise ValueError(f"`report_dir` must be None or a folder path, got {report_dir!r}.")
         self._spec = early_bird
         self.early_bird: EarlyBirdCallback | None = early_bird if isinstance(early_bird, EarlyBirdCallback) else None
-        self.example_input = example_input
+        # Or, from the first batch on, the module's `example_input_array` (Lightning allows a dict too).
+        self.example_input: Tensor | tuple[Any, ...] | dict[Any, Any] | None = example_input
         self.evaluate = evaluate
         self.recalibrate_forward = recalibrate_forward
         self.report_dir = None if report_dir is None else os.fspath(report_dir)
@@ -194,15 +196,16 @@ class PruneAndFinetune(Callback):
         # run, and the plan is the module's (any later checkpoint of the pruned module describes it).
         hooks.on_load[type(self).__name__] = partial(self._apply_checkpoint_plan, pl_module)
         hooks.on_save["pruning_plan"] = partial(_save_module_plan, hooks)
-        adopted = hooks.plan is not None and self.plan is None  # fitted (or evaluated) again after an earlier prune
-        if adopted:
+        adopted = False
+        if hooks.plan is not None and self.plan is None:  # fitted (or evaluated) again after an earlier prune
             self.plan = PruningPlan.from_dict(hooks.plan)
+            adopted = True
         if stage != "fit":
             return
         name = type(self).__name__
         check_strategy(trainer, name)
         self.early_bird = find_tracker(trainer, self._spec, name)
-        if sum(isinstance(c, PruneAndFinetune) for c in trainer.callbacks) > 1:
+        if sum(isinstance(c, PruneAndFinetune) for c in trainer_callbacks(trainer)) > 1:
             raise ValueError("One model can be pruned by one PruneAndFinetune: keep one in the Trainer's callbacks.")
         method = launcher_start_method(trainer)
         if method is not None:
@@ -222,8 +225,10 @@ class PruneAndFinetune(Callback):
     def _check_options(self, surgery: Surgery) -> None:
         """Refuse an option set away from its default that the source's surgery does not take."""
         given = {"coupling": self.coupling != DEFAULT_COUPLING, "round_to": self.round_to is not None}
-        unused = [f"{key}={getattr(self, key)!r}" for key, is_set in given.items() if is_set and key not in surgery.options]
+        unused = [f"{key}={getattr(self, key)!r}" for key, is_set in given.items()
+                  if is_set and key not in surgery.options]
         if unused:
+            assert self.early_bird is not None, "checked at setup, once the tracker is found"
             source = self.early_bird.source
             raise ValueError(
                 f"PruneAndFinetune({', '.join(unused)}) does not apply to {type(source).__name__}: its surgery "
@@ -237,7 +242,7 @@ class PruneAndFinetune(Callback):
 
     def _apply_checkpoint_plan(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         trainer = attached_trainer(pl_module)
-        if trainer is None or not any(c is self for c in trainer.callbacks):
+        if trainer is None or not any(c is self for c in trainer_callbacks(trainer)):
             return  # an earlier fit's callback: the callbacks of the module's current Trainer decide
         plan = find_pruning_plan(checkpoint)
         if plan is None or self.plan is not None:
@@ -290,9 +295,11 @@ class PruneAndFinetune(Callback):
                 "PruneAndFinetune has no example input to trace the model: pass `example_input=` (or set "
                 "`example_input_array` on your LightningModule)."
             )
-        example = inputs_to(example, pl_module.device)
+        example = inputs_to(cast(ExampleInput, example), pl_module.device)  # which refuses a dict
         tracker = self.early_bird
+        assert tracker is not None, "prune() follows the tracker found at setup"
         ticket = tracker.ticket
+        assert ticket is not None, "prune() runs once the tracker has found its ticket"
         if self.ticket == "random":
             from lightning_worm.core.recalibration import random_ticket
 
@@ -324,13 +331,13 @@ class PruneAndFinetune(Callback):
                 f"`configure_optimizers` returned {len(trainer.strategy.optimizers)} optimizers after pruning but "
                 f"{len(old_optimizers)} before: it must build the same optimizers from `self.parameters()`."
             )
-        for old, new in zip(old_optimizers, trainer.strategy.optimizers, strict=False):
+        for old, new in zip(old_optimizers, trainer.strategy.optimizers, strict=True):
             carry_optimizer_state(old, new, params_before, params_after, report.kept_indices,
                                   hyperparameters=not self.restart_schedule,  # the schedule's current lr goes on
                                   state=not (self.reset_optimizer_state or self.reinit))
         if not self.restart_schedule:
-            for old, cfg in zip(old_schedulers, trainer.strategy.lr_scheduler_configs, strict=False):
-                cfg.scheduler.load_state_dict(old.state_dict())
+            for old_scheduler, cfg in zip(old_schedulers, trainer.strategy.lr_scheduler_configs, strict=True):
+                cfg.scheduler.load_state_dict(old_scheduler.state_dict())
         if self.finetune_epochs is not None:
             self.stop_epoch = self.pruned_epoch + 1 + self.finetune_epochs
             trainer.fit_loop.max_epochs = self.stop_epoch
@@ -389,6 +396,7 @@ class PruneAndFinetune(Callback):
 
     def _publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         r = self.report
+        assert r is not None, "published right after prune() has made the report"
         log_shared(pl_module, "pruning/params_ratio", r["params_after"] / r["params_before"])
         log_shared(pl_module, "pruning/flops_ratio", r["flops_after"] / r["flops_before"])
         # log_dir is a collective under DDP: every rank asks. Without a logger it would be the working directory.
@@ -464,5 +472,6 @@ class _NoInput(ValueError):
 @torch.no_grad()
 def _reinitialise(module: torch.nn.Module) -> None:
     for m in module.modules():
-        if m is not module and hasattr(m, "reset_parameters"):
-            m.reset_parameters()
+        reset = getattr(m, "reset_parameters", None)
+        if m is not module and reset is not None:
+            reset()

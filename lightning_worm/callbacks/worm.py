@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_worm._deprecation import RenamedAttribute
+from lightning_worm._internals.lightning import trainer_callbacks
 from lightning_worm.callbacks._strategy import check_strategy, log_shared
 from lightning_worm.callbacks._tracking import TrackerSpec, check_tracker_spec, find_tracker, tracker_key
 from lightning_worm.callbacks.early_bird import EarlyBirdCallback
@@ -110,7 +111,7 @@ class WormCallback(Callback):
         name = type(self).__name__
         check_strategy(trainer, name)
         self.early_bird = find_tracker(trainer, self._spec, name)
-        for other in trainer.callbacks:
+        for other in trainer_callbacks(trainer):
             if isinstance(other, WormCallback) and other is not self:
                 if find_tracker(trainer, other._spec, name) is self.early_bird:
                     raise ValueError(
@@ -179,7 +180,9 @@ class WormCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The tracker applies the truncation in its own hooks, in one order with its sparsity term; every setup
         # has run by now, so the tracker's own (which forgets an earlier fit's truncation) cannot undo this.
-        self.early_bird.truncation = self._truncation
+        tracker = self.early_bird
+        assert tracker is not None, "setup('fit') has found the tracker"
+        tracker.truncation = self._truncation
         if self._consumed == -1:
-            self._consumed = len(self.early_bird.detector.mask_epochs)
+            self._consumed = len(tracker.detector.mask_epochs)
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_worm.core.masks import Mask, MaskLike, mask_distance
+from lightning_worm.core.masks import Layout, Mask, MaskLike, mask_distance
 from lightning_worm.core.validation import check_bool, check_int, check_number
 
 __all__ = ["TicketDetector"]
@@ -59,7 +59,7 @@ class TicketDetector:
         self.threshold = check_number("threshold", threshold, low=0.0, high=1.0)
         self.keep_history = check_bool("keep_history", keep_history)
         self.accept_first_window = check_bool("accept_first_window", accept_first_window)
-        self.layout: tuple | None = None
+        self.layout: Layout | None = None
         self._masks: deque[Tensor] = deque(maxlen=self.window)
         self._full_checks = 0
         self.distances: list[float] = []
@@ -75,8 +75,12 @@ class TicketDetector:
         """Number of epochs recorded so far (updates and skips)."""
         return len(self.distances)
 
-    def _unpack(self, packed: Tensor | None) -> Mask | None:
-        return None if packed is None else Mask.unpack(packed, self.layout)
+    def _known_layout(self) -> Layout:
+        assert self.layout is not None, "masks are stored only once the first one has set the layout"
+        return self.layout
+
+    def _unpack(self, packed: Tensor) -> Mask:
+        return Mask.unpack(packed, self._known_layout())
 
     @property
     def mask(self) -> Mask | None:
@@ -86,7 +90,7 @@ class TicketDetector:
     @property
     def ticket(self) -> Mask | None:
         """The ticket (frozen at detection), or ``None`` before."""
-        return self._unpack(self._ticket)
+        return None if self._ticket is None else self._unpack(self._ticket)
 
     @property
     def history(self) -> list[Tensor]:
@@ -178,7 +182,7 @@ class TicketDetector:
             masks, history, ticket = state["masks"], state["history"], state["ticket"]
         else:  # 0.1: flat bool tensors and a layout of (name, count)
             self.layout = None if state["layout"] is None else tuple((n, (int(c),)) for n, c in state["layout"])
-            pack = lambda flat: Mask(flat.cpu().to(torch.bool), self.layout).packed()  # noqa: E731
+            pack = lambda flat: Mask(flat.cpu().to(torch.bool), self._known_layout()).packed()  # noqa: E731
             masks = [pack(m) for m in state["masks"]]
             history = [pack(m) for m in state["history"]]
             ticket = None if state["ticket"] is None else pack(state["ticket"])

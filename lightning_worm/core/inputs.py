@@ -8,7 +8,7 @@ takes one (the surgery, the measurements, ``PruneAndFinetune(example_input=...)`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,7 +16,7 @@ from torch import Tensor
 __all__ = ["ExampleInput", "as_inputs", "batch_size", "first_input", "inputs_to"]
 
 #: A tensor or a sequence of tensors, called as ``model(*inputs)``.
-ExampleInput = Union[Tensor, Sequence[Tensor]]
+ExampleInput = Tensor | Sequence[Tensor]
 
 
 def as_inputs(example_input: ExampleInput) -> tuple[Tensor, ...]:

@@ -13,7 +13,7 @@ import math
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -91,6 +91,7 @@ class Mask(Mapping[str, Tensor]):
     def flat(self) -> Tensor:
         """Every unit in layout order, as one 1-D bool tensor (unpacked on first read)."""
         if self._flat is None:
+            assert self._bits is not None, "a mask holds its units, its packed bits, or both"
             bits = (self._bits.reshape(-1, 1) & _BITS.to(self._bits.device)).ne(0).reshape(-1)
             self._flat = bits[:self._total]
         return self._flat
@@ -136,6 +137,7 @@ class Mask(Mapping[str, Tensor]):
     def kept(self) -> int:
         """Number of units kept."""
         if self._flat is None:
+            assert self._bits is not None, "a mask holds its units, its packed bits, or both"
             return _popcount(self._bits, self._total)
         return int(torch.count_nonzero(self._flat))
 
@@ -157,6 +159,7 @@ class Mask(Mapping[str, Tensor]):
         Unit ``i`` is bit ``i % 8`` of byte ``i // 8``; the bits past the last unit are zero. Computed once.
         """
         if self._bits is None:
+            assert self._flat is not None, "a mask holds its units, its packed bits, or both"
             self._bits = _pack(self._flat.cpu())
         return self._bits
 
@@ -200,11 +203,11 @@ def _popcount(bits: Tensor, total: int) -> int:
     count = int(torch.index_select(_POPCOUNT.to(bits.device), 0, bits.int()).sum())
     tail = total % 8
     if tail and bits.numel():  # bits past the last unit do not count, whatever they hold
-        count -= _POPCOUNT[int(bits[-1]) >> tail].item()
+        count -= int(_POPCOUNT[int(bits[-1]) >> tail])
     return count
 
 
-MaskLike = Union[Mask, Mapping[str, Tensor]]
+MaskLike = Mask | Mapping[str, Tensor]
 
 
 class NonFiniteScoreError(ValueError):
@@ -410,7 +413,8 @@ def mask_distance(a: MaskLike, b: MaskLike) -> float:
     """
     a, b = Mask.from_dict(a), Mask.from_dict(b)
     if a.layout != b.layout:
-        raise ValueError("The two masks cover different layers or channel counts (entries or shapes); compare masks of one model.")
+        raise ValueError("The two masks cover different layers or channel counts (entries or shapes); compare masks of "
+                         "one model.")
     if not a.total:
         return math.nan
     if a._bits is not None and b._bits is not None:

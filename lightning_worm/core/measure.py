@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import torch
 from torch import nn
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
+from typing_extensions import Unpack
 
 from lightning_worm.core.inputs import ExampleInput, as_inputs, batch_size
 from lightning_worm.core.validation import check_int, check_number
@@ -78,8 +79,16 @@ def forward_flops(model: nn.Module, example_input: ExampleInput, per_example: bo
     return round(total / batch_size(example_input)) if per_example else total
 
 
+class _Labels(TypedDict, total=False):
+    """The labels of a measurement (``torch.utils.benchmark.Timer``'s)."""
+
+    label: str
+    sub_label: str
+    description: str
+
+
 def timer(
-    model: nn.Module, example_input: ExampleInput, *, num_threads: int | None = None, **labels: str
+    model: nn.Module, example_input: ExampleInput, *, num_threads: int | None = None, **labels: Unpack[_Labels]
 ) -> benchmark.Timer:
     """A ``torch.utils.benchmark.Timer`` of ``model(*inputs)`` with ``num_threads`` threads (default: now's).
 
@@ -186,4 +195,5 @@ def export_for_inference(
             )
     if channels_last and any(p.dim() == 4 for p in model.parameters()):
         model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if compile else model
+    # A module compiles to an OptimizedModule, an nn.Module: torch annotates the result as a plain callable.
+    return cast(nn.Module, torch.compile(model)) if compile else model

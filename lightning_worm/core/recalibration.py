@@ -110,15 +110,15 @@ def recalibrate_batchnorm(
             raise ValueError("`batches` yielded no batch: the BatchNorm statistics are left as they were.")
     except BaseException:  # an empty or failing pass: put the old statistics back
         with torch.no_grad():
-            for m, (_, buffers) in zip(layers, saved, strict=False):
+            for m, (_, buffers) in zip(layers, saved, strict=True):
                 for key, value in buffers.items():
                     getattr(m, key).copy_(value)
         raise
     finally:
-        for m, (momentum, _) in zip(layers, saved, strict=False):
+        for m, (momentum, _) in zip(layers, saved, strict=True):
             m.momentum = momentum
-        for m, training in modes.items():
-            m.training = training
+        for module, training in modes.items():
+            module.training = training
     return used
 
 

@@ -30,7 +30,7 @@ def add_sparsity_gradient(params: Iterable[Tensor], sparsity: float) -> None:
         optimizer.step()
     """
     check_number("sparsity", sparsity, low=0.0)
-    params = [p for p in params if p.grad is not None]
-    if sparsity == 0.0 or not params:
+    pairs = [(p, p.grad) for p in params if p.grad is not None]
+    if sparsity == 0.0 or not pairs:
         return
-    foreach_add_sign_([p.grad for p in params], params, alpha=sparsity)
+    foreach_add_sign_([grad for _, grad in pairs], [p for p, _ in pairs], alpha=sparsity)

@@ -124,7 +124,8 @@ class GradientTruncation:
         factors: dict[int, tuple[Tensor, Tensor]] = {}  # one factor per parameter (packed q/k share one)
         for name, keep in mask.items():
             if name not in handles:
-                raise ValueError(f"The mask names {name!r}, which is not a tracked module or entry of the model ({self.source.key}).")
+                raise ValueError(f"The mask names {name!r}, which is not a tracked module or entry of the model "
+                                 f"({self.source.key}).")
             if self.source.count(handles[name]) != keep.numel():
                 raise ValueError(
                     f"The mask of {name!r} has {keep.numel()} channels (units), the model's entry "
@@ -141,7 +142,7 @@ class GradientTruncation:
     @torch.no_grad()
     def apply(self) -> None:
         """Multiply the current gradients in place (parameters without a gradient are skipped)."""
-        pairs = [(p.grad, f) for p, f in zip(self._params, self._factors, strict=False) if p.grad is not None]
+        pairs = [(p.grad, f) for p, f in zip(self._params, self._factors, strict=True) if p.grad is not None]
         if pairs:
-            grads, factors = zip(*pairs, strict=False)
+            grads, factors = zip(*pairs, strict=True)
             foreach_mul_(grads, factors)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, Literal, overload
 
 __all__ = ["check_bool", "check_callable", "check_choice", "check_int", "check_names", "check_number"]
 
@@ -36,6 +36,10 @@ def check_number(
     return value
 
 
+@overload
+def check_int(name: str, value: Any, *, minimum: int | None = None, allow_none: Literal[False] = False) -> int: ...
+@overload
+def check_int(name: str, value: Any, *, minimum: int | None = None, allow_none: bool) -> int | None: ...
 def check_int(name: str, value: Any, *, minimum: int | None = None, allow_none: bool = False) -> int | None:
     """``value`` if it is an integer (not a bool) at least ``minimum``; else a ValueError naming it."""
     if value is None and allow_none:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -106,7 +106,7 @@ class AttentionBlock:
             size = linear.weight.shape[0] // 3
             rows = slice(i * size, (i + 1) * size)
             return linear.weight, rows, linear.bias, rows, f"{prefix}{self.projections[0]}:{part}"
-        mha = self.module
+        mha = cast(nn.MultiheadAttention, self.module)  # the "mha" layout is found by this type
         rows = slice(i * mha.embed_dim, (i + 1) * mha.embed_dim)
         if mha_packs_qkv(mha):
             return mha.in_proj_weight, rows, mha.in_proj_bias, rows, f"{self.name}:{part}"
@@ -125,7 +125,15 @@ class AttentionBlock:
     @property
     def group_size(self) -> int:
         """Query heads per key/value head."""
-        return self.num_heads // self.num_kv_heads
+        num_heads, num_kv_heads, _ = self._counts()
+        return num_heads // num_kv_heads
+
+    def _counts(self) -> tuple[int, int, int]:
+        """``(num_heads, num_kv_heads, head_dim)``, known for every tracked block (``problem`` is ``None``)."""
+        assert self.num_heads is not None and self.num_kv_heads is not None and self.head_dim is not None, (
+            f"the heads of {self.name!r} are not known: {self.problem}"
+        )
+        return self.num_heads, self.num_kv_heads, self.head_dim
 
 
 def _int_attr(objects: Sequence[Any], names: Sequence[str]) -> int | None:
@@ -141,8 +149,9 @@ def _read_heads(block: AttentionBlock, num_heads: int | None) -> AttentionBlock:
     """Fill head count, key/value head count and head size from the module (or its config)."""
     module = block.module
     if block.layout == "mha":
-        block.num_heads = block.num_kv_heads = module.num_heads
-        block.head_dim = module.head_dim
+        mha = cast(nn.MultiheadAttention, module)
+        block.num_heads = block.num_kv_heads = mha.num_heads
+        block.head_dim = mha.head_dim
         return block
     config = getattr(module, "config", None)
     q_rows = block.weight("q").shape[0]
@@ -404,18 +413,19 @@ class AttentionHeadSource(_AttentionSource):
         return None
 
     def scores(self, block: AttentionBlock) -> Tensor:
-        q = block.weight("q").reshape(block.num_kv_heads, -1)
-        k = block.weight("k").reshape(block.num_kv_heads, -1)
+        _, num_kv_heads, _ = block._counts()
+        q = block.weight("q").reshape(num_kv_heads, -1)
+        k = block.weight("k").reshape(num_kv_heads, -1)
         dtype = torch.promote_types(q.dtype, torch.float32)
         total = q.abs().to(dtype).sum(dim=1) + k.abs().to(dtype).sum(dim=1)
         return total / (q.shape[1] + k.shape[1])
 
     def count(self, block: AttentionBlock) -> int:
-        return block.num_kv_heads
+        return block._counts()[1]
 
     def row_keep(self, block: AttentionBlock, keep: Tensor, part: str) -> Tensor:
         """Per row of the part's weight, whether its unit is kept."""
-        per_unit = block.head_dim * (block.group_size if part == "q" else 1)
+        per_unit = block._counts()[2] * (block.group_size if part == "q" else 1)
         return keep.reshape(-1).repeat_interleave(per_unit)
 
     def gradient_factors(self, block: AttentionBlock, keep: Tensor, chi: float) -> list[tuple[Tensor, Tensor]]:

@@ -16,7 +16,7 @@ rows). Every other method takes that handle.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -123,16 +123,21 @@ class ScaleSource(ChannelSource):
     modules are candidates (``candidates``, ``skip_reason``).
     """
 
+    @staticmethod
+    def _weight(module: nn.Module) -> Tensor:
+        """The module's scale: a ``Parameter`` on every tracked module (``skip_reason`` checks it)."""
+        return cast(Tensor, module.weight)
+
     def scores(self, module: nn.Module) -> Tensor:
-        weight = module.weight.detach()
+        weight = self._weight(module).detach()
         return weight.abs().to(torch.promote_types(weight.dtype, torch.float32))
 
     def count(self, module: nn.Module) -> int:
-        return module.weight.numel()
+        return self._weight(module).numel()
 
     def channel_parameters(self, module: nn.Module) -> list[Tensor]:
         bias = getattr(module, "bias", None)
         return [p for p in (module.weight, bias) if isinstance(p, nn.Parameter) and p.requires_grad]
 
     def sparsity_parameters(self, module: nn.Module) -> list[Tensor]:
-        return [module.weight]
+        return [self._weight(module)]

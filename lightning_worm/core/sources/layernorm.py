@@ -32,7 +32,7 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 @functools.cache
-def _offset_of_class(cls: type) -> float | None:
+def _offset_of_class(cls: type[nn.Module]) -> float | None:
     """1.0 if the class's forward scales by ``(1 + weight)``, else 0.0; ``None`` if that cannot be told.
 
     Without readable code (a ``.pyc``-only install), a class named like Gemma's norms cannot be told (Gemma 1-3
@@ -58,7 +58,8 @@ def scale_offset(module: nn.Module) -> float | None:
         return float(offset)
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         return 0.0
-    return _offset_of_class(type(module))
+    cls: type = type(module)  # the cache's key; mypy wrongly finds a `type[nn.Module]` unhashable
+    return _offset_of_class(cls)
 
 
 class LayerNormSource(ScaleSource):
@@ -105,10 +106,10 @@ class LayerNormSource(ScaleSource):
         return None
 
     def scores(self, module: nn.Module) -> Tensor:
-        weight = module.weight.detach()
+        weight = self._weight(module).detach()
         scale = weight.to(torch.promote_types(weight.dtype, torch.float32))
         offset = scale_offset(module)
         return (scale + offset).abs() if offset else scale.abs()
 
     def sparsity_parameters(self, module: nn.Module) -> list[Tensor]:
-        return [] if scale_offset(module) else [module.weight]
+        return [] if scale_offset(module) else [self._weight(module)]

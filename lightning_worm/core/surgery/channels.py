@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Final
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ __all__ = ["DEFAULT_COUPLING", "prune_channels"]
 Ticket = Mapping[str, Tensor]
 
 #: The coupling rule :func:`prune_channels` uses unless told otherwise (see ``examples/benchmarks/coupling.py``).
-DEFAULT_COUPLING = "vote"
+DEFAULT_COUPLING: Final = "vote"
 
 
 def prune_channels(
@@ -326,7 +326,7 @@ def _check_plan_fits(model: nn.Module, plan: PruningPlan, candidates: Mapping[st
 def _check_roots(graph: Any, plan: PruningPlan, roots: Sequence[tuple[nn.Module, list[int]]]) -> None:
     """Each pruned group's root is a prunable layer of the graph and its indices are in range."""
     fix = "The plan was edited or belongs to another model; re-create it with prune_channels."
-    for i, ((name, _), (module, idxs)) in enumerate(zip(plan.pruned_groups, roots, strict=False)):
+    for i, ((name, _), (module, idxs)) in enumerate(zip(plan.pruned_groups, roots, strict=True)):
         pruner = graph.get_pruner_of_module(module) if module in graph.module2node else None
         channels = graph.get_out_channels(module) if pruner is not None else None
         if not isinstance(channels, int):
@@ -372,7 +372,9 @@ def _recorded_parameter_slices(model: nn.Module) -> Iterator[KeptIndices]:
     """Record which original indices each parameter of ``model`` keeps while Torch-Pruning slices it."""
     kept: KeptIndices = {}
     shapes = {name: p.shape for name, p in model.named_parameters()}
-    live = {id(p): (p, name, [None] * p.dim()) for name, p in model.named_parameters()}
+    live: dict[int, tuple[Tensor, str, list[Tensor | None]]] = {
+        id(p): (p, name, [None] * p.dim()) for name, p in model.named_parameters()
+    }
 
     def record(weight: Tensor, pruned: Tensor, keep_idxs: Any, pruning_dim: int) -> None:
         tracked = live.pop(id(weight), None)  # ``live`` holds the parameters, so their ids stay unique
@@ -380,7 +382,8 @@ def _recorded_parameter_slices(model: nn.Module) -> Iterator[KeptIndices]:
             _, name, dims = tracked
             dim = pruning_dim % weight.dim()
             keep = torch.as_tensor(keep_idxs, dtype=torch.long).cpu()
-            dims[dim] = keep if dims[dim] is None else dims[dim][keep]
+            before = dims[dim]
+            dims[dim] = keep if before is None else before[keep]
             live[id(pruned)] = (pruned, name, dims)
 
     with tpi.recorded_parameter_slices(record):

@@ -30,7 +30,7 @@ import itertools
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from torch import Tensor, nn
 from torch_pruning.dependency import Node
@@ -70,10 +70,23 @@ class _Unit:
     ticket_pruned: int = 0  # scored channels the ticket prunes
 
 
+class _Counts(TypedDict):
+    """The channel accounting of a decision: the :class:`PruningReport` fields of the same names."""
+
+    ticket_pruned: int
+    pruned_from_ticket: int
+    pruned_outside_ticket: int
+    kept_for_coupling: int
+    kept_for_min_units: int
+    kept_for_round_to: int
+    kept_unprunable: int
+    prunable: int
+
+
 @dataclass
 class Decision:
     pruned_roots: list[tuple[nn.Module, list[int]]]
-    counts: dict[str, int]
+    counts: _Counts
 
 
 _ChannelUnits = dict[tuple[Node, bool], dict[int, _Unit]]
@@ -109,7 +122,7 @@ def _coupled_units(
             has_scored |= id(node.module) in scored
             reaches_output |= is_out and node in output_nodes
             channels = owner[(node, is_out)]
-            for idx, root in zip(item.idxs, item.root_idxs, strict=False):
+            for idx, root in zip(item.idxs, item.root_idxs, strict=True):
                 if root is None:
                     continue
                 if idx in channels:
@@ -158,7 +171,7 @@ def _score_units(
     unowned = 0
     for name, mask in masks.items():
         channels = channel_units.get((graph.module2node.get(modules[name]), True), {})
-        for idx, (keep, score) in enumerate(zip(mask.tolist(), scores[name], strict=False)):
+        for idx, (keep, score) in enumerate(zip(mask.tolist(), scores[name], strict=True)):
             unit = channels.get(idx)
             if unit is None:
                 unowned += not keep
@@ -214,16 +227,16 @@ def _keep_layers_nonempty(graph: SurgeryGraph, channel_units: _ChannelUnits, pru
 
 def _keep_rounded(group_sizes: Sequence[int], pruned: dict[int, _Unit], round_to: int) -> list[_Unit]:
     """Keep back the best units until every group keeps a multiple of ``round_to`` channels (or all)."""
-    kept = []
+    kept: list[_Unit] = []
     while True:
         removed = [0] * len(group_sizes)
         for unit in pruned.values():
             for g, _ in unit.roots:
                 removed[g] += 1
-        g = next((g for g, n in enumerate(removed) if n and (group_sizes[g] - n) % round_to), None)
-        if g is None:
+        short = next((g for g, n in enumerate(removed) if n and (group_sizes[g] - n) % round_to), None)
+        if short is None:
             return kept
-        kept.append(pruned.pop(id(_best(u for u in pruned.values() if any(h == g for h, _ in u.roots)))))
+        kept.append(pruned.pop(id(_best(u for u in pruned.values() if any(h == short for h, _ in u.roots)))))
 
 
 def decide(
@@ -265,7 +278,7 @@ def decide(
     for unit in pruned.values():
         for g, root in unit.roots:
             roots[g].append(root)
-    counts = dict(
+    counts = _Counts(
         ticket_pruned=sum(int((~mask).sum()) for mask in masks.values()),
         pruned_from_ticket=sum(u.ticket_pruned for u in pruned.values()),
         pruned_outside_ticket=sum(len(u.scored_channels) - u.ticket_pruned for u in pruned.values()),

@@ -31,7 +31,9 @@ ELEMENTWISE_NOTE = (
 )
 
 
-def _weight_masks(model: nn.Module, ticket: Mapping[str, Tensor], source: AttentionQKSource) -> dict[tuple[str, str], Tensor]:
+def _weight_masks(
+    model: nn.Module, ticket: Mapping[str, Tensor], source: AttentionQKSource
+) -> dict[tuple[str, str], Tensor]:
     """Per ``(module name, parameter name)``, the full keep-mask of the parameter."""
     entries = source.tracked(model)
     unknown = [n for n in ticket if n not in entries]
@@ -47,7 +49,8 @@ def _weight_masks(model: nn.Module, ticket: Mapping[str, Tensor], source: Attent
         key = (names[owner], param_name)
         full = out.setdefault(key, torch.ones(weight.shape, dtype=torch.bool))
         if tuple(keep.shape) != tuple(full[rows].shape):
-            raise ValueError(f"Ticket entry {name!r} has shape {tuple(keep.shape)}, the weight {tuple(full[rows].shape)}.")
+            raise ValueError(f"Ticket entry {name!r} has shape {tuple(keep.shape)}, the weight "
+                             f"{tuple(full[rows].shape)}.")
         full[rows] = keep.detach().cpu()
     return out
 

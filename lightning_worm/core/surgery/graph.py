@@ -166,9 +166,10 @@ class SurgeryGraph(tpi.HookedDependencyGraph):
             if node.type == ops.OPTYPE.SPLIT:
                 # Torch-Pruning maps the i-th consumer to the i-th chunk; consumers come in tracing order.
                 chunks = [_consumed_output(out, node.grad_fn) for out in node.outputs]
-                if None not in chunks:
-                    ordered = [out for _, out in sorted(zip(chunks, node.outputs, strict=False), key=lambda pair: pair[0])]
-                    tpi.set_node_outputs(node, ordered)
+                read = [chunk for chunk in chunks if chunk is not None]
+                if len(read) == len(chunks):
+                    pairs = sorted(zip(read, node.outputs, strict=True), key=lambda pair: pair[0])
+                    tpi.set_node_outputs(node, [out for _, out in pairs])
                 tpi.set_node_grad_fn(node, tpi.SplitGradFn(node.grad_fn))
 
     def after_build(self, module2node: dict) -> None:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from lightning_worm.core.inputs import ExampleInput, as_inputs
 from lightning_worm.core.measure import eval_mode
+from lightning_worm.core.sources import ScoreSource
 from lightning_worm.core.sources.attention import (
     HEAD_COUNT_ATTRS,
     HEAD_SIZE_ATTRS,
@@ -67,7 +68,8 @@ def _validated_heads(ticket: Any, blocks: Mapping[str, AttentionBlock]) -> dict[
 
 def _own_output(block: AttentionBlock) -> str | None:
     children = dict(block.module.named_children())
-    width = block.num_heads * block.head_dim
+    num_heads, _, head_dim = block._counts()
+    width = num_heads * head_dim
     for name in OUTPUT_NAMES:
         child = children.get(name)
         if isinstance(child, nn.Linear) and child.in_features == width and name not in block.projections:
@@ -91,7 +93,7 @@ def _graph_outputs(model: nn.Module, blocks: Sequence[AttentionBlock], inputs: t
     for block in blocks:
         query = block.linear("q")
         own = {block.linear(p) for p in PARTS}
-        group = graph.get_pruning_group(query, tp.prune_linear_out_channels, idxs=list(range(block.head_dim)))
+        group = graph.get_pruning_group(query, tp.prune_linear_out_channels, idxs=list(range(block._counts()[2])))
         outputs = {
             item.dep.target.module for item in group
             if isinstance(item.dep.target.module, nn.Linear) and item.dep.target.module not in own
@@ -109,7 +111,7 @@ def _graph_outputs(model: nn.Module, blocks: Sequence[AttentionBlock], inputs: t
 
 
 def _part_rows(block: AttentionBlock, removed_units: Sequence[int], part: str) -> list[int]:
-    per_unit = block.head_dim * (block.group_size if part == "q" else 1)
+    per_unit = block._counts()[2] * (block.group_size if part == "q" else 1)
     return [u * per_unit + i for u in removed_units for i in range(per_unit)]
 
 
@@ -146,13 +148,14 @@ def _cut_heads(model: nn.Module, block: AttentionBlock, removed_units: list[int]
             kept[f"{name}.weight"] = [keep, None]
             if linear.bias is not None:
                 kept[f"{name}.bias"] = [keep]
-    out = model.get_submodule(output)
+    out = cast(nn.Linear, model.get_submodule(output))  # found as, or checked to be, a Linear
     keep = _keep_indices(out.in_features, q_rows)
     tp.prune_linear_in_channels(out, q_rows)
     kept[f"{output}.weight"] = [None, keep]
 
-    heads = block.num_heads - len(removed_units) * block.group_size
-    kv_heads = block.num_kv_heads - len(removed_units)
+    num_heads, num_kv_heads, head_dim = block._counts()
+    heads = num_heads - len(removed_units) * block.group_size
+    kv_heads = num_kv_heads - len(removed_units)
     module = block.module
     for attr in HEAD_COUNT_ATTRS:
         if isinstance(getattr(module, attr, None), int):
@@ -161,7 +164,8 @@ def _cut_heads(model: nn.Module, block: AttentionBlock, removed_units: list[int]
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, kv_heads)
     if isinstance(getattr(module, "all_head_size", None), int):  # Hugging Face BERT family
-        module.all_head_size = heads * block.head_dim
+        # torch annotates the values of Module.__setattr__ as Tensor | Module; any attribute is accepted.
+        module.all_head_size = heads * head_dim  # type: ignore[assignment]
     # Read back by the sources, before a `num_heads=` given for the unpruned module.
     setattr(module, PRUNED_HEADS_ATTR, (heads, kv_heads))
     block.num_heads, block.num_kv_heads = heads, kv_heads
@@ -239,8 +243,9 @@ def prune_heads(
             f"({', '.join(HEAD_COUNT_ATTRS + HEAD_SIZE_ATTRS)}): after the cut their forward must split the rows into "
             "heads by the head size (e.g. `q.view(b, n, -1, head_size)`). If it uses a head count of its own, name "
             "that attribute `num_heads`.", UserWarning, stacklevel=2)
-    outputs = {n: _own_output(blocks[n]) for n in removed}
-    missing = [blocks[n] for n, out in outputs.items() if out is None]
+    own = {n: _own_output(blocks[n]) for n in removed}
+    missing = [blocks[n] for n, out in own.items() if out is None]
+    outputs = {n: out for n, out in own.items() if out is not None}
     if missing:
         outputs.update(_graph_outputs(model, missing, inputs))
 
@@ -338,7 +343,7 @@ def _has_linear(model: nn.Module, name: str) -> bool:
         return False
 
 
-def _check_heads(model: nn.Module, source: AttentionHeadSource) -> None:
+def _check_heads(model: nn.Module, source: ScoreSource) -> None:
     """Refuse a model with tracked ``nn.MultiheadAttention`` blocks: they cannot lose heads."""
     mha = [name for name, block in source.tracked(model).items() if block.layout == "mha"]
     if mha:

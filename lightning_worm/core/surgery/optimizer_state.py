@@ -49,7 +49,7 @@ def carry_optimizer_state(
         carry_optimizer_state(optimizer, new, before, dict(model.named_parameters()), report.kept_indices)
     """
     if hyperparameters:
-        for old_group, new_group in zip(old.param_groups, new.param_groups, strict=False):
+        for old_group, new_group in zip(old.param_groups, new.param_groups, strict=True):
             new_group.update({k: v for k, v in old_group.items() if k != "params"})
     if not state:
         return
@@ -57,7 +57,9 @@ def carry_optimizer_state(
     same = {id(p): p for p in params_after.values()}
     for param, values in old.state.items():
         name = name_of.get(id(param))
-        new_param = None if name is None else same.get(id(param), params_after.get(name))
+        if name is None:
+            continue
+        new_param = same.get(id(param), params_after.get(name))
         if new_param is not None:
             new.state[new_param] = {key: _sliced(value, param, kept_indices.get(name)) for key, value in values.items()}
 

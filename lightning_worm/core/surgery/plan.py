@@ -133,8 +133,8 @@ class PruningPlan:
             raise ValueError(f"Plan field options must be a dict, got {type(self.options).__name__}. {fix}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PruningPlan:
-        """Rebuild a plan from :meth:`to_dict` output (e.g. after ``json.loads``).
+    def from_dict(cls, data: PruningPlan | Mapping[str, Any]) -> PruningPlan:
+        """Rebuild a plan from :meth:`to_dict` output (e.g. after ``json.loads``); a plan is returned as a copy.
 
         Raises:
             ValueError: if ``data`` is not a plan of a version this code reads (the message names the field).
@@ -277,7 +277,8 @@ def _measured(model: nn.Module, inputs: tuple[Tensor, ...], latency: bool, repea
     def take(when: str) -> dict[str, Any]:
         return {f"params_{when}": measure.count_params(model),
                 f"flops_{when}": measure.forward_flops(model, inputs) if inputs else 0,
-                f"latency_{when}_ms": measure.latency_ms(model, inputs, repeats=repeats) if latency and inputs else None}
+                f"latency_{when}_ms": (measure.latency_ms(model, inputs, repeats=repeats)
+                                       if latency and inputs else None)}
 
     numbers = take("before")
     yield numbers
