@@ -335,6 +335,11 @@ class PruneAndFinetune(Callback):
             carry_optimizer_state(old, new, params_before, params_after, report.kept_indices,
                                   hyperparameters=not self.restart_schedule,  # the schedule's current lr goes on
                                   state=not (self.reset_optimizer_state or self.reinit))
+        if len(trainer.strategy.lr_scheduler_configs) != len(old_schedulers):
+            raise RuntimeError(
+                f"`configure_optimizers` returned {len(trainer.strategy.lr_scheduler_configs)} LR schedulers after "
+                f"pruning but {len(old_schedulers)} before: it must build the same schedulers every time."
+            )
         if not self.restart_schedule:
             for old_scheduler, cfg in zip(old_schedulers, trainer.strategy.lr_scheduler_configs, strict=True):
                 cfg.scheduler.load_state_dict(old_scheduler.state_dict())

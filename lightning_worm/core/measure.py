@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TypedDict, cast
+from typing import Any, cast
 
 import torch
 from torch import nn
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
-from typing_extensions import Unpack
 
 from lightning_worm.core.inputs import ExampleInput, as_inputs, batch_size
 from lightning_worm.core.validation import check_int, check_number
@@ -79,25 +78,23 @@ def forward_flops(model: nn.Module, example_input: ExampleInput, per_example: bo
     return round(total / batch_size(example_input)) if per_example else total
 
 
-class _Labels(TypedDict, total=False):
-    """The labels of a measurement (``torch.utils.benchmark.Timer``'s)."""
-
-    label: str
-    sub_label: str
-    description: str
-
-
 def timer(
-    model: nn.Module, example_input: ExampleInput, *, num_threads: int | None = None, **labels: Unpack[_Labels]
+    model: nn.Module,
+    example_input: ExampleInput,
+    *,
+    num_threads: int | None = None,
+    label: str = "",
+    sub_label: str | None = None,
+    description: str | None = None,
 ) -> benchmark.Timer:
     """A ``torch.utils.benchmark.Timer`` of ``model(*inputs)`` with ``num_threads`` threads (default: now's).
 
     Call it in eval mode inside ``torch.no_grad()`` (grad mode is per thread; the timer runs in this one).
-    ``labels`` are ``label``, ``sub_label``, ``description`` of the measurement.
+    ``label``, ``sub_label`` and ``description`` label the measurement.
     """
     threads = num_threads or torch.get_num_threads()
     return benchmark.Timer(stmt="model(*inputs)", globals={"model": model, "inputs": as_inputs(example_input)},
-                           num_threads=threads, **labels)
+                           num_threads=threads, label=label, sub_label=sub_label, description=description)
 
 
 def latency(

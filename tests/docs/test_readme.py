@@ -49,11 +49,13 @@ def test_ci_fails_when_the_tests_change_the_checkout(tmp_path, stray):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake_python = "#!/usr/bin/env bash\n" + (f"touch {stray}\n" if stray else "") + "exit 0\n"
-    venv = (
+    venv = (  # ruff and mypy record that they ran
         "#!/usr/bin/env bash\nmkdir -p .venv/bin\n"
         "printf '#!/usr/bin/env bash\\nexit 0\\n' > .venv/bin/pip\n"
+        "printf '#!/usr/bin/env bash\\ntouch .venv/ran-ruff\\n' > .venv/bin/ruff\n"
+        "printf '#!/usr/bin/env bash\\ntouch .venv/ran-mypy\\n' > .venv/bin/mypy\n"
         f"cat > .venv/bin/python <<'PY'\n{fake_python}PY\n"
-        "chmod +x .venv/bin/pip .venv/bin/python\n"
+        "chmod +x .venv/bin/pip .venv/bin/python .venv/bin/ruff .venv/bin/mypy\n"
     )
     (bin_dir / "python3").write_text(venv)
     (bin_dir / "python3").chmod(0o755)
@@ -61,5 +63,6 @@ def test_ci_fails_when_the_tests_change_the_checkout(tmp_path, stray):
     proc = subprocess.run(["bash", ".ci/run"], cwd=repo, env=env, capture_output=True, text=True, timeout=60)
     if stray is None:
         assert proc.returncode == 0, proc.stderr
+        assert (repo / ".venv" / "ran-ruff").exists() and (repo / ".venv" / "ran-mypy").exists()  # lint after tests
     else:
         assert proc.returncode == 1 and "changed the working tree" in proc.stderr and stray in proc.stderr
