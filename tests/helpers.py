@@ -10,6 +10,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.models import TinyNet
+
 #: The repository root (subprocesses run with it on PYTHONPATH).
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,3 +80,12 @@ def silence_removed_channels(dense: nn.Module, report) -> nn.Module:
             bn.weight.data[removed] = 0.0
             bn.bias.data[removed] = 0.0
     return dense
+
+
+def fit_tiny(callbacks, tmp_path=None, model=None, **trainer_kwargs):
+    """Fit ``model`` (a seeded ``TinyNet`` by default) on the tiny data with ``callbacks``; the trainer and model."""
+    torch.manual_seed(0)
+    model = model or TinyNet()
+    t = trainer(tmp_path, callbacks=callbacks, **trainer_kwargs)
+    t.fit(model, tiny_loader())
+    return t, model

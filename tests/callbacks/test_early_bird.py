@@ -8,22 +8,14 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_worm import EarlyBirdCallback, mask_distance, unit_mask
-from tests.helpers import tiny_loader, trainer
+from tests.helpers import fit_tiny, trainer
 from tests.models import TinyNet
-
-
-def fit(callbacks, tmp_path=None, model=None, **kwargs):
-    torch.manual_seed(0)
-    model = model or TinyNet()
-    t = trainer(tmp_path, callbacks=callbacks, **kwargs)
-    t.fit(model, tiny_loader())
-    return t, model
 
 
 class TestEarlyBird:
     def test_distances_window_and_ticket(self):
         eb = EarlyBirdCallback(prune_ratio=0.5, window=3, threshold=1.0)
-        t, model = fit([eb], max_epochs=4)
+        t, model = fit_tiny([eb], max_epochs=4)
         assert len(eb.distances) == len(eb.mean_distances) == 4
         assert all(math.isnan(d) for d in eb.distances[:2]) and not math.isnan(eb.distances[2])
         assert eb.ticket_epoch == 2  # threshold 1.0: the first full window
@@ -42,7 +34,7 @@ class TestEarlyBird:
 
     def test_ticket_frozen_and_message(self, lightning_info):
         eb = EarlyBirdCallback(window=2, threshold=1.0)
-        fit([eb], max_epochs=4)
+        fit_tiny([eb], max_epochs=4)
         caplog = lightning_info
         assert eb.ticket_epoch == 1
         assert {k: v.tolist() for k, v in eb.ticket.items()} == \
@@ -54,17 +46,17 @@ class TestEarlyBird:
 
     def test_stop_on_ticket(self):
         eb = EarlyBirdCallback(window=2, threshold=1.0, stop_on_ticket=True)
-        t, _ = fit([eb], max_epochs=10)
+        t, _ = fit_tiny([eb], max_epochs=10)
         assert eb.ticket_epoch == 1 and t.current_epoch == 2 and len(eb.distances) == 2
 
     def test_no_ticket_with_threshold_zero_keeps_searching(self):
         eb = EarlyBirdCallback(window=2, threshold=0.0, prune_ratio=0.5)
-        fit([eb], max_epochs=3, model=TinyNet(lr=2.0))
+        fit_tiny([eb], max_epochs=3, model=TinyNet(lr=2.0))
         assert eb.ticket is None or eb.distances[eb.ticket_epoch] == 0.0
 
     def test_every_n_epochs(self):
         eb = EarlyBirdCallback(window=2, threshold=1.0, every_n_epochs=2)
-        fit([eb], max_epochs=5)
+        fit_tiny([eb], max_epochs=5)
         assert len(eb.distances) == 5
         assert [math.isnan(d) for d in eb.distances] == [True, True, True, False, True]
         assert eb.detector.history_epochs == [1, 3] and eb.ticket_epoch == 3
@@ -80,7 +72,7 @@ class TestEarlyBird:
         runs = {}
         for s in (0.0, 0.5):
             cap = Capture()
-            fit([EarlyBirdCallback(sparsity=s), cap], max_steps=1, accumulate_grad_batches=3)
+            fit_tiny([EarlyBirdCallback(sparsity=s), cap], max_steps=1, accumulate_grad_batches=3)
             runs[s] = cap
         # EarlyBirdCallback is listed first, so Capture sees the gradient after the term was added
         torch.testing.assert_close(runs[0.5].grad, runs[0.0].grad + 0.5 * runs[0.0].sign)
@@ -103,13 +95,13 @@ class TestEarlyBird:
         poison = Poison()
         eb = EarlyBirdCallback(window=2, threshold=1.0)
         with pytest.warns(UserWarning, match=r"epoch 1 skipped.*features\.4"):
-            fit([poison, eb, Heal(poison)], max_epochs=3)
+            fit_tiny([poison, eb, Heal(poison)], max_epochs=3)
         assert math.isnan(eb.distances[1]) and eb.detector.history_epochs == [0, 2]
         assert eb.ticket_epoch == 2
 
     def test_several_ratios_keep_distinct_state_and_logs(self, tmp_path):
         trackers = [EarlyBirdCallback(prune_ratio=p, window=2, threshold=1.0) for p in (0.3, 0.5, 0.7)]
-        t, _ = fit(trackers, max_epochs=3)
+        t, _ = fit_tiny(trackers, max_epochs=3)
         assert len({eb.state_key for eb in trackers}) == 3
         for eb in trackers:
             assert f"earlybird_{eb.prune_ratio:g}/mask_distance" in t.callback_metrics
@@ -122,7 +114,7 @@ class TestEarlyBird:
 
     def test_same_settings_twice_refused_by_lightning(self):
         with pytest.raises(RuntimeError, match="state_key` must be unique"):
-            fit([EarlyBirdCallback(), EarlyBirdCallback()], max_epochs=1)
+            fit_tiny([EarlyBirdCallback(), EarlyBirdCallback()], max_epochs=1)
 
     def test_model_without_bn_raises_at_setup(self):
         class NoBN(TinyNet):
@@ -133,13 +125,13 @@ class TestEarlyBird:
 
         match = r"found no channel \(or unit\) to track in NoBN.*features\.4 \(not affine\)"
         with pytest.raises(ValueError, match=match):
-            fit([EarlyBirdCallback()], model=NoBN(), max_epochs=1)
+            fit_tiny([EarlyBirdCallback()], model=NoBN(), max_epochs=1)
 
     def test_frozen_bn_left_out_and_said_once(self, lightning_info):
         model = TinyNet()
         model.features[1].weight.requires_grad_(False)
         eb = EarlyBirdCallback(window=2, threshold=1.0)
-        fit([eb], model=model, max_epochs=2)
+        fit_tiny([eb], model=model, max_epochs=2)
         caplog = lightning_info
         assert list(eb.mask) == ["features.4"]
         assert caplog.text.count("left out: features.1 (weight frozen") == 1
