@@ -37,6 +37,8 @@ def main(out: Path) -> None:
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("earlybird", "worm"))},
         "state": {k: v.clone() for k, v in model.state_dict().items()},
     }, out / f"rank{trainer.global_rank}.pt")
+    if torch.distributed.is_initialized():  # join gloo's threads now, not during the interpreter's teardown
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def main(out: Path, prune: bool) -> None:
         "state": {k: v.clone() for k, v in model.state_dict().items()},
         "optimizer_params": [tuple(p.shape) for g in trainer.optimizers[0].param_groups for p in g["params"]],
     }, out / f"rank{trainer.global_rank}.pt")
+    if torch.distributed.is_initialized():  # join gloo's threads now, not during the interpreter's teardown
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
