@@ -326,20 +326,17 @@ class PruneAndFinetune(Callback):
         trainer.strategy.setup_optimizers(trainer)
         optimizers_to_device(trainer.strategy.optimizers, trainer.strategy.root_device)
         params_after = dict(pl_module.named_parameters())
-        if len(trainer.strategy.optimizers) != len(old_optimizers):
-            raise RuntimeError(
-                f"`configure_optimizers` returned {len(trainer.strategy.optimizers)} optimizers after pruning but "
-                f"{len(old_optimizers)} before: it must build the same optimizers from `self.parameters()`."
-            )
+        for what, before, after in (("optimizers", old_optimizers, trainer.strategy.optimizers),
+                                    ("LR schedulers", old_schedulers, trainer.strategy.lr_scheduler_configs)):
+            if len(after) != len(before):
+                raise RuntimeError(
+                    f"`configure_optimizers` returned {len(after)} {what} after pruning but {len(before)} before: it "
+                    f"must build the same {what} from `self.parameters()` every time."
+                )
         for old, new in zip(old_optimizers, trainer.strategy.optimizers, strict=True):
             carry_optimizer_state(old, new, params_before, params_after, report.kept_indices,
                                   hyperparameters=not self.restart_schedule,  # the schedule's current lr goes on
                                   state=not (self.reset_optimizer_state or self.reinit))
-        if len(trainer.strategy.lr_scheduler_configs) != len(old_schedulers):
-            raise RuntimeError(
-                f"`configure_optimizers` returned {len(trainer.strategy.lr_scheduler_configs)} LR schedulers after "
-                f"pruning but {len(old_schedulers)} before: it must build the same schedulers every time."
-            )
         if not self.restart_schedule:
             for old_scheduler, cfg in zip(old_schedulers, trainer.strategy.lr_scheduler_configs, strict=True):
                 cfg.scheduler.load_state_dict(old_scheduler.state_dict())

@@ -317,3 +317,18 @@ def test_random_ticket_control_keeps_the_same_widths():
     _, again, *_ = fit(max_epochs=3, prune_kwargs={"ticket": "random", "seed": 3})
     pairs = zip(model.state_dict().values(), again.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
+
+
+class SchedulerOnlyOnce(ScheduledNet):
+    """Builds an LR scheduler the first time only: after the prune its optimizers differ from before."""
+
+    def configure_optimizers(self):
+        if getattr(self, "_built", False):
+            return TinyNet.configure_optimizers(self)
+        self._built = True
+        return super().configure_optimizers()
+
+
+def test_other_schedulers_after_the_prune_are_named():
+    with pytest.raises(RuntimeError, match="returned 0 LR schedulers after pruning but 1 before"):
+        fit(model_cls=SchedulerOnlyOnce)
