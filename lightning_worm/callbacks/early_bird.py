@@ -22,14 +22,17 @@ from lightning_worm.callbacks._strategy import check_strategy, decide_on_rank_ze
 from lightning_worm.checkpoint import _raise_for_unloadable_checkpoint, find_pruning_plan
 from lightning_worm.core.detector import TicketDetector
 from lightning_worm.core.masks import Mask, NonFiniteScoreError, mask_from_scores, unit_scores
-from lightning_worm.core.regularization import add_sparsity_gradient
+from lightning_worm.core.readiness import ScoreShare, score_share
+from lightning_worm.core.regularization import GrowingDecay, MaskedDecay, RelativeSparsity, add_sparsity_gradient
 from lightning_worm.core.sources import ScoreSource, resolve_source
 from lightning_worm.core.truncation import GradientTruncation
 from lightning_worm.core.validation import check_bool, check_choice, check_int, check_number
 
-__all__ = ["FIRST_MASKS", "EarlyBirdCallback"]
+__all__ = ["AUTO", "FIRST_MASKS", "EarlyBirdCallback"]
 
 FIRST_MASKS = ("epoch_end", "train_start")
+#: ``sparsity=AUTO``: the strength sets itself from the run (:class:`~lightning_worm.core.GrowingSparsity`).
+AUTO: Literal["auto"] = "auto"
 
 
 class EarlyBirdCallback(Callback):
@@ -44,8 +47,27 @@ class EarlyBirdCallback(Callback):
     (masks keep being taken for WORM and the plots) until a :class:`~lightning_worm.PruneAndFinetune`
     prunes the model; the histories then stop at the ticket.
 
-    Logs ``earlybird/mask_distance``, ``earlybird/mean_distance`` (both once the window is full) and
-    ``earlybird/ticket_found`` (``earlybird_<ratio>/...`` when several trackers run).
+    Every mask also says how cheap it is to prune: the share of the score mass its pruned units hold, against a
+    random mask of the same widths (:func:`~lightning_worm.core.readiness.score_share`; the ratio is 1 for a mask
+    no better than noise, 0 when the pruned units hold nothing). Once the ticket has emerged, the ticket is
+    :attr:`ready` when its pruned units' ratio on the epoch's scores is at most ``ready_ratio``;
+    :class:`~lightning_worm.PruneAndFinetune` waits for that by default.
+
+    The default ``sparsity="auto"`` is network slimming's L1 term at a strength set from the run: the first
+    epoch measures the mean loss-gradient magnitude of the scored parameters (for BatchNorm, the gammas) and
+    trains without the term; from the second epoch on the strength is 2.5 times that
+    (:class:`~lightning_worm.core.regularization.RelativeSparsity`). What decides which units the term drives to
+    zero is its strength against the loss gradient, so one setting carries over between data sets, batch sizes
+    and models where a fixed number does not (the Early-Bird code's ``1e-4`` was set for CIFAR-10 at 391 steps
+    per epoch). A number keeps its exact meaning: network slimming's per-step L1 strength (``1e-4`` is the
+    Early-Bird code's; ``0`` turns the term off). The measurements behind the default are in
+    ``docs/benchmarks.md`` and the settings guide.
+
+    Logs ``earlybird/mask_distance``, ``earlybird/mean_distance`` (both once the window is full),
+    ``earlybird/ticket_found``, ``earlybird/share_ratio`` (the newest mask's), ``earlybird/ready`` (once the
+    ticket has emerged: its ratio is at most ``ready_ratio``) and, with ``sparsity="auto"``,
+    ``earlybird/sparsity`` (the per-step strength measured) (``earlybird_<ratio>/...`` when several trackers
+    run).
 
     Args:
         prune_ratio: fraction of units the mask prunes, in (0, 1).
@@ -53,6 +75,9 @@ class EarlyBirdCallback(Callback):
         threshold: the ticket emerges once the distance is at most this, in [0, 1].
         sparsity: network-slimming L1 term: ``sparsity * sign(score parameter)`` is added to the source's
             sparsity parameters' (unscaled) gradient once per optimizer step while the search runs. 0: off.
+            ``"auto"`` (default): the strength is measured from the run's first epoch (see above).
+        ready_ratio: the ticket is ready once its pruned units hold at most this fraction of the score mass a
+            random ticket of the same widths would hold, in [0, 1] (1: ready as soon as it emerges).
         min_units: units every entry keeps at least.
         min_channels: deprecated name of ``min_units`` (removed in 0.3).
         every_n_epochs: take a mask every this many epochs (epochs in between record NaN).
@@ -88,7 +113,7 @@ class EarlyBirdCallback(Callback):
         prune_ratio: float = 0.5,
         window: int = 5,
         threshold: float = 0.1,
-        sparsity: float = 0.0,
+        sparsity: float | Literal["auto"] = AUTO,
         min_units: int = 1,
         every_n_epochs: int = 1,
         stop_on_ticket: bool = False,
@@ -98,13 +123,32 @@ class EarlyBirdCallback(Callback):
         accept_first_window: bool = True,
         first_mask: Literal["epoch_end", "train_start"] = "epoch_end",
         min_channels: int | None = None,
+        ready_ratio: float = 0.1,
     ) -> None:
         super().__init__()
         if min_channels is not None:
             warn_renamed("EarlyBirdCallback(min_channels=...)", "min_units=")
             min_units = min_channels
         self.prune_ratio = check_number("prune_ratio", prune_ratio, low=0.0, high=1.0, low_open=True, high_open=True)
-        self.sparsity = check_number("sparsity", sparsity, low=0.0)
+        if sparsity != AUTO:
+            if isinstance(sparsity, str):
+                raise ValueError(f"`sparsity` must be a number >= 0 or {AUTO!r}, got {sparsity!r}.")
+            sparsity = check_number("sparsity", sparsity, low=0.0)
+        self.sparsity: float | str = sparsity
+        #: With ``sparsity="auto"``: the push per epoch and its growth.
+        #: With ``sparsity="auto"``: the strength, measured from the loss gradients of the first epoch.
+        self.relative: RelativeSparsity | None = RelativeSparsity() if sparsity == AUTO else None
+        #: With ``sparsity="auto"``: how hard a ticket that is not ready yet has its pruned units pulled to zero.
+        self.decay: GrowingDecay | None = GrowingDecay() if sparsity == AUTO else None
+        self._pull: MaskedDecay | None = None
+        self._pull_version = -1  # the `version` whose ticket the pull was set to
+        self._steps_per_epoch = 1.0
+        self._steps_this_epoch: dict[int, int] = {}
+        self._last_epoch_steps: int | None = None
+        self.ready_ratio = check_number("ready_ratio", ready_ratio, low=0.0, high=1.0)
+        #: The newest mask's score share, and the ticket's pruned units' share of the same scores.
+        self.share: ScoreShare | None = None
+        self.ticket_share: ScoreShare | None = None
         self.min_units = check_int("min_units", min_units, minimum=1)
         self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, minimum=1)
         self.stop_on_ticket = check_bool("stop_on_ticket", stop_on_ticket)
@@ -175,6 +219,20 @@ class EarlyBirdCallback(Callback):
         epoch = self.detector.ticket_epoch
         return None if epoch is None else epoch - self._offset
 
+    @property
+    def ready(self) -> bool:
+        """Whether the ticket has emerged and its pruned units' score-share ratio is at most ``ready_ratio``."""
+        share = self.ticket_share
+        return self.ticket is not None and share is not None and share.ratio <= self.ready_ratio
+
+    @property
+    def strength(self) -> float:
+        """The per-step strength of the sparsity term now: the number given, or with ``"auto"`` the one measured
+        (0 during the first epoch, which measures it); 0 once the search is over."""
+        if not self.searching:
+            return 0.0
+        return self.relative.strength if self.relative is not None else float(self.sparsity)
+
     def end_search(self) -> None:
         """Stop taking masks (the model was pruned); ticket and histories stay as they are."""
         self.searching = False
@@ -186,6 +244,7 @@ class EarlyBirdCallback(Callback):
             return
         check_strategy(trainer, type(self).__name__)
         self._sparsity_params = weakref.WeakKeyDictionary()
+        self._pull, self._pull_version = None, -1
         self.truncation = None  # a WormCallback in this fit hands its own over at `on_fit_start`, after every setup
         self._observed_epoch = None
         skipped = self.source.skipped(pl_module)
@@ -237,6 +296,11 @@ class EarlyBirdCallback(Callback):
             self._record(trainer, pl_module)
 
     @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._steps_per_epoch = _steps_per_epoch(trainer, pl_module, self._last_epoch_steps)
+        self._steps_this_epoch = {}
+
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -258,8 +322,12 @@ class EarlyBirdCallback(Callback):
         # one order: WORM's truncation (here under manual optimization), then the sparsity term, never truncated.
         if self.truncation is not None and not pl_module.automatic_optimization:
             self.truncation.apply()
-        if self.sparsity == 0.0 or not self.searching:
+        if not self.searching or self.sparsity == 0.0:
             return
+        if self.decay is not None:
+            self._steps_this_epoch[id(optimizer)] = self._steps_this_epoch.get(id(optimizer), 0) + 1
+            if self.ticket is not None and not self.ready:  # pull the waiting ticket's pruned units to zero
+                self._waiting_pull(pl_module).apply(self.pull_strength(optimizer))
         params = self._sparsity_params.get(optimizer)
         if params is None:
             in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -268,11 +336,33 @@ class EarlyBirdCallback(Callback):
                 for p in self.source.sparsity_parameters(h) if id(p) in in_optimizer
             ]
             self._sparsity_params[optimizer] = params
-        add_sparsity_gradient(params, self.sparsity)
+        if self.relative is not None:
+            self.relative.observe(params)
+        add_sparsity_gradient(params, self.strength)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_epoch_steps = max(self._steps_this_epoch.values(), default=self._last_epoch_steps)
         self.observe_epoch(trainer, pl_module)
+
+    def pull_strength(self, optimizer: Optimizer | None = None) -> float:
+        """With ``"auto"``, the per-step ``lam`` of the pull on a waiting ticket's pruned units, for ``optimizer``'s
+        first parameter group (its schedule's initial learning rate and its momentum); else 0."""
+        if self.decay is None or not self.searching:
+            return 0.0
+        group = optimizer.param_groups[0] if optimizer is not None else {}
+        lr = group.get("initial_lr", group.get("lr", 1.0))
+        momentum = group.get("momentum", group["betas"][0] if "betas" in group else 0.0)
+        return self.decay.strength(self._steps_per_epoch, float(lr), float(momentum or 0.0))
+
+    def _waiting_pull(self, pl_module: pl.LightningModule) -> MaskedDecay:
+        """The pull on the pruned units of the ticket (set again whenever the search state changes)."""
+        if self._pull is None:
+            self._pull = MaskedDecay(pl_module, self.source)
+        if self._pull_version != self.version:
+            self._pull_version = self.version
+            self._pull.set(None if self.ticket is None else self.ticket.to(pl_module.device))
+        return self._pull
 
     def observe_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Take this epoch's mask (once per epoch; later calls in the same epoch do nothing).
@@ -309,17 +399,25 @@ class EarlyBirdCallback(Callback):
             rank_zero_warn(f"{type(self).__name__}: epoch {trainer.current_epoch} skipped. {outcome}")
             self.detector.skip()
             return
-        mask, fingerprint = outcome
+        mask, fingerprint, share, ticket_share = outcome
         found_before = self.ticket is not None
         distance, mean = self.detector.update(mask)
         self._fingerprints.append(fingerprint)
+        self.share = share
+        self.ticket_share = (ticket_share if found_before else share) if self.ticket is not None else None
+        if self.relative is not None:  # steered by how fast the scores polarise, then by whether the masks settle
+            self.relative.end_epoch(share.ratio, settled=self.ticket is not None or not distance > self.threshold)
+        if self.decay is not None and found_before:  # the pull grows while the ticket waits
+            self.decay.end_epoch(ready=self.ready)
         self._log(pl_module, distance, mean)
         if not found_before and self.ticket is not None:
             self._announce()
             if self.stop_on_ticket:
                 trainer.should_stop = True
 
-    def _take_mask(self, pl_module: pl.LightningModule) -> tuple[Mask, int] | NonFiniteScoreError:
+    def _take_mask(
+        self, pl_module: pl.LightningModule
+    ) -> tuple[Mask, int, ScoreShare, ScoreShare | None] | NonFiniteScoreError:
         scores = unit_scores(pl_module, self.source)
         if not scores:
             lazy = [n for n, why in self.source.skipped(pl_module).items() if why.startswith("lazy")]
@@ -341,21 +439,23 @@ class EarlyBirdCallback(Callback):
                 f"(in {', '.join(result.restored)})."
             )
         # Whether any score moved: the ranking's exact checksum of the scores' bits, taken in its pass over them.
-        return result.mask, result.checksum
+        ticket = self.ticket
+        ticket_share = score_share(scores, ticket.to(result.mask.flat.device)) if ticket is not None else None
+        return result.mask, result.checksum, score_share(scores, result.mask), ticket_share
 
     @staticmethod
     def _share_rank_zero_mask(
         trainer: pl.Trainer, pl_module: pl.LightningModule, outcome: Any
-    ) -> tuple[Mask, int] | NonFiniteScoreError:
+    ) -> tuple[Mask, int, ScoreShare, ScoreShare | None] | NonFiniteScoreError:
         # Rank 0 decides; the broadcast pickles, so send the packed bits and place them on this rank's device.
         if not isinstance(outcome, NonFiniteScoreError):
-            mask, fingerprint = outcome
-            outcome = (mask.packed(), mask.layout, fingerprint)
+            mask, *rest = outcome
+            outcome = (mask.packed(), mask.layout, *rest)
         outcome = decide_on_rank_zero(trainer, outcome)
         if isinstance(outcome, NonFiniteScoreError):
             return outcome
-        packed, layout, fingerprint = outcome
-        return Mask.unpack(packed, layout).to(pl_module.device), fingerprint
+        packed, layout, fingerprint, share, ticket_share = outcome
+        return Mask.unpack(packed, layout).to(pl_module.device), fingerprint, share, ticket_share
 
     def _log(self, pl_module: pl.LightningModule, distance: float, mean: float) -> None:
         prefix = self.log_prefix(pl_module.trainer, "earlybird")
@@ -363,6 +463,14 @@ class EarlyBirdCallback(Callback):
             log_shared(pl_module, f"{prefix}/mask_distance", distance, prog_bar=True)
             log_shared(pl_module, f"{prefix}/mean_distance", mean)
         log_shared(pl_module, f"{prefix}/ticket_found", float(self.ticket is not None))
+        if self.share is not None:
+            log_shared(pl_module, f"{prefix}/share_ratio", self.share.ratio)
+        if self.ticket is not None:
+            log_shared(pl_module, f"{prefix}/ready", float(self.ready))
+        if self.relative is not None:
+            log_shared(pl_module, f"{prefix}/sparsity", self.strength)
+        if self.decay is not None and self.ticket is not None:
+            log_shared(pl_module, f"{prefix}/pull_decay", self.decay.decay if not self.ready else 0.0)
 
     def log_prefix(self, trainer: pl.Trainer, name: str) -> str:
         """``name``, namespaced by this tracker's prune ratio when several trackers run in ``trainer``."""
@@ -391,13 +499,26 @@ class EarlyBirdCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"detector": self.detector.state_dict(), "searching": self.searching, "offset": self._offset,
-                "settings": self._settings()}
+                "settings": self._settings(),
+                "relative": None if self.relative is None else self.relative.state_dict(),
+                "decay": None if self.decay is None else self.decay.state_dict(),
+                "last_epoch_steps": self._last_epoch_steps,
+                "share": None if self.share is None else self.share.to_dict(),
+                "ticket_share": None if self.ticket_share is None else self.ticket_share.to_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.detector.load_state_dict(state_dict["detector"])
         self.searching = state_dict["searching"]
         self._offset = state_dict.get("offset", 0)
+        if self.relative is not None and state_dict.get("relative") is not None:
+            self.relative.load_state_dict(state_dict["relative"])
+        if self.decay is not None and state_dict.get("decay") is not None:
+            self.decay.load_state_dict(state_dict["decay"])
+        self._last_epoch_steps = state_dict.get("last_epoch_steps")
+        for name in ("share", "ticket_share"):
+            saved = state_dict.get(name)
+            setattr(self, name, None if saved is None else ScoreShare(saved["pruned"], saved["random"]))
         self._fingerprints.clear()
         self.version += 1
 
@@ -412,6 +533,18 @@ def _completes_accumulation(trainer: pl.Trainer, batch_idx: int) -> bool:
         return True
     total = trainer.num_training_batches
     return total is not None and not math.isinf(total) and batch_idx + 1 == int(total)
+
+
+def _steps_per_epoch(trainer: pl.Trainer, pl_module: pl.LightningModule, last: int | None) -> float:
+    """Optimizer steps this epoch will take: the batches over ``accumulate_grad_batches`` under automatic
+    optimization; else the steps the last epoch took (manual optimization decides its own), else one per batch."""
+    batches = trainer.num_training_batches
+    known = batches is not None and not math.isinf(batches) and batches > 0
+    if known and pl_module.automatic_optimization:
+        return float(math.ceil(int(batches) / trainer.accumulate_grad_batches))
+    if last:
+        return float(last)
+    return float(batches) if known else 1.0
 
 
 def _settings_from_key(key: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal, cast
@@ -34,8 +35,9 @@ from lightning_worm.callbacks._tracking import (
 from lightning_worm.callbacks.early_bird import EarlyBirdCallback
 from lightning_worm.checkpoint import CHECKPOINT_KEY, PLAN_OWNER, _raise_for_unloadable_checkpoint, find_pruning_plan
 from lightning_worm.core.inputs import ExampleInput, as_inputs, first_input, inputs_to
-from lightning_worm.core.masks import Mask
+from lightning_worm.core.masks import Mask, unit_scores
 from lightning_worm.core.measure import eval_mode
+from lightning_worm.core.readiness import score_share
 from lightning_worm.core.serialization import strict_json
 from lightning_worm.core.surgery import (
     DEFAULT_COUPLING,
@@ -49,15 +51,22 @@ from lightning_worm.core.surgery import (
 from lightning_worm.core.surgery.decision import COUPLINGS
 from lightning_worm.core.validation import check_bool, check_callable, check_choice, check_int
 
-__all__ = ["TICKETS", "PruneAndFinetune"]
+__all__ = ["TICKETS", "WAIT_FOR", "PruneAndFinetune"]
 
 TICKETS = ("early_bird", "random")
+WAIT_FOR = ("ready", "ticket")
 
 
 class PruneAndFinetune(Callback):
-    r"""Physically prune the Early-Bird ticket as soon as it emerges, then keep training the small network.
+    r"""Physically prune the Early-Bird ticket once it is ready, then keep training the small network.
 
-    At the end of the epoch in which the tracker finds the ticket, the ticket's pruned units leave
+    By default (``wait_for="ready"``) the prune waits, after the ticket has emerged, until the tracker says it
+    is :attr:`~lightning_worm.EarlyBirdCallback.ready` (its pruned units hold little of the score mass: pruning
+    them costs little), at most ``max_wait`` epochs; at the cap it prunes with a warning that says what to
+    change. ``wait_for="ticket"`` is the paper's plain rule: prune at the end of the epoch in which the ticket
+    emerges.
+
+    At the end of the epoch chosen, the ticket's pruned units leave
     the LightningModule in place (for BatchNorm channels: each channel with the convolution or linear
     output feeding it and the matching inputs of every consumer, through residual sums, concatenations
     and grouped convolutions, by torch-pruning's dependency graph). Training continues in the same
@@ -73,10 +82,14 @@ class PruneAndFinetune(Callback):
     weights load, and :func:`~lightning_worm.load_pruned` rebuilds the pruned module for inference.
 
     A report (parameters, FLOPs, units per layer, ticket units honoured, latency, the ``evaluate``
-    results, and a ``note`` where the numbers need one: an element-wise ticket saves no time) is printed
-    on rank zero, logged under ``pruning/``, kept as :attr:`report` and written as
-    ``pruning_report.json`` into ``report_dir`` (by default the logger's directory; without a logger no
-    file is written). A report that cannot be written is a warning, never a failed run.
+    results before / right after the surgery / after the re-calibration, the ticket's ``score_share`` and
+    the epochs waited for it, and a ``note`` where the numbers need one: an element-wise ticket saves no time,
+    a ticket no better than its scores' noise) is printed on rank zero, logged under ``pruning/``, kept as
+    :attr:`report` and written as ``pruning_report.json`` into ``report_dir`` (by default the logger's
+    directory; without a logger no file is written). Its ``savings`` (the training FLOPs and wall time spent
+    so far against a dense run's estimate for the same epochs, from the examples trained on and the dense
+    epochs' mean time) are brought up to date at every epoch end and written again when the fit ends. A
+    report that cannot be written is a warning, never a failed run.
 
     Args:
         early_bird: the tracker whose ticket is pruned, its ``prune_ratio``, or ``None``: the only tracker in
@@ -112,6 +125,10 @@ class PruneAndFinetune(Callback):
         seed: the seed of the ``"random"`` ticket.
         report_dir: the folder of ``pruning_report.json``; ``None``: the logger's ``log_dir`` (no file
             without a logger).
+        wait_for: ``"ready"`` (default) waits for the tracker's readiness after the ticket has emerged;
+            ``"ticket"`` prunes as soon as it emerges (the Early-Bird paper's rule).
+        max_wait: epochs after the ticket's epoch that ``wait_for="ready"`` waits at most; the ticket is then
+            pruned as it is, with a warning.
 
     Raises:
         ValueError: on a bad argument (named in the message); at setup if the tracker is not in the
@@ -150,6 +167,8 @@ class PruneAndFinetune(Callback):
         ticket: Literal["early_bird", "random"] = "early_bird",
         seed: int = 0,
         report_dir: str | None = None,
+        wait_for: Literal["ready", "ticket"] = "ready",
+        max_wait: int = 10,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -168,6 +187,8 @@ class PruneAndFinetune(Callback):
         check_callable("evaluate", evaluate, "fn(pl_module) -> float")
         self.ticket = check_choice("ticket", ticket, TICKETS)
         self.seed = check_int("seed", seed)
+        self.wait_for = check_choice("wait_for", wait_for, WAIT_FOR)
+        self.max_wait = check_int("max_wait", max_wait, minimum=0)
         if report_dir is not None and (not isinstance(report_dir, (str, os.PathLike)) or not os.fspath(report_dir)):
             raise ValueError(f"`report_dir` must be None or a folder path, got {report_dir!r}.")
         self._spec = early_bird
@@ -183,6 +204,9 @@ class PruneAndFinetune(Callback):
         self.pruned_epoch: int | None = None
         self.stop_epoch: int | None = None
         self._surgery: Surgery | None = None
+        #: Whether the prune came at ``max_wait`` with a ticket that was not ready.
+        self.forced = False
+        self._meter = _SavingsMeter()
 
     @property
     @override
@@ -280,8 +304,70 @@ class PruneAndFinetune(Callback):
         if self.early_bird is None or trainer.sanity_checking:
             return
         self.early_bird.observe_epoch(trainer, pl_module)  # whatever the callbacks' order
-        if self._ticket_waiting():
+        self._meter.end_epoch(dense=self.plan is None)
+        if self._ticket_waiting() and self._prune_now(trainer):
+            start = time.perf_counter()
             self.prune(trainer, pl_module)
+            self._meter.prune_seconds = time.perf_counter() - start
+        if self.report is not None and self.plan is not None:
+            self._update_savings(trainer, pl_module)
+
+    def _prune_now(self, trainer: pl.Trainer) -> bool:
+        tracker = self.early_bird
+        assert tracker is not None and tracker.ticket_epoch is not None, "a ticket is waiting"
+        if self.wait_for == "ticket" or tracker.ready:
+            return True
+        waited = trainer.current_epoch - tracker.ticket_epoch
+        if waited < self.max_wait:
+            return False
+        share = tracker.ticket_share
+        held = f"{share.ratio:.2f}x" if share is not None else "an unknown share of"
+        rank_zero_warn(
+            f"PruneAndFinetune: pruning the ticket of epoch {tracker.ticket_epoch} after {waited} epochs of waiting "
+            f"(`max_wait={self.max_wait}`) although it is not ready: its pruned units hold {held} the score mass "
+            f"of a random ticket of the same widths (ready at <= {tracker.ready_ratio:g}). Expect a larger "
+            "accuracy drop at the prune. To get a ready ticket: keep `sparsity='auto'` (or raise an explicit "
+            "`sparsity`), lower `prune_ratio`, or raise `max_wait`; `wait_for='ticket'` prunes without waiting."
+        )
+        self.forced = True
+        return True
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._meter.start_epoch()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        inputs = first_input(batch)
+        if inputs is not None and inputs.ndim:
+            self._meter.add_examples(inputs.shape[0] * trainer.world_size, dense=self.plan is None)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        tracker = self.early_bird
+        if self.report is not None:
+            self._update_savings(trainer, pl_module, log=False)
+            if trainer.is_global_zero:
+                self._write_report(self.report_path)
+        elif tracker is not None and tracker.ticket is not None and tracker.searching:
+            rank_zero_warn(
+                f"PruneAndFinetune: the fit ended while the ticket of epoch {tracker.ticket_epoch} was waiting to be "
+                "ready: nothing was pruned. Train longer, lower `max_wait`, or use `wait_for='ticket'`."
+            )
+
+    def _update_savings(self, trainer: pl.Trainer, pl_module: pl.LightningModule, log: bool = True) -> None:
+        r = self.report
+        assert r is not None, "after the prune"
+        savings = self._meter.savings(r["flops_before"], r["flops_after"])
+        if savings is None:
+            return
+        r["savings"] = savings
+        if log:
+            log_shared(pl_module, "pruning/train_flops_ratio", savings["flops_ratio"])
+            if savings["time_ratio"] is not None:
+                log_shared(pl_module, "pruning/time_ratio", savings["time_ratio"])
 
     def _ticket_waiting(self) -> bool:
         tracker = self.early_bird
@@ -304,6 +390,7 @@ class PruneAndFinetune(Callback):
             from lightning_worm.core.recalibration import random_ticket
 
             ticket = Mask.from_dict(random_ticket(ticket, torch.Generator().manual_seed(self.seed)))
+        share = score_share(unit_scores(pl_module, tracker.source), ticket)
         evaluation = {"before": self._evaluate(pl_module)}
         old_optimizers = list(trainer.strategy.optimizers)
         old_schedulers = [cfg.scheduler for cfg in trainer.strategy.lr_scheduler_configs]
@@ -319,6 +406,7 @@ class PruneAndFinetune(Callback):
             _reinitialise(pl_module)
         evaluation["after_surgery"] = self._evaluate(pl_module)
         used = self._recalibrate(trainer, pl_module)
+        self._meter.add_recalibration(used)
         if used:
             evaluation["after_recalibration"] = self._evaluate(pl_module)
 
@@ -345,11 +433,20 @@ class PruneAndFinetune(Callback):
             trainer.fit_loop.max_epochs = self.stop_epoch
 
         end_every_search(trainer)
-        self.report = {"epoch": self.pruned_epoch, "ticket_epoch": tracker.ticket_epoch,
+        ticket_epoch = tracker.ticket_epoch
+        self.report = {"epoch": self.pruned_epoch, "ticket_epoch": ticket_epoch,
                        "prune_ratio": tracker.prune_ratio, "ticket": self.ticket, "source": tracker.source.key,
-                       "recalibration_batches": used, **report.to_dict()}
+                       "recalibration_batches": used, "wait_for": self.wait_for,
+                       "waited_epochs": None if ticket_epoch is None else self.pruned_epoch - ticket_epoch,
+                       "ready": tracker.ready, "forced": self.forced, "score_share": share.to_dict(),
+                       **report.to_dict()}
         if self.evaluate is not None:
             self.report["evaluation"] = evaluation
+        if share.looks_like_noise:
+            noise = (f"The ticket's pruned units held {100 * share.pruned:.0f} % of the scores, a random ticket of the "
+                     f"same widths {100 * share.random:.0f} %: it looked no better than its scores' noise (train with "
+                     "the sparsity term, `sparsity='auto'`, and wait for readiness, `wait_for='ready'`).")
+            self.report["note"] = f"{self.report['note']} {noise}" if self.report.get("note") else noise
         self.report.pop("plan", None)
         self._publish(trainer, pl_module)
 
@@ -409,16 +506,10 @@ class PruneAndFinetune(Callback):
         if directory is None:
             where = "kept in `PruneAndFinetune.report` and in checkpoints (no logger, no `report_dir`: no file)"
         else:
-            try:
-                os.makedirs(directory, exist_ok=True)
-                path = os.path.join(directory, "pruning_report.json")
-                with open(path, "w") as f:
-                    json.dump(strict_json(r), f, indent=2, allow_nan=False)
-                self.report_path = where = path
-            except (OSError, ValueError) as error:
-                where = "not written"
-                rank_zero_warn(f"PruneAndFinetune: could not write the pruning report into {directory!r} ({error}); "
-                               "the fit goes on, the report is in `PruneAndFinetune.report` and in checkpoints.")
+            self.report_path = self._write_report(os.path.join(directory, "pruning_report.json"))
+            where = self.report_path or "not written"
+        share = r["score_share"]
+        waited = f" after waiting {r['waited_epochs']} epoch(s)" if r.get("waited_epochs") else ""
         latency = ""
         if r.get("latency_before_ms") is not None:
             latency = f", latency {r['latency_before_ms']:.2f} -> {r['latency_after_ms']:.2f} ms"
@@ -426,8 +517,25 @@ class PruneAndFinetune(Callback):
         rank_zero_info(
             f"PruneAndFinetune: pruned the ticket of epoch {r['ticket_epoch']} at the end of epoch {r['epoch']}: "
             f"parameters {r['params_before']:,} -> {r['params_after']:,}, "
-            f"FLOPs {r['flops_before']:,} -> {r['flops_after']:,}{latency}.{note} Report: {where}"
+            f"FLOPs {r['flops_before']:,} -> {r['flops_after']:,}{latency}{waited}; its pruned units held "
+            f"{100 * share['pruned']:.1f} % of the scores (a random ticket of the same widths: "
+            f"{100 * share['random']:.1f} %).{note} Report: {where}"
         )
+
+    def _write_report(self, path: str | None) -> str | None:
+        """Write the report as JSON into ``path`` (rank zero); the path, or ``None`` with a warning."""
+        if path is None:
+            return None
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(strict_json(self.report), f, indent=2, allow_nan=False)
+        except (OSError, ValueError) as error:
+            rank_zero_warn(f"PruneAndFinetune: could not write the pruning report into {os.path.dirname(path)!r} "
+                           f"({error}); the fit goes on, the report is in `PruneAndFinetune.report` and in "
+                           "checkpoints.")
+            return None
+        return path
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -438,6 +546,8 @@ class PruneAndFinetune(Callback):
             "pruned_epoch": self.pruned_epoch,
             "stop_epoch": self.stop_epoch,
             "finetune_epochs": self.finetune_epochs,
+            "forced": self.forced,
+            "savings_meter": self._meter.state_dict(),
         }
 
     @override
@@ -445,6 +555,9 @@ class PruneAndFinetune(Callback):
         self.report = state_dict["report"]
         self.pruned_epoch = state_dict["pruned_epoch"]
         self.stop_epoch = state_dict["stop_epoch"]
+        self.forced = state_dict.get("forced", False)
+        if state_dict.get("savings_meter") is not None:
+            self._meter.load_state_dict(state_dict["savings_meter"])
         if state_dict["plan"] is not None and self.plan is None:
             raise RuntimeError(
                 "The checkpoint holds a pruned model, but its plan was not applied before the weights loaded. "
@@ -465,6 +578,68 @@ def _save_module_plan(hooks: Any, checkpoint: dict[str, Any]) -> None:
     """Write the module's pruning plan into the module's part of the checkpoint (weights-only ones too)."""
     if hooks.plan is not None:
         checkpoint.setdefault(CHECKPOINT_KEY, {})["pruning_plan"] = hooks.plan
+
+
+class _SavingsMeter:
+    """What the run has spent so far: examples trained on by the dense and the pruned network, epoch times."""
+
+    def __init__(self) -> None:
+        self.examples = {"dense": 0, "pruned": 0}
+        self.recalibration_examples = 0
+        self.batches = 0
+        self.seconds = {"dense": 0.0, "pruned": 0.0}
+        self.epochs = {"dense": 0, "pruned": 0}
+        self.prune_seconds = 0.0
+        self._started: float | None = None
+
+    def start_epoch(self) -> None:
+        self._started = time.perf_counter()
+
+    def add_examples(self, count: int, dense: bool) -> None:
+        self.examples["dense" if dense else "pruned"] += int(count)
+        self.batches += 1
+
+    def add_recalibration(self, batches: int) -> None:
+        """Forward passes of the re-calibration, counted at the mean training batch size seen so far."""
+        if self.batches:
+            seen = self.examples["dense"] + self.examples["pruned"]
+            self.recalibration_examples += round(batches * seen / self.batches)
+
+    def end_epoch(self, dense: bool) -> None:
+        if self._started is None:
+            return
+        phase = "dense" if dense else "pruned"
+        self.seconds[phase] += time.perf_counter() - self._started
+        self.epochs[phase] += 1
+        self._started = None
+
+    def savings(self, flops_dense: float, flops_pruned: float) -> dict[str, Any] | None:
+        """Training FLOPs (3 x forward per example) and wall time against a dense run's estimate, or ``None``."""
+        seen = self.examples["dense"] + self.examples["pruned"]
+        if not seen or not flops_dense:
+            return None
+        spent = 3 * (self.examples["dense"] * flops_dense + self.examples["pruned"] * flops_pruned)
+        spent += self.recalibration_examples * flops_pruned
+        dense_flops = 3 * seen * flops_dense
+        epochs = self.epochs["dense"] + self.epochs["pruned"]
+        wall = self.seconds["dense"] + self.seconds["pruned"] + self.prune_seconds
+        dense_wall = self.seconds["dense"] / self.epochs["dense"] * epochs if self.epochs["dense"] else None
+        return {"epochs": epochs, "train_flops": spent, "dense_train_flops": dense_flops,
+                "flops_ratio": spent / dense_flops, "wall_s": wall, "dense_wall_s": dense_wall,
+                "time_ratio": None if not dense_wall else wall / dense_wall}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"examples": dict(self.examples), "recalibration_examples": self.recalibration_examples,
+                "batches": self.batches,
+                "seconds": dict(self.seconds), "epochs": dict(self.epochs), "prune_seconds": self.prune_seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.examples = dict(state["examples"])
+        self.recalibration_examples = int(state["recalibration_examples"])
+        self.batches = int(state.get("batches", 0))
+        self.seconds = dict(state["seconds"])
+        self.epochs = dict(state["epochs"])
+        self.prune_seconds = float(state["prune_seconds"])
 
 
 class _NoInput(ValueError):

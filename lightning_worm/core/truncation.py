@@ -119,6 +119,18 @@ class GradientTruncation:
         self.truncated_units = 0
         if mask is None or self.chi == 1.0:
             return
+        pairs = self.factors(mask, self.chi)
+        self._params = [param for param, _ in pairs]
+        self._factors = [factor for _, factor in pairs]
+
+    def factors(self, mask: MaskLike, chi: float) -> list[tuple[Tensor, Tensor]]:
+        """``(parameter, factor)`` for every parameter a unit of ``mask`` owns: ``chi`` on the pruned units' entries,
+        1 elsewhere (one factor per parameter). Sets :attr:`truncated_units`.
+
+        Raises:
+            ValueError: if the mask names an entry that is not tracked or has the wrong shape.
+        """
+        self.truncated_units = 0
         mask = Mask.from_dict(mask)
         handles = self.source.tracked(self.model)
         factors: dict[int, tuple[Tensor, Tensor]] = {}  # one factor per parameter (packed q/k share one)
@@ -131,13 +143,12 @@ class GradientTruncation:
                     f"The mask of {name!r} has {keep.numel()} channels (units), the model's entry "
                     f"{self.source.count(handles[name])}: the mask is of another model."
                 )
-            for param, factor in self.source.gradient_factors(handles[name], keep, self.chi):
+            for param, factor in self.source.gradient_factors(handles[name], keep, chi):
                 if id(param) in factors:
                     factor = factors[id(param)][1] * factor
                 factors[id(param)] = (param, factor)
             self.truncated_units += int((~keep).sum())
-        self._params = [param for param, _ in factors.values()]
-        self._factors = [factor for _, factor in factors.values()]
+        return list(factors.values())
 
     @torch.no_grad()
     def apply(self) -> None:

@@ -40,11 +40,15 @@ def test_two_process_ddp_search_agrees(tmp_path):
 @pytest.mark.slow
 def test_two_process_ddp_prunes_mid_fit_and_trains_on(tmp_path):
     r0, r1 = run_ddp("tests.ddp.fit_prune", tmp_path)
-    assert r0["pruned_epoch"] == r1["pruned_epoch"] == 1
+    pruned = r0["pruned_epoch"]
+    assert r0["ticket_epoch"] == r1["ticket_epoch"] == 1  # window 2, threshold 1
+    assert pruned == r1["pruned_epoch"] and 1 <= pruned <= 1 + 3  # waited for readiness, at most max_wait
+    assert r0["push"] == r1["push"]  # the growing push decided once, on rank zero's scores
     assert r0["steps_at_epoch_end"] == r1["steps_at_epoch_end"]
     steps = r0["steps_at_epoch_end"]
-    assert steps[-1] - steps[1] == 2 * steps[0] > 0  # two more epochs of steps ran after the prune
-    assert r0["report"]["units_after"] == r1["report"]["units_after"]
+    assert len(steps) == pruned + 3 and steps[-1] - steps[pruned] == 2 * steps[0] > 0  # two epochs after the prune
+    for key in ("units_after", "ready", "forced", "waited_epochs", "score_share"):
+        assert r0["report"][key] == r1["report"][key], key
     assert r0["report"]["params_after"] < r0["report"]["params_before"]
     for name, value in r0["state"].items():
         other = r1["state"][name]

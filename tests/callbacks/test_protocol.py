@@ -12,7 +12,7 @@ from tests.models import ManualTinyNet, TinyNet
 BUILDERS = {
     "early_bird": lambda eb: eb,
     "worm": lambda eb: WormCallback(eb, schedule="fixed", chi=0.003),
-    "prune": lambda eb: PruneAndFinetune(eb, measure_latency=False),
+    "prune": lambda eb: PruneAndFinetune(eb, measure_latency=False, wait_for="ticket"),
 }
 MODELS = {"automatic": TinyNet, "manual": ManualTinyNet}
 
@@ -122,4 +122,4 @@ def test_bad_tracker_spec_is_refused_at_construction(bad):
     with pytest.raises(ValueError, match="`early_bird` must be"):
         WormCallback(bad)
     with pytest.raises(ValueError, match="`early_bird` must be"):
-        PruneAndFinetune(bad)
+        PruneAndFinetune(bad, wait_for="ticket")

@@ -32,7 +32,7 @@ class Spy(Callback):
 
 def callbacks(**prune_kwargs):
     eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0)
-    return eb, WormCallback(eb, schedule="fixed", chi=0.003), PruneAndFinetune(eb, **prune_kwargs)
+    return eb, WormCallback(eb, schedule="fixed", chi=0.003), PruneAndFinetune(eb, **prune_kwargs, wait_for="ticket")
 
 
 def fit(model_cls=TinyNet, max_epochs=4, tmp_path=None, ckpt_path=None, extra=(), prune_kwargs=None, **kwargs):
@@ -141,7 +141,7 @@ def test_load_pruned_overrides_hyperparameters(tmp_path):
 def test_without_early_bird_in_trainer_raises():
     eb = EarlyBirdCallback()
     with pytest.raises(ValueError, match="follows an EarlyBirdCallback that is not in this Trainer"):
-        trainer(callbacks=[PruneAndFinetune(eb)], max_epochs=1).fit(TinyNet(), tiny_loader())
+        trainer(callbacks=[PruneAndFinetune(eb, wait_for="ticket")], max_epochs=1).fit(TinyNet(), tiny_loader())
 
 
 @pytest.mark.parametrize("kwargs,name", [({"coupling": "any"}, "coupling"), ({"round_to": 0}, "round_to"),
@@ -196,7 +196,7 @@ def test_syncbatchnorm_model_is_searched_and_pruned(tmp_path):
 
 def test_several_trackers_all_stop_at_the_prune(tmp_path):
     trackers = [EarlyBirdCallback(prune_ratio=p, window=2, threshold=1.0) for p in (0.3, 0.5)]
-    prune = PruneAndFinetune(trackers[1])
+    prune = PruneAndFinetune(trackers[1], wait_for="ticket")
     t = trainer(tmp_path, callbacks=[*trackers, prune], max_epochs=4)
     t.fit(TinyNet(), tiny_loader())
     assert prune.pruned_epoch == TICKET_EPOCH and t.current_epoch == 4
@@ -225,7 +225,7 @@ def test_non_batchnorm_source_refused_at_setup():
 
     eb = EarlyBirdCallback(source=Custom())
     with pytest.raises(ValueError, match="cannot remove the units of Custom: it has no surgery"):
-        PruneAndFinetune.setup(PruneAndFinetune(eb), trainer(callbacks=[eb]), TinyNet(), "fit")
+        PruneAndFinetune.setup(PruneAndFinetune(eb, wait_for="ticket"), trainer(callbacks=[eb]), TinyNet(), "fit")
 
 
 def test_example_input_array_is_the_fallback(tmp_path):
@@ -258,7 +258,7 @@ def test_validate_a_fresh_module_from_a_pruned_checkpoint(tmp_path):
 
 def test_reshaping_hook_is_installed_once_per_module():
     eb = EarlyBirdCallback()
-    prune, module = PruneAndFinetune(eb), TinyNet()
+    prune, module = PruneAndFinetune(eb, wait_for="ticket"), TinyNet()
     calls = []
     module.on_load_checkpoint = lambda checkpoint: calls.append(checkpoint)  # the user's own hook
     for stage in ("validate", "test", "validate"):

@@ -19,7 +19,7 @@ def fit(tmp_path, max_epochs=3, ckpt_path=None, extra=(), eb_kwargs=None, prune_
     torch.manual_seed(0)
     model = model or TinyNet()
     eb = EarlyBirdCallback(**{"prune_ratio": 0.5, "window": 2, "threshold": 1.0, "verbose": False, **(eb_kwargs or {})})
-    prune = PruneAndFinetune(eb, measure_latency=False, **(prune_kwargs or {}))
+    prune = PruneAndFinetune(eb, measure_latency=False, **(prune_kwargs or {}), wait_for="ticket")
     t = trainer(tmp_path, callbacks=[eb, WormCallback(eb, schedule="fixed"), prune, *extra],
                 max_epochs=max_epochs, **kwargs)
     t.fit(model, tiny_loader(), ckpt_path=ckpt_path)
@@ -47,7 +47,7 @@ def test_weights_only_checkpoint_rebuilds_a_fresh_module_for_validation(tmp_path
     _, model, *_ = fit(tmp_path, extra=[checkpointing(tmp_path, save_weights_only=True)], enable_checkpointing=True)
     eb = EarlyBirdCallback()
     fresh = TinyNet()
-    v = trainer(tmp_path, callbacks=[eb, PruneAndFinetune(eb)])
+    v = trainer(tmp_path, callbacks=[eb, PruneAndFinetune(eb, wait_for="ticket")])
     v.validate(fresh, tiny_loader(), ckpt_path=tmp_path / "last.ckpt", verbose=False)
     assert fresh.features[1].num_features == model.features[1].num_features
 
@@ -240,7 +240,7 @@ def test_a_subclass_of_prune_and_finetune_is_found_by_load_pruned(tmp_path):
     torch.manual_seed(0)
     model = TinyNet()
     eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, verbose=False)
-    t = trainer(tmp_path, callbacks=[eb, MyPrune(measure_latency=False)], max_epochs=3)
+    t = trainer(tmp_path, callbacks=[eb, MyPrune(measure_latency=False, wait_for="ticket")], max_epochs=3)
     t.fit(model, tiny_loader())
     t.save_checkpoint(tmp_path / "pruned.ckpt")
     checkpoint = torch.load(tmp_path / "pruned.ckpt", weights_only=False)
@@ -277,7 +277,7 @@ def test_a_pruned_module_fitted_again_is_fine_tuned_as_it_is_and_its_checkpoints
     # A second fit with fresh callbacks and a weights-only checkpoint: no second search or prune, and the
     # checkpoint (written by a PruneAndFinetune that pruned nothing itself) still holds the module's plan.
     again_eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, verbose=False)
-    again = PruneAndFinetune(again_eb, measure_latency=False)
+    again = PruneAndFinetune(again_eb, measure_latency=False, wait_for="ticket")
     t = trainer(tmp_path / "b", callbacks=[again_eb, again, checkpointing(tmp_path / "b", save_weights_only=True)],
                 max_epochs=3, enable_checkpointing=True)
     t.fit(model, tiny_loader())

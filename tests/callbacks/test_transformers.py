@@ -63,7 +63,7 @@ def spy_on_carry(monkeypatch, seen):
 def prune_fit(tmp_path, max_epochs=4, seen=None, monkeypatch=None):
     model = tiny_vit()
     eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source=AttentionHeadSource())
-    prune = PruneAndFinetune(eb, measure_latency=False)
+    prune = PruneAndFinetune(eb, measure_latency=False, wait_for="ticket")
     if seen is not None:
         spy_on_carry(monkeypatch, seen)
     t = trainer(tmp_path, callbacks=[eb, WormCallback(eb, schedule="fixed", chi=0.01), prune], max_epochs=max_epochs)
@@ -109,7 +109,7 @@ def test_elementwise_prune_carries_the_optimizer_state_of_the_renamed_weights(tm
     """torch's pruning renames `q_proj.weight` to `q_proj.weight_orig`; its Adam moments go on, value for value."""
     model = tiny_vit()
     eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source="attention_qk", verbose=False)
-    prune = PruneAndFinetune(eb, measure_latency=False)
+    prune = PruneAndFinetune(eb, measure_latency=False, wait_for="ticket")
     seen = {}
     spy_on_carry(monkeypatch, seen)
     t = trainer(tmp_path, callbacks=[eb, prune], max_epochs=3)
@@ -134,7 +134,7 @@ def test_the_elementwise_report_and_summary_say_that_no_time_is_saved(tmp_path, 
     from lightning_worm.core.surgery.elementwise import ELEMENTWISE_NOTE
 
     eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source="attention_qk", verbose=False)
-    prune = PruneAndFinetune(eb, measure_latency=False, report_dir=str(tmp_path / "report"))
+    prune = PruneAndFinetune(eb, measure_latency=False, report_dir=str(tmp_path / "report"), wait_for="ticket")
     with pytest.warns(UserWarning, match="saves no time"):
         trainer(tmp_path, callbacks=[eb, prune], max_epochs=2).fit(tiny_vit(), tiny_loader())
     assert prune.report["note"] == ELEMENTWISE_NOTE
@@ -187,7 +187,7 @@ def test_resume_after_a_head_prune_equals_the_uninterrupted_fit(tmp_path):
     def fit(max_epochs, ckpt_path=None, checkpoint=None):
         model = tiny_vit()
         eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source="attention_heads", verbose=False)
-        prune = PruneAndFinetune(eb, measure_latency=False)
+        prune = PruneAndFinetune(eb, measure_latency=False, wait_for="ticket")
         extra = [checkpoint] if checkpoint else []
         t = trainer(tmp_path, callbacks=[eb, WormCallback(eb, schedule="fixed", chi=0.01), prune, *extra],
                     max_epochs=max_epochs, enable_checkpointing=bool(checkpoint))
@@ -246,7 +246,7 @@ def test_a_named_head_source_resumes_and_reloads_after_the_prune(tmp_path):
         torch.manual_seed(0)
         model = MixClassifier()
         eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source=mix_source(), verbose=False)
-        prune = PruneAndFinetune(eb, measure_latency=False)
+        prune = PruneAndFinetune(eb, measure_latency=False, wait_for="ticket")
         t = trainer(tmp_path, callbacks=[eb, prune, *([saver] if saver else [])], max_epochs=max_epochs,
                     enable_checkpointing=bool(saver))
         t.fit(model, tiny_loader(), ckpt_path=ckpt_path)
@@ -273,7 +273,7 @@ def test_a_source_that_cannot_prune_this_model_is_refused_when_the_fit_starts(tm
         model, source, match = EncoderClassifier(), "attention_heads", "nn.MultiheadAttention cannot lose heads"
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source=source, verbose=False)
-    t = trainer(tmp_path, callbacks=[eb, PruneAndFinetune(eb, measure_latency=False)], max_epochs=3)
+    t = trainer(tmp_path, callbacks=[eb, PruneAndFinetune(eb, measure_latency=False, wait_for="ticket")], max_epochs=3)
     with pytest.raises(ValueError, match=match) as error:
         t.fit(model, tiny_loader())
     assert t.global_step == 0 and t.current_epoch == 0

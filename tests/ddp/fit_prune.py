@@ -1,4 +1,5 @@
-"""A 2-process CPU DDP fit that searches, prunes mid-fit and keeps training; each rank saves its state.
+"""A 2-process CPU DDP fit at the defaults (sparsity "auto", the prune waits for a ready ticket) that searches,
+prunes mid-fit and keeps training; each rank saves its state.
 
 Run from the repository root: ``python -m tests.ddp.fit_prune OUT_DIR``.
 """
@@ -27,16 +28,18 @@ def main(out: Path) -> None:
     L.seed_everything(0)
     model = TinyNet()
     eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0)
-    prune = PruneAndFinetune(eb)
+    prune = PruneAndFinetune(eb, max_wait=3, finetune_epochs=2)
     steps = CountSteps()
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=4, logger=False, enable_checkpointing=False,
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=10, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
         callbacks=[steps, eb, WormCallback(eb, schedule="fixed", chi=0.01), prune],
     )
     trainer.fit(model, tiny_loader(n=128))
     torch.save({
         "pruned_epoch": prune.pruned_epoch,
+        "ticket_epoch": eb.ticket_epoch,
+        "push": eb.growing.push,
         "steps_at_epoch_end": steps.steps_at_epoch_end,
         "report": prune.report,
         "state": {k: v.clone() for k, v in model.state_dict().items()},

@@ -22,7 +22,7 @@ def main(out: Path, prune: bool) -> None:
     eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source="attention_heads")
     worm = WormCallback(eb, schedule="fixed", chi=0.01)
     callbacks = [eb, worm]
-    pruner = PruneAndFinetune(eb, measure_latency=False) if prune else None
+    pruner = PruneAndFinetune(eb, measure_latency=False, wait_for="ticket") if prune else None
     callbacks += [pruner] if pruner else []
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, callbacks=callbacks, logger=False,

@@ -25,7 +25,7 @@ TICKET_AT_1 = ["--trainer.callbacks=EarlyBirdCallback", "--trainer.callbacks.win
 SMALL = ["--trainer.max_epochs", "4", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2",
          "--trainer.enable_progress_bar", "false"]
 TINY = [*SMALL, *TICKET_AT_1, "--trainer.callbacks+=WormCallback", "--trainer.callbacks+=PruneAndFinetune",
-        "--trainer.default_root_dir", "run"]
+        "--trainer.callbacks.wait_for", "ticket", "--trainer.default_root_dir", "run"]
 
 
 @pytest.fixture(autouse=True)
@@ -74,6 +74,10 @@ def test_tiny_run_from_the_command_line_writes_every_artefact(capsys, monkeypatc
     out = capsys.readouterr().out
     assert "lightning-worm: summary" in out and "Early-Bird ticket: epoch 1" in out and "channels kept" in out
     assert "pruning_report.json" in out and "FLOPs per example" in out
+    # the accuracy goals, stated against a dense run of the same model, seed and epochs
+    assert summary["dense_reference"]["test_acc"] is not None and len(summary["dense_reference"]["val_acc"]) == 4
+    assert [g["met"] is not None for g in summary["goals"]] == [True, True] and out.count("goal: ") == 2
+    assert summary["ticket"]["ready"] is not None and summary["ticket"]["savings"]["epochs"] == 4
     # one checkpoint, written once: no second copy from Lightning's default ModelCheckpoint
     assert [p.relative_to(run_dir) for p in Path("run").rglob("*.ckpt")] == [Path("pruned.ckpt")]
     # FLOPs per example, as Lightning's own model summary counts them for the dense model
@@ -183,11 +187,12 @@ def test_module_choices_are_the_models():
     assert set(get_args(Arch)) == set(MODELS)
 
 
-@pytest.mark.parametrize("callbacks, count", [("--trainer.callbacks=PruneAndFinetune", 0),
-                                              ("--trainer.callbacks+=EarlyBirdCallback", 2)])
+@pytest.mark.parametrize("callbacks, count", [(["--trainer.callbacks=PruneAndFinetune"], 0),
+                                              (["--trainer.callbacks+=EarlyBirdCallback",
+                                                "--trainer.callbacks.prune_ratio", "0.3"], 2)])
 def test_the_job_needs_one_tracker(callbacks, count):
     with pytest.raises(ValueError, match=f"one EarlyBirdCallback; the trainer has {count}.*`trainer.callbacks`"):
-        build_cli([callbacks], run=False)
+        build_cli(callbacks, run=False)
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))

@@ -378,7 +378,9 @@ class AttentionHeadSource(_AttentionSource):
     is ``BoolTensor[num_kv_heads]`` (``num_heads`` without grouping), named by the attention module.
 
     WORM multiplies the gradients of a masked-out head's rows of the query, key and value weights (and
-    of their biases) by chi; the output projection and everything else are untouched.
+    of their biases) by chi; the output projection and everything else are untouched. The sparsity term
+    regularises the query and key weights where they are parameters of their own (separate projections); a
+    packed ``qkv`` weight is left alone (its value rows would be regularised too).
 
     Its surgery (:func:`~lightning_worm.core.surgery.prune_heads`) removes the pruned heads physically
     (their query/key/value rows and the output projection's matching columns, found by torch-pruning's
@@ -411,6 +413,10 @@ class AttentionHeadSource(_AttentionSource):
         if any(_frozen(block.part(p)[0]) for p in PARTS):
             return "weight frozen (requires_grad=False)"
         return None
+
+    def sparsity_parameters(self, block: AttentionBlock) -> list[Tensor]:
+        parts = [block.part(p) for p in ("q", "k")]
+        return [weight for weight, rows, *_ in parts if rows == slice(None) and weight.requires_grad]
 
     def scores(self, block: AttentionBlock) -> Tensor:
         _, num_kv_heads, _ = block._counts()

@@ -80,7 +80,7 @@ def test_prune_and_finetune_refuses_an_option_its_surgery_does_not_take(options,
     from tests.models import tiny_vit
 
     eb = EarlyBirdCallback(prune_ratio=0.5, source=AttentionHeadSource())
-    t = trainer(callbacks=[eb, PruneAndFinetune(eb, **options)], max_epochs=1)
+    t = trainer(callbacks=[eb, PruneAndFinetune(eb, **options, wait_for="ticket")], max_epochs=1)
     with pytest.raises(ValueError, match=match):
         t.fit(tiny_vit(), tiny_loader())
 
