@@ -1,6 +1,7 @@
 """LightningDataModules for the examples: offline handwritten digits, MNIST-1D (generated offline) and CIFAR-10."""
 
 import functools
+import hashlib
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -240,12 +241,40 @@ class CIFAR10DataModule(_SplitDataModule):
 MNIST1D_LENGTH = 40
 
 
+#: The generator's arguments of each MNIST-1D variant, over the package's defaults (those of the MNIST-1D paper).
+#: ``"large"``: 4x the signals, more correlated and independent noise and more shear, so that a small CNN keeps
+#: learning until its learning rate drops (see ``docs/benchmarks.md``).
+MNIST1D_VARIANTS: dict[str, dict[str, float]] = {
+    "paper": {"num_samples": 5000},
+    "large": {"num_samples": 20000, "iid_noise_scale": 0.05, "corr_noise_scale": 0.4, "shear_scale": 1.0},
+}
+#: SHA-256 of each variant's data (generator seed 42), as :func:`mnist1d_checksum` takes it.
+MNIST1D_CHECKSUMS = {
+    "paper": "b75c8ac167f76c79754a29c827a06f434c966fc8970b8cf505964340d067c77a",
+    "large": "7a129100d6e2396e35873a7d9b462b97dbde28db5aa569f88f00576a60563942",
+}
+
+
+def mnist1d_checksum(data: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a generated MNIST-1D: the signals rounded to 1e-4 (so that a CPU's last-bit rounding of the
+    generator's arithmetic cannot change it) and the labels, train then test."""
+    digest = hashlib.sha256()
+    for key in ("x", "y", "x_test", "y_test"):
+        value = data[key]
+        if value.is_floating_point():
+            value = torch.round(value * 1e4).to(torch.int64)
+        digest.update(value.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 @functools.lru_cache(maxsize=4)
-def make_mnist1d(num_samples: int = 5000, seed: int = 42) -> dict[str, torch.Tensor]:
+def make_mnist1d(num_samples: int | None = None, seed: int = 42, variant: str = "paper") -> dict[str, torch.Tensor]:
     """Generate MNIST-1D with the ``mnist1d`` package's procedural generator (offline, nothing written to disk).
 
     Calls ``mnist1d.data.make_dataset`` with the package's default arguments (those of the MNIST-1D paper:
-    signals of length 40, 80 % train / 20 % test) except ``num_samples`` and ``seed``. Never the package's
+    signals of length 40, 80 % train / 20 % test) changed by :data:`MNIST1D_VARIANTS` ``[variant]``, and
+    ``num_samples`` (``None``: the variant's) and ``seed``. A variant with a pinned checksum
+    (:data:`MNIST1D_CHECKSUMS`) is checked against it when generated with its own size and seed 42. Never the package's
     ``get_dataset``, which downloads by default and writes a pickle into the working directory. The global
     ``random`` and ``numpy`` states, which the generator reseeds, are restored afterwards. The result is
     kept in memory per ``(num_samples, seed)`` for the life of the process.
@@ -255,7 +284,11 @@ def make_mnist1d(num_samples: int = 5000, seed: int = 42) -> dict[str, torch.Ten
 
     Raises:
         ImportError: if ``mnist1d`` is not installed (``pip install mnist1d``).
+        ValueError: on an unknown variant, or if a pinned variant's data differ from its checksum (another
+            ``mnist1d`` release generates other data).
     """
+    if variant not in MNIST1D_VARIANTS:
+        raise ValueError(f"Unknown MNIST-1D variant {variant!r}; choose one of {list(MNIST1D_VARIANTS)}.")
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as err:
@@ -263,7 +296,11 @@ def make_mnist1d(num_samples: int = 5000, seed: int = 42) -> dict[str, torch.Ten
     import numpy as np
 
     args = get_dataset_args()
-    args.num_samples, args.seed = int(num_samples), int(seed)
+    settings = dict(MNIST1D_VARIANTS[variant])
+    num_samples = int(settings.pop("num_samples") if num_samples is None else num_samples)
+    for key, value in settings.items():
+        setattr(args, key, value)
+    args.num_samples, args.seed = num_samples, int(seed)
     python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
         data = make_dataset(args)
@@ -272,8 +309,19 @@ def make_mnist1d(num_samples: int = 5000, seed: int = 42) -> dict[str, torch.Ten
         np.random.set_state(numpy_state)
     x = torch.as_tensor(data["x"], dtype=torch.float32).unsqueeze(1)
     x_test = torch.as_tensor(data["x_test"], dtype=torch.float32).unsqueeze(1)
-    return {"x": x, "y": torch.as_tensor(data["y"], dtype=torch.long),
-            "x_test": x_test, "y_test": torch.as_tensor(data["y_test"], dtype=torch.long)}
+    out = {"x": x, "y": torch.as_tensor(data["y"], dtype=torch.long),
+           "x_test": x_test, "y_test": torch.as_tensor(data["y_test"], dtype=torch.long)}
+    published = int(seed) == 42 and num_samples == MNIST1D_VARIANTS[variant]["num_samples"]
+    pinned = MNIST1D_CHECKSUMS.get(variant) if published else None
+    if pinned is not None and mnist1d_checksum(out) != pinned:
+        from importlib.metadata import version
+
+        raise ValueError(
+            f"The MNIST-1D {variant!r} data generated here (mnist1d {version('mnist1d')}) differ from the pinned "
+            f"ones (checksum {pinned[:12]}...): the benchmark's numbers are not comparable. Install the mnist1d "
+            "release named in pyproject.toml's `mnist1d` extra."
+        )
+    return out
 
 
 class MNIST1DDataModule(_SplitDataModule):
@@ -286,14 +334,21 @@ class MNIST1DDataModule(_SplitDataModule):
     With the defaults: 3000 train / 1000 val / 1000 test signals of shape ``(1, 40)``, generated in about
     a second. Nothing is downloaded or cached on disk (see :func:`make_mnist1d`).
 
+    ``variant="large"`` is the benchmark's second task: 20 000 signals (15 000 train / 1 000 val / 4 000 test),
+    noisier and more sheared, pinned by a checksum. On it a small CNN keeps learning until its learning rate
+    drops, as on CIFAR in the papers' setting, so a ticket found early can pay off in time to accuracy.
+
     Args:
         batch_size: samples per batch.
         num_workers: dataloader worker processes.
         seed: seed of the train/val split. Shuffling follows the global seed
             (:func:`~lightning.pytorch.seed_everything`).
-        num_samples: signals generated in all (train + val + test).
+        num_samples: signals generated in all (train + val + test); ``None``: the variant's (5000 for
+            ``"paper"``).
         val_size: signals of the generator's training part held out for validation.
         data_seed: seed of the generator (42, the package's default, is the published data set).
+        variant: ``"paper"`` (the published data set) or ``"large"`` (see above); see
+            :data:`MNIST1D_VARIANTS`.
 
     Raises:
         ValueError:
@@ -318,11 +373,16 @@ class MNIST1DDataModule(_SplitDataModule):
         batch_size: int = 128,
         num_workers: int = 0,
         seed: int = 0,
-        num_samples: int = 5000,
+        num_samples: int | None = None,
         val_size: int = 1000,
         data_seed: int = 42,
+        variant: str = "paper",
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
+        if variant not in MNIST1D_VARIANTS:
+            raise ValueError(f"Unknown MNIST-1D variant {variant!r}; choose one of {list(MNIST1D_VARIANTS)}.")
+        if num_samples is None:
+            num_samples = int(MNIST1D_VARIANTS[variant]["num_samples"])
         n_train = int(num_samples * 0.8)
         if not 0 <= val_size < n_train:
             raise ValueError(
@@ -333,11 +393,12 @@ class MNIST1DDataModule(_SplitDataModule):
         self.num_samples = num_samples
         self.val_size = val_size
         self.data_seed = data_seed
+        self.variant = variant
 
     def setup(self, stage: str) -> None:
         if self.train_dataset is not None:
             return
-        data = make_mnist1d(self.num_samples, self.data_seed)
+        data = make_mnist1d(self.num_samples, self.data_seed, self.variant)
         x, y = data["x"], data["y"]
         permutation = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
         val_idx, train_idx = permutation[: self.val_size], permutation[self.val_size :]
@@ -345,7 +406,8 @@ class MNIST1DDataModule(_SplitDataModule):
         self.val_dataset = TensorDataset(x[val_idx], y[val_idx])
         self.test_dataset = TensorDataset(data["x_test"], data["y_test"])
         rank_zero_info(
-            f"Using MNIST-1D generated offline (mnist1d, seed {self.data_seed}): {len(train_idx)} train /"
+            f"Using MNIST-1D ({self.variant}) generated offline (mnist1d, seed {self.data_seed}): "
+            f"{len(train_idx)} train /"
             f" {len(val_idx)} val (split seed {self.seed}) / {len(data['y_test'])} test signals of length"
             f" {x.shape[-1]}."
         )

@@ -31,6 +31,7 @@ Lightning's periodic ones, to resume a long run with ``--ckpt_path``), ``pruning
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from collections.abc import Callable
@@ -91,7 +92,15 @@ class MainJobCLI(LightningCLI):
             args = [self._default_subcommand, *args]
         super().parse_arguments(parser, args)
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--dense_reference", type=bool, default=True,
+            help="after the fit, train the same model without the pruning callbacks (same seed, epochs and "
+                 "accelerator) and state the accuracy goals against it in the summary; false skips it")
+
     def after_instantiate_classes(self) -> None:
+        self.dense: dict[str, Any] | None = None
+        self._initial_state = copy.deepcopy(self.model.state_dict())  # the dense reference starts from these weights
         callbacks = self.trainer.callbacks
         self.early_bird = _only(callbacks, EarlyBirdCallback, required=True)
         self.worm = _only(callbacks, WormCallback)
@@ -105,8 +114,30 @@ class MainJobCLI(LightningCLI):
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         checkpoint = run_dir / ("pruned.ckpt" if self.prune and self.prune.plan else "final.ckpt")
         trainer.save_checkpoint(checkpoint)
+        config = self.config.get(self.subcommand) or self.config
+        if config.get("dense_reference") and self.prune is not None:
+            self.dense = self._fit_dense(config)
         self.summary = summarize(self, test_acc, checkpoint)
         _write_artefacts(self, self.summary, run_dir)
+
+
+    def _fit_dense(self, config: Any) -> dict[str, Any]:
+        """Train the model the job started from without the library's callbacks; its accuracies per epoch and at
+        the end (test)."""
+        pl.seed_everything(config.get("seed_everything"), verbose=False)
+        model = type(self.model)(**{k: v for k, v in self.model.hparams.items() if not k.startswith("_")})
+        model.load_state_dict(self._initial_state)
+        accuracy = AccuracyAroundPrune()
+        given = config["trainer"]
+        keys = ("accelerator", "devices", "precision", "max_epochs", "accumulate_grad_batches", "gradient_clip_val",
+                "limit_train_batches", "limit_val_batches", "limit_test_batches", "deterministic")
+        trainer = pl.Trainer(**{k: given[k] for k in keys if given.get(k) is not None}, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[accuracy])
+        trainer.fit(model, datamodule=self.datamodule)
+        test = trainer.test(model, datamodule=self.datamodule, verbose=False)[0].get("test/acc")
+        return {"val_acc": {int(k): float(v) for k, v in accuracy.val_acc.items()},
+                "test_acc": None if test is None else float(test)}
 
 
 def _only(callbacks: list[pl.Callback], cls: type[pl.Callback], required: bool = False) -> Any:
@@ -193,7 +224,33 @@ def summarize(cli: MainJobCLI, test_acc: float | None, checkpoint: Path) -> dict
             "test_end": None if test_acc is None else float(test_acc),
         },
         "checkpoint": str(checkpoint),
+        "ticket": {key: report.get(key) for key in ("ready", "forced", "waited_epochs", "score_share", "savings",
+                                                    "evaluation", "note")},
+        "dense_reference": cli.dense,
+        "goals": _goals(accuracy, prune.pruned_epoch if prune else None, test_acc, cli.dense),
     })
+
+
+#: The accuracy goals of issue 15 the summary states against the dense reference.
+GOAL_VS_DENSE = 0.9
+GOAL_FINAL_DROP = 0.005
+
+
+def _goals(accuracy: AccuracyAroundPrune, pruned_epoch: int | None, test_acc: float | None,
+           dense: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Each goal with what was measured and whether it is met (``None``: not measured)."""
+    if dense is None:
+        return []
+    at_prune = dense["val_acc"].get(pruned_epoch) if pruned_epoch is not None else None
+    after = accuracy.after_prune
+    ratio = None if after is None or not at_prune else after / at_prune
+    drop = None if test_acc is None or dense["test_acc"] is None else float(test_acc) - dense["test_acc"]
+    return [
+        {"goal": f"val acc right after the prune (re-calibrated) >= {GOAL_VS_DENSE}x the dense run's at that epoch",
+         "measured": ratio, "met": None if ratio is None else ratio >= GOAL_VS_DENSE},
+        {"goal": f"final test acc >= the dense run's - {100 * GOAL_FINAL_DROP:g} point", "measured": drop,
+         "met": None if drop is None else drop >= -GOAL_FINAL_DROP - 1e-9},
+    ]
 
 
 @rank_zero_only
@@ -269,11 +326,49 @@ def format_summary(s: dict[str, Any], run_dir: Path) -> str:
         + (f", one forward of a batch of {s['example_batch']}" if s["example_batch"] else ""),
         f"accuracy:   before pruning {pct(s['accuracy']['before_prune'])} (val) | right after pruning "
         f"{pct(s['accuracy']['after_prune'])} (val) | end {pct(s['accuracy']['test_end'])} (test)",
+        *_format_ticket(s),
+        *_format_goals(s),
         f"run directory: {run_dir}",
         "  " + ", ".join(s.get("files", [])),
         "=" * 72,
     ]
     return "\n".join(lines)
+
+
+def _format_ticket(s: dict[str, Any]) -> list[str]:
+    ticket = s.get("ticket") or {}
+    lines = []
+    share = ticket.get("score_share")
+    if share:
+        waited = ticket.get("waited_epochs")
+        state = "ready" if ticket.get("ready") else ("NOT ready (pruned at `max_wait`)" if ticket.get("forced")
+                                                      else "not ready")
+        lines.append(f"ticket at the prune: {state}, waited {waited} epoch(s); its pruned units held "
+                     f"{100 * share['pruned']:.1f} % of the scores (a random ticket of the same widths: "
+                     f"{100 * share['random']:.1f} %)")
+    savings = ticket.get("savings")
+    if savings:
+        time_ratio = savings.get("time_ratio")
+        lines.append(f"training so far vs a dense run's estimate: FLOPs {savings['flops_ratio']:.2f}x, wall time "
+                     + ("n/a" if time_ratio is None else f"{time_ratio:.2f}x") + f" ({savings['epochs']} epochs)")
+    if ticket.get("note"):
+        lines.append(f"note: {ticket['note']}")
+    return lines
+
+
+def _format_goals(s: dict[str, Any]) -> list[str]:
+    dense = s.get("dense_reference")
+    if not dense:
+        return []
+    lines = ["dense reference (same seed, no pruning callbacks): test acc "
+             + ("n/a" if dense["test_acc"] is None else f"{100 * dense['test_acc']:.1f}%")]
+    for goal in s.get("goals", []):
+        verdict = {True: "met", False: "NOT MET", None: "not measured"}[goal["met"]]
+        value = goal["measured"]
+        shown = "n/a" if value is None else (f"{value:.2f}x" if "x the dense" in goal["goal"] else
+                                             f"{100 * value:+.1f} points")
+        lines.append(f"goal: {goal['goal']}: {shown} -> {verdict}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ the ``ticket`` and ``end_to_end`` sections.
 Methods (each one ``fit`` of the example ``ImageClassifier`` on the settings' task, p = ``settings.prune_ratio``):
 
 - ``dense``: plain training for ``settings.epochs``.
-- ``earlybird``: ``EarlyBirdCallback`` (window, threshold, the recipe's sparsity) and a prune at the ticket, then
+- ``earlybird``: ``EarlyBirdCallback`` (window, threshold, the recipe's sparsity: the library's default where the
+  recipe sets none) and a prune once the ticket is ready (``settings.wait_for``), then
   fine-tuning to the end of the same fit (optimizer state and schedule carried over).
 - ``worm_elbow`` / ``worm_fixed`` / ``worm_greedy``: the same with ``WormCallback`` (chi 0.003, elbow 0.15) and
   that schedule.
@@ -23,8 +24,9 @@ network is the one that goes on training. A recipe with a search cap (the WORM c
 prunes the newest mask at the cap when no ticket emerged by then (counted as "forced").
 
 The first recipe of ``settings.recipes`` runs every method to the end; the others run the ticket search methods up
-to the prune only. Runs go to ``settings.workers`` processes (one torch thread each), their order rotated from seed
-to seed so that every method meets the same background load.
+to the prune only, and a dense run (the dense accuracy at the epoch of the prune). Runs go to ``settings.workers``
+processes (one torch thread each), their order rotated from seed to seed so that every method meets the same
+background load.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class Recipe:
     lr: float
     momentum: float
     weight_decay: float
-    sparsity: float
+    sparsity: float | None  # None: the library's default (``sparsity="auto"``)
     schedule: str
     search_cap: int | None
     source: str
@@ -76,20 +78,30 @@ class Recipe:
     def describe(self, label: bool = True) -> str:
         cap = f", search capped at {self.search_cap} epochs" if self.search_cap else ""
         prefix = f"{self.label}: " if label else ""
+        sparsity = "the default sparsity ('auto')" if self.sparsity is None else f"sparsity {self.sparsity:g}"
         return (f"{prefix}SGD lr {self.lr:g}, momentum {self.momentum:g}, weight decay {self.weight_decay:g}, "
-                f"sparsity {self.sparsity:g}, {self.schedule} schedule{cap}")
+                f"{sparsity}, {self.schedule} schedule{cap}")
 
 
 RECIPES: dict[str, Recipe] = {
     "earlybird": Recipe(
-        "earlybird", "the Early-Bird code's recipe", lr=0.1, momentum=0.9, weight_decay=1e-4, sparsity=1e-4,
-        schedule="step", search_cap=None,
-        source="Early-Bird code (You et al.): 160 epochs on CIFAR, lr / 10 at 50 % and 75 %"),
+        "earlybird", "the Early-Bird code's recipe at the defaults", lr=0.1, momentum=0.9, weight_decay=1e-4,
+        sparsity=None, schedule="step", search_cap=None,
+        source="Early-Bird code (You et al.): 160 epochs on CIFAR, lr / 10 at 50 % and 75 %; its sparsity 1e-4 is "
+               "left to the library's default"),
     "worm": Recipe(
-        "worm", "the WORM code's recipe", lr=0.01, momentum=0.9, weight_decay=0.0, sparsity=0.0,
+        "worm", "the WORM code's recipe at the defaults", lr=0.01, momentum=0.9, weight_decay=0.0, sparsity=None,
         schedule="step", search_cap=20,
-        source="WORM code: lr 0.01, no weight decay, no sparsity term, at most 20 search epochs (its schedule is "
-               "not the point here: the step schedule of the Early-Bird recipe is kept)"),
+        source="WORM code: lr 0.01, no weight decay, at most 20 search epochs (its schedule is not the point here: "
+               "the step schedule of the Early-Bird recipe is kept); the sparsity is the library's default"),
+    "earlybird_paper": Recipe(
+        "earlybird_paper", "the Early-Bird code's recipe", lr=0.1, momentum=0.9, weight_decay=1e-4, sparsity=1e-4,
+        schedule="step", search_cap=None,
+        source="Early-Bird code (You et al.), its sparsity 1e-4 included"),
+    "worm_paper": Recipe(
+        "worm_paper", "the WORM code's recipe", lr=0.01, momentum=0.9, weight_decay=0.0, sparsity=0.0,
+        schedule="step", search_cap=20,
+        source="WORM code: lr 0.01, no weight decay, no sparsity term, at most 20 search epochs"),
     "earlybird_sparse": Recipe(
         "earlybird_sparse", "the Early-Bird code's recipe with sparsity 1e-2", lr=0.1, momentum=0.9,
         weight_decay=1e-4, sparsity=1e-2, schedule="step", search_cap=None,
@@ -241,14 +253,15 @@ def fit_one(settings: Settings, recipe_name: str, method: str, seed: int, to_the
     data = datamodule(settings, seed=0)  # one split for every seed: the seeds vary the training only
     out: dict[str, Any] = dict(recipe=recipe_name, method=method, seed=seed, ticket_epoch=None, pruned_epoch=None,
                                forced=False, acc_before=None, acc_after=None, acc_after_recal=None,
-                               channels_after=None, mean_distances=[])
+                               channels_after=None, mean_distances=[], ready=None, waited_epochs=None,
+                               score_share=None)
     epochs = settings.epochs
     if method == "dense":
         meter = Meter()
         trainer(settings, [meter], max_epochs=epochs).fit(module, datamodule=data)
         out.update(curve=meter.epochs, final_from=0)
     elif method == "slimming":
-        sparsity = recipe.sparsity or SLIMMING_SPARSITY
+        sparsity = SLIMMING_SPARSITY if recipe.sparsity is None else recipe.sparsity or SLIMMING_SPARSITY
         tracker = EarlyBirdCallback(prune_ratio=settings.prune_ratio, window=settings.window,
                                     threshold=settings.threshold, sparsity=sparsity, verbose=False)
         meter = Meter()  # the tracker only applies the L1 term here; its ticket is not used
@@ -273,13 +286,15 @@ def fit_one(settings: Settings, recipe_name: str, method: str, seed: int, to_the
     else:
         schedule = SEARCH_METHODS[method]
         tracker = EarlyBirdCallback(prune_ratio=settings.prune_ratio, window=settings.window,
-                                    threshold=settings.threshold, sparsity=recipe.sparsity, verbose=False)
+                                    threshold=settings.threshold, verbose=False,
+                                    **({} if recipe.sparsity is None else {"sparsity": recipe.sparsity}))
         callbacks: list[Any] = [tracker]
         if schedule is not None:
             callbacks.append(WormCallback(tracker, schedule=schedule, chi=CHI, elbow=ELBOW))
         probe = PruneProbe(tracker, data.val_dataloader, search_cap=recipe.search_cap,
                            ticket="random" if method == "random" else "early_bird", seed=10_000 + seed,
-                           recalibrate_batches=settings.recalibrate_batches, finetune_epochs=None if to_the_end else 0)
+                           recalibrate_batches=settings.recalibrate_batches, finetune_epochs=None if to_the_end else 0,
+                           wait_for=settings.wait_for)
         meter = Meter(probe)
         trainer(settings, [*callbacks, probe, meter], max_epochs=epochs).fit(module, datamodule=data)
         curve = list(meter.epochs)
@@ -293,7 +308,9 @@ def fit_one(settings: Settings, recipe_name: str, method: str, seed: int, to_the
             curve = curve[: i + 1] + [pruned_point] + curve[i + 1:]
             final_from = i + 1
             out.update(acc_before=probe.acc_before, acc_after=probe.acc_after,
-                       acc_after_recal=probe.acc_after_recal, channels_after=dict(probe.report["units_after"]))
+                       acc_after_recal=probe.acc_after_recal, channels_after=dict(probe.report["units_after"]),
+                       ready=probe.report["ready"], waited_epochs=probe.report["waited_epochs"],
+                       score_share=probe.report["score_share"]["ratio"])
         out.update(curve=curve, final_from=final_from)
     if to_the_end:
         out.update(_final_numbers(module, data))
@@ -320,7 +337,9 @@ def tasks(settings: Settings) -> list[tuple[Settings, str, str, int, bool]]:
     out = []
     for k, seed in enumerate(settings.seeds):
         for r, recipe in enumerate(settings.recipes):
-            methods = list(METHODS) if r == 0 else list(SEARCH_METHODS)
+            # the later recipes run the search methods up to the prune, and a dense run (the accuracy at the prune)
+            methods = [m for m in (METHODS if r == 0 else ("dense", *SEARCH_METHODS))
+                       if settings.methods is None or m in settings.methods]
             shift = k % len(methods)
             for method in methods[shift:] + methods[:shift]:
                 out.append((settings, recipe, method, seed, r == 0))

@@ -76,6 +76,11 @@ class Settings:
         workers: training runs in parallel, one process each with one torch thread (1: in this process).
         transformer_parts: the parts of the transformer benchmark to rerun (``mask_cost``, ``bert_heads``,
             ``vit``); the others are kept from the earlier results.
+        wait_for: ``PruneAndFinetune(wait_for=...)`` of the claims runs (the default ``"ready"``; ``tiny`` prunes at
+            the ticket, its runs are too short to wait).
+        methods: the methods of the claims runs (``None``: all of :data:`examples.benchmarks.claims.METHODS`).
+        second_task: the task on which the ``defaults`` section runs the claims again (``""``: none).
+        second_task_methods: the methods run there.
     """
 
     mode: str = "quick"
@@ -110,6 +115,10 @@ class Settings:
     threshold: float = 0.1
     workers: int = 1
     transformer_parts: tuple[str, ...] = ("mask_cost", "bert_heads", "vit")
+    methods: tuple[str, ...] | None = None
+    wait_for: str = "ready"
+    second_task: str = "mnist1d_large"
+    second_task_methods: tuple[str, ...] = ("dense", "earlybird", "worm_elbow", "random")
 
     @property
     def device(self) -> torch.device:
@@ -142,13 +151,13 @@ class Settings:
         base = cls(mode=mode, accelerator=accelerator, threads=threads, workers=workers)
         if mode == "quick":
             s = replace(base, seeds=(0, 1, 2), epochs=24, slimming_finetune_epochs=12)
-            s = replace(s, recipes=("earlybird", "worm", "earlybird_sparse"))
+            s = replace(s, recipes=("earlybird", "worm"))
         elif mode == "full":
             s = replace(
                 base, overhead_batch=32, overhead_steps=20, overhead_rounds=5,
                 mask_repeats=51, latency_masked_ratios=(0.3, 0.5, 0.7), latency_rounds=7, latency_repeats=3,
                 seeds=(0, 1, 2, 3, 4), epochs=40, slimming_finetune_epochs=20,
-                recipes=("earlybird", "worm", "earlybird_sparse"),
+                recipes=("earlybird", "worm"),
             )
         elif mode == "tiny":
             s = replace(
@@ -156,14 +165,14 @@ class Settings:
                 mask_channels=4096, mask_repeats=3, latency_models=("vgg11_bn", "mobilenet_v2"),
                 latency_ratios=(0.5,), latency_batches=(1,), latency_rounds=1, width=0.5,
                 seeds=(0,), epochs=3, limit_train_batches=2, window=2, threshold=0.5, slimming_finetune_epochs=1,
-                recalibrate_batches=2, workers=1,
+                recalibrate_batches=2, workers=1, wait_for="ticket",
             )
         else:
             raise ValueError(f"Unknown mode {mode!r}; choose 'tiny', 'quick' or 'full'.")
         if accelerator == "gpu":  # the GPU rows: CIFAR-shaped batch 128, bf16-mixed
             s = replace(s, overhead_batch=128)
         data = overrides.get("data", s.data)
-        if data != "mnist1d" and "arch" not in overrides:  # the image tasks: the narrow CIFAR VGG-11
+        if not data.startswith("mnist1d") and "arch" not in overrides:  # the image tasks: the narrow CIFAR VGG-11
             s = replace(s, arch="vgg11_bn", width=0.0625 if mode == "tiny" else 0.25, batch=64)
         return replace(s, **overrides)
 
@@ -337,6 +346,8 @@ def synthetic_loader(n: int, batch_size: int, seed: int = 0) -> DataLoader:
 
 
 DATA_NAMES = {"mnist1d": "MNIST-1D (generated offline by `mnist1d`, 3000 train / 1000 val / 1000 test)",
+              "mnist1d_large": "MNIST-1D large (generated offline by `mnist1d`, 4x the signals, noisier and more "
+                               "sheared, pinned by a checksum: 15000 train / 1000 val / 4000 test)",
               "digits": "scikit-learn digits (offline, 32x32)", "cifar10": "CIFAR-10"}
 
 
@@ -351,6 +362,8 @@ def datamodule(settings: Settings, seed: int) -> pl.LightningDataModule:
 
     if settings.data == "mnist1d":
         return MNIST1DDataModule(batch_size=settings.batch, seed=seed)
+    if settings.data == "mnist1d_large":
+        return MNIST1DDataModule(batch_size=settings.batch, seed=seed, variant="large")
     if settings.data == "cifar10":
         return CIFAR10DataModule(data_dir=settings.data_dir, batch_size=settings.batch, num_workers=2, seed=seed)
     if settings.data == "digits":

@@ -5,6 +5,7 @@ Usage::
     python examples/benchmarks/run.py --quick          # < 10 minutes on a 2-core CPU
     python -m examples.benchmarks.run                  # the full mode
     python -m examples.benchmarks.run --only ticket,end_to_end   # the claims on MNIST-1D, 5 seeds, both recipes
+    python -m examples.benchmarks.run --only ticket,end_to_end,defaults --methods dense,earlybird,worm_elbow,random
     python -m examples.benchmarks.run --accelerator gpu    # the GPU rows (batch 128, bf16-mixed)
     python -m examples.benchmarks.run --only latency,overhead --threads 1
     python -m examples.benchmarks.run --only transformer --transformer-parts mask_cost   # keeps the other rows
@@ -54,13 +55,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="'auto': the GPU when torch sees one")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: the usable cores; use 1 on a busy machine)")
-    parser.add_argument("--data", choices=("mnist1d", "digits", "cifar10"), default="mnist1d",
+    parser.add_argument("--data", choices=("mnist1d", "mnist1d_large", "digits", "cifar10"), default="mnist1d",
                         help="task of the ticket and end-to-end benchmarks (mnist1d: generated offline by the "
                              "`mnist1d` package; cifar10 needs --data-dir)")
     parser.add_argument("--recipes", default=None,
                         help="comma-separated training recipes of the ticket and end-to-end benchmarks (the first runs "
                              "every method to the end, the others the search up to the prune): earlybird, worm, "
-                             "earlybird_sparse (default: all three)")
+                             "earlybird_paper, worm_paper, earlybird_sparse (default: earlybird, worm: the two published "
+                             "recipes' learning rates and weight decays at the library's defaults)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated methods of the ticket and end-to-end benchmarks (default: all: dense, "
+                             "earlybird, worm_elbow, worm_fixed, worm_greedy, random, slimming)")
     parser.add_argument("--workers", type=int, default=None,
                         help="training runs in parallel for the ticket and end-to-end benchmarks, one process and "
                              "one torch thread each (default: the usable cores, at most 4; 1 on a GPU)")
@@ -92,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Section]:
         overrides["threads"] = args.threads
     if args.recipes is not None:
         overrides["recipes"] = tuple(r.strip() for r in args.recipes.split(",") if r.strip())
+    if args.methods is not None:
+        overrides["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if args.transformer_parts is not None:
         overrides["transformer_parts"] = tuple(p.strip() for p in args.transformer_parts.split(",") if p.strip())
     if args.workers is not None:
@@ -248,11 +255,14 @@ median and spread, because the machine this was measured on is shared and its ba
 | `latency` | inference latency, params and FLOPs of dense vs pruned VGG-11-BN, ResNet-18 and MobileNetV2 at p = 0.3 / 0.5 / 0.7: lightning-worm (with and without `round_to=8`), torch-pruning's global BN-scale pruner, `ln_structured` masks (Lightning's `ModelPruning` style) and global `l1_unstructured` masks (the WORM code) |
 | `ticket` | on MNIST-1D, over seeds and under two named recipes (the Early-Bird code's and the WORM code's): ticket epoch of Early-Bird vs WORM (elbow, fixed, greedy); validation accuracy just before the prune, right after the surgery and after BatchNorm re-calibration, and epochs to recover the dense accuracy, against a random ticket of the same shape and network slimming; the goals of issue 9, met or not |
 | `end_to_end` | on MNIST-1D: wall time and training FLOPs to reach the dense run's final accuracy minus 0.5 point, for each method against dense training; final test accuracy, params, FLOPs and latency of what is delivered |
+| `defaults` | the goals of issue 15 at the library's defaults (`sparsity="auto"`, the prune waiting for a ready ticket), on MNIST-1D and on MNIST-1D large, under both recipes' learning rates and weight decays: accuracy right after the prune against dense at that epoch and against a random ticket, final accuracy, training FLOPs, WORM against Early-Bird |
 | `transformer` | the tracker's own per-epoch call on the 14 M-unit element-wise query/key mask of a random BERT-base (each stage, wall and CPU time, with the run's threads and with one, and the load average) and the memory per stored mask (`mask_cost`); params, FLOPs and latency after removing half of BERT-base's heads (`bert_heads`); the example ViT's head search, Early-Bird vs WORM (`vit`) |
 
 Rerun: `python examples/benchmarks/run.py --quick` (under 10 minutes on a 2-core CPU) or
 `python -m examples.benchmarks.run` (full mode: 5 seeds, more rounds). `python -m examples.benchmarks.run --only
-ticket,end_to_end` runs the claims alone (MNIST-1D, 5 seeds, both recipes: under 15 minutes on 2 cores).
+ticket,end_to_end` runs the claims alone (MNIST-1D, 5 seeds, both recipes: under 15 minutes on 2 cores);
+`--only ticket,end_to_end,defaults --methods dense,earlybird,worm_elbow,random` is the run of issue 15 below (both
+tasks, 24 minutes on 2 cores).
 `--accelerator gpu` runs the GPU rows (batch 128, bf16-mixed); `--data digits` or `--data cifar10 --data-dir DIR`
 trains the ticket and end-to-end benchmarks on the digits or CIFAR-10 (VGG-11-BN at width 0.25) instead of
 MNIST-1D; `--threads N` sets `torch.set_num_threads`, `--workers N` the training runs in parallel;
