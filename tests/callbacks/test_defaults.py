@@ -191,3 +191,26 @@ def test_resume_at_the_defaults_continues_the_same_fit(tmp_path):
     assert (eb2.relative.strength, eb2.decay.decay) == (eb.relative.strength, eb.decay.decay)
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.filterwarnings("ignore:The attention modules")  # SizedMix has no head count: it splits by size
+@pytest.mark.parametrize("case", ["layernorm", "heads", "packed_heads"])
+def test_auto_sparsity_and_readiness_work_for_the_transformer_sources(case):
+    """LayerNorm scales and the query/key weights of separate projections get the term; a packed ``in_proj``
+    (``nn.MultiheadAttention``) gets none, and its readiness is still measured."""
+    from lightning_worm import AttentionHeadSource
+    from tests.models import EncoderClassifier, MixClassifier, tiny_vit
+
+    torch.manual_seed(0)
+    module, source = {
+        "layernorm": lambda: (tiny_vit(), "layernorm"),
+        "heads": lambda: (MixClassifier(), AttentionHeadSource(modules=["mix"], projections=("wq", "wk", "wv"),
+                                                               num_heads=2)),
+        "packed_heads": lambda: (EncoderClassifier(), "attention_heads"),
+    }[case]()
+    eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source=source, verbose=False)
+    trainer(callbacks=[eb], max_epochs=3).fit(module, tiny_loader())
+    params = [p for h in eb.source.tracked(module).values() for p in eb.source.sparsity_parameters(h)]
+    assert bool(params) == eb.relative.measured == (case != "packed_heads")
+    assert (eb.strength > 0) == (case != "packed_heads")
+    assert eb.ticket is not None and eb.ticket_share is not None and 0.0 <= eb.ticket_share.ratio
