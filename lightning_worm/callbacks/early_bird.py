@@ -53,21 +53,24 @@ class EarlyBirdCallback(Callback):
     :attr:`ready` when its pruned units' ratio on the epoch's scores is at most ``ready_ratio``;
     :class:`~lightning_worm.PruneAndFinetune` waits for that by default.
 
-    The default ``sparsity="auto"`` is network slimming's L1 term at a strength set from the run: the first
-    epoch measures the mean loss-gradient magnitude of the scored parameters (for BatchNorm, the gammas) and
-    trains without the term; from the second epoch on the strength is 2.5 times that
-    (:class:`~lightning_worm.core.regularization.RelativeSparsity`). What decides which units the term drives to
-    zero is its strength against the loss gradient, so one setting carries over between data sets, batch sizes
-    and models where a fixed number does not (the Early-Bird code's ``1e-4`` was set for CIFAR-10 at 391 steps
-    per epoch). A number keeps its exact meaning: network slimming's per-step L1 strength (``1e-4`` is the
-    Early-Bird code's; ``0`` turns the term off). The measurements behind the default are in
-    ``docs/benchmarks.md`` and the settings guide.
+    The default ``sparsity="auto"`` is network slimming's L1 term at a strength set from the run
+    (:class:`~lightning_worm.core.regularization.RelativeSparsity`): the first epoch measures the mean
+    loss-gradient magnitude of the scored parameters (for BatchNorm, the gammas) and trains without the term; the
+    strength then starts at that magnitude and is steered, once per epoch, by how fast the newest mask's score
+    share falls (1 to 4 times the measure), and lowered while polarised masks still move. What decides which units
+    the term drives to zero is its strength against the loss gradient, so one setting carries over between data
+    sets, batch sizes and models where a fixed number does not (the Early-Bird code's ``1e-4`` was set for CIFAR-10
+    at 391 steps per epoch). While a ticket waits to be ready, its pruned units' parameters (those WORM truncates)
+    are also pulled to zero by a growing L2 term (:class:`~lightning_worm.core.regularization.GrowingDecay`). A
+    number keeps its exact meaning: network slimming's per-step L1 strength (``1e-4`` is the Early-Bird code's;
+    ``0`` turns the term off), and no pull. The measurements behind the default are in ``docs/benchmarks.md``
+    and the settings guide.
 
     Logs ``earlybird/mask_distance``, ``earlybird/mean_distance`` (both once the window is full),
     ``earlybird/ticket_found``, ``earlybird/share_ratio`` (the newest mask's), ``earlybird/ready`` (once the
     ticket has emerged: its ratio is at most ``ready_ratio``) and, with ``sparsity="auto"``,
-    ``earlybird/sparsity`` (the per-step strength measured) (``earlybird_<ratio>/...`` when several trackers
-    run).
+    ``earlybird/sparsity`` (the per-step strength) and ``earlybird/pull_decay`` (the pull's decay per epoch
+    while the ticket waits, 0 once ready) (``earlybird_<ratio>/...`` when several trackers run).
 
     Args:
         prune_ratio: fraction of units the mask prunes, in (0, 1).
