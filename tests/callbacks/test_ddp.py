@@ -43,7 +43,7 @@ def test_two_process_ddp_prunes_mid_fit_and_trains_on(tmp_path):
     pruned = r0["pruned_epoch"]
     assert r0["ticket_epoch"] == r1["ticket_epoch"] == 1  # window 2, threshold 1
     assert pruned == r1["pruned_epoch"] and 1 <= pruned <= 1 + 3  # waited for readiness, at most max_wait
-    assert r0["push"] == r1["push"]  # the growing push decided once, on rank zero's scores
+    assert r0["push"] == r1["push"]  # the strength and the pull, decided alike on every rank
     assert r0["steps_at_epoch_end"] == r1["steps_at_epoch_end"]
     steps = r0["steps_at_epoch_end"]
     assert len(steps) == pruned + 3 and steps[-1] - steps[pruned] == 2 * steps[0] > 0  # two epochs after the prune

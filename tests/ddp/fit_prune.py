@@ -39,7 +39,7 @@ def main(out: Path) -> None:
     torch.save({
         "pruned_epoch": prune.pruned_epoch,
         "ticket_epoch": eb.ticket_epoch,
-        "push": eb.growing.push,
+        "push": (eb.relative.strength, eb.decay.decay),
         "steps_at_epoch_end": steps.steps_at_epoch_end,
         "report": prune.report,
         "state": {k: v.clone() for k, v in model.state_dict().items()},

@@ -255,6 +255,7 @@ def test_the_default_config_works_in_a_plain_lightning_cli(tmp_path):
     early_bird_args = config["trainer"]["callbacks"][0]["init_args"]
     early_bird_args.update(window=2, threshold=1.0)  # a ticket at the end of epoch 1, pruned there
     config["trainer"]["callbacks"][1]["init_args"].update(elbow=1.0)
+    config["trainer"]["callbacks"][2]["init_args"] = {"wait_for": "ticket"}  # too short a fit to wait for readiness
     path = tmp_path / "user.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = LightningCLI(ImageClassifier, subclass_mode_data=True, run=False, args=["--config", str(path)],
