@@ -261,7 +261,7 @@ def fit_one(settings: Settings, recipe_name: str, method: str, seed: int, to_the
         trainer(settings, [meter], max_epochs=epochs).fit(module, datamodule=data)
         out.update(curve=meter.epochs, final_from=0)
     elif method == "slimming":
-        sparsity = SLIMMING_SPARSITY if recipe.sparsity is None else recipe.sparsity or SLIMMING_SPARSITY
+        sparsity = recipe.sparsity or SLIMMING_SPARSITY  # none or 0 in the recipe: network slimming's own
         tracker = EarlyBirdCallback(prune_ratio=settings.prune_ratio, window=settings.window,
                                     threshold=settings.threshold, sparsity=sparsity, verbose=False)
         meter = Meter()  # the tracker only applies the L1 term here; its ticket is not used

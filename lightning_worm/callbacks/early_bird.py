@@ -31,7 +31,8 @@ from lightning_worm.core.validation import check_bool, check_choice, check_int, 
 __all__ = ["AUTO", "FIRST_MASKS", "EarlyBirdCallback"]
 
 FIRST_MASKS = ("epoch_end", "train_start")
-#: ``sparsity=AUTO``: the strength sets itself from the run (:class:`~lightning_worm.core.GrowingSparsity`).
+#: ``sparsity=AUTO``: the strength sets itself from the run
+#: (:class:`~lightning_worm.core.regularization.RelativeSparsity`).
 AUTO: Literal["auto"] = "auto"
 
 
@@ -138,7 +139,6 @@ class EarlyBirdCallback(Callback):
                 raise ValueError(f"`sparsity` must be a number >= 0 or {AUTO!r}, got {sparsity!r}.")
             sparsity = check_number("sparsity", sparsity, low=0.0)
         self.sparsity: float | str = sparsity
-        #: With ``sparsity="auto"``: the push per epoch and its growth.
         #: With ``sparsity="auto"``: the strength, measured from the loss gradients of the first epoch.
         self.relative: RelativeSparsity | None = RelativeSparsity() if sparsity == AUTO else None
         #: With ``sparsity="auto"``: how hard a ticket that is not ready yet has its pruned units pulled to zero.

@@ -114,24 +114,19 @@ class RelativeSparsity:
                 self.measure = float(self._sum) / self._count
                 self.strength = self.ratio * self.measure
                 self.measured = True
+                self._last = share_ratio
             self._sum, self._count = None, 0
-        elif share_ratio is not None and share_ratio == share_ratio:
-            last, self._last = self._last, share_ratio
-            if share_ratio <= self.hold_below:
-                if not settled:
-                    self.strength = max(self.strength / self.step, self.min_ratio * self.measure)
-                return
-            if last is None:
-                return
+            return
+        if share_ratio is None or share_ratio != share_ratio:  # no mask this epoch (NaN: not measured)
+            return
+        last, self._last = self._last, share_ratio
+        if share_ratio <= self.hold_below:  # polarised: weaker only while the masks still move
+            if not settled:
+                self.strength = max(self.strength / self.step, self.min_ratio * self.measure)
+        elif last is not None:
             fall = last - share_ratio
-            if fall < self.rate / 2:
-                self.strength *= self.step
-            elif fall > 2 * self.rate:
-                self.strength /= self.step
-            low, high = self.ratio * self.measure, self.max_ratio * self.measure
-            self.strength = min(max(self.strength, low), high)
-        if self.measured and self._last is None and share_ratio is not None:
-            self._last = share_ratio
+            factor = self.step if fall < self.rate / 2 else 1 / self.step if fall > 2 * self.rate else 1.0
+            self.strength = min(max(self.strength * factor, self.ratio * self.measure), self.max_ratio * self.measure)
 
     def state_dict(self) -> dict[str, Any]:
         return {"strength": self.strength, "measured": self.measured, "measure": self.measure, "last": self._last}
