@@ -129,8 +129,9 @@ class MainJobCLI(LightningCLI):
         model.load_state_dict(self._initial_state)
         accuracy = AccuracyAroundPrune()
         given = config["trainer"]
-        keys = ("accelerator", "devices", "precision", "max_epochs", "accumulate_grad_batches", "gradient_clip_val",
-                "limit_train_batches", "limit_val_batches", "limit_test_batches", "deterministic")
+        keys = ("accelerator", "devices", "precision", "max_epochs", "max_steps", "fast_dev_run",
+                "accumulate_grad_batches", "gradient_clip_val", "limit_train_batches", "limit_val_batches",
+                "limit_test_batches", "deterministic")
         trainer = pl.Trainer(**{k: given[k] for k in keys if given.get(k) is not None}, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              callbacks=[accuracy])
