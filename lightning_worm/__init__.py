@@ -17,7 +17,14 @@ from lightning_worm.core import (
     unit_mask,
 )
 from lightning_worm.core.sources import AttentionHeadSource, AttentionQKSource, LayerNormSource
-from lightning_worm.core.surgery import PruningPlan, PruningReport, apply_plan, prune_channels
+from lightning_worm.core.surgery import (
+    PruningError,
+    PruningPlan,
+    PruningReport,
+    apply_plan,
+    check_prunable,
+    prune_channels,
+)
 
 __version__ = "0.1.0"
 
@@ -33,6 +40,7 @@ __all__ = [
     "Mask",
     "NonFiniteScoreError",
     "PruneAndFinetune",
+    "PruningError",
     "PruningPlan",
     "PruningReport",
     "ScoreSource",
@@ -41,6 +49,7 @@ __all__ = [
     "add_sparsity_gradient",
     "apply_plan",
     "channel_mask",
+    "check_prunable",
     "load_pruned",
     "mask_distance",
     "prune_channels",

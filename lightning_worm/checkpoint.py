@@ -11,11 +11,8 @@ from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
-from torch.nn.parameter import UninitializedParameter
 
 from lightning_worm._deprecation import warn_renamed
-from lightning_worm.core.measure import eval_mode
 from lightning_worm.core.surgery import PruningPlan, apply_plan
 
 __all__ = [
@@ -170,15 +167,6 @@ def load_pruned(
     module = module_class(**hparams)
     plan = find_pruning_plan(checkpoint)
     if plan is not None:
-        _materialise_lazy(module, plan)
-        apply_plan(module, plan)
+        apply_plan(module, plan)  # which materialises lazy layers first
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
-
-
-def _materialise_lazy(module: nn.Module, plan: PruningPlan) -> None:
-    """Run one forward on zeros shaped like the plan's inputs if ``module`` still has lazy parameters."""
-    if not any(isinstance(p, UninitializedParameter) for p in module.parameters()):
-        return
-    with eval_mode(module), torch.no_grad():
-        module(*plan.zero_inputs(module))

@@ -373,3 +373,49 @@ class EncoderClassifier(MixClassifier):
     def __init__(self, lr: float = 3e-3):
         super().__init__(lr)
         self.mix = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1)
+
+
+class ChannelCentred(TinyNet):
+    """TinyNet that subtracts the mean over channels after its second block: a zeroed channel still counts in the
+    mean, a removed one does not, so removing its channels changes the function (the self-check refuses it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features[:6](x)
+        x = x - x.mean(dim=1, keepdim=True)
+        return self.classifier(self.features[6:](x))
+
+
+class Checked(nn.Module):
+    """Asserts the channel count it was built for: the pruned model's forward fails inside it."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[1] == self.channels, f"expected {self.channels} channels, got {x.shape[1]}"
+        return x
+
+
+class CheckedNet(TinyNet):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.features.insert(3, Checked(self.hparams.width))
+
+
+class InterleavedAttention(PackedAttention):
+    """GPT-NeoX's layout: ``qkv`` packs ``[q_h | k_h | v_h]`` per head, not ``[q | k | v]``."""
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        qkv = self.qkv(x).view(b, n, -1, 3 * self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split(self.head_dim, dim=-1)
+        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class InterleavedNet(PackedNet):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = InterleavedAttention()

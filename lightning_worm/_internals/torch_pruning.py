@@ -29,14 +29,19 @@ __all__ = [
     "INTERNALS",
     "HookedDependencyGraph",
     "SplitGradFn",
+    "concat_sizes",
+    "failing_node",
     "group_of",
     "hybrid_index",
     "input_shape",
+    "is_partial_channel_slice",
     "is_split_op",
     "patch_active",
     "recorded_parameter_slices",
     "retype_node",
+    "saved_dim",
     "saved_sizes",
+    "set_concat_sizes",
     "set_index_mapping",
     "set_node_grad_fn",
     "set_node_outputs",
@@ -56,12 +61,17 @@ INTERNALS: dict[str, str] = {
     "Node fields": "Node.type / .module / .module_class / .grad_fn / .outputs are rewritten in place for a "
     "channel shuffle and a chunk",
     "Dependency.index_mapping": "replaced by the shuffle's index permutation",
+    "ops._SliceOp": "its start / end / step: a partial channel slice keeps its channels",
     "ops._SplitOp": "the graph's stand-in for split/chunk, and its split_sizes",
+    "ops._ConcatOp.concat_sizes": "set from autograd: Torch-Pruning's own inference does not know slices",
     "_helpers._HybridIndex": "the (index, root index) pairs an index mapping returns",
     "Group._DG": "one group made of several roots' groups, pruned in one step",
     "BasePruningFunc._prune_parameter_and_grad": "wrapped, only inside recorded_parameter_slices(), to record "
     "which original indices every parameter keeps",
+    "traceback local node": "the graph node whose index mapping failed, read from the local `node` of the "
+    "index-mapping update that failed (update_index_mapping's loop over the nodes), to name it in the error",
     "autograd saved attributes": "ChannelShuffleBackward0._saved_groups, TransposeBackward0._saved_dim0/1, "
+    "Split/Cat/SliceBackward0._saved_dim (negative dims read as 2**64 - n), "
     "ViewBackward0._saved_self_sym_sizes, grad_fn._input_metadata (torch internals the shuffle detection reads; "
     "Torch-Pruning 1.6 reads _saved_self_sizes, which torch renamed)",
 }
@@ -99,6 +109,18 @@ class HookedDependencyGraph(tp.DependencyGraph):
         self.after_build(module2node)
 
 
+def failing_node(error: BaseException) -> Any:
+    """The innermost graph ``Node`` held as ``node`` by a frame of ``error``'s traceback, or ``None``."""
+    found = None
+    tb = error.__traceback__
+    while tb is not None:
+        node = tb.tb_frame.f_locals.get("node")
+        if isinstance(node, tp.dependency.Node):
+            found = node
+        tb = tb.tb_next
+    return found
+
+
 def retype_node(module2node: dict, node: Any, module: nn.Module, optype: Any) -> None:
     """Make ``node`` stand for ``module`` (of ``optype``) instead of the op it was traced as."""
     del module2node[node.module]
@@ -129,6 +151,20 @@ def hybrid_index(idx: int, root_idx: int | None) -> Any:
 
 def is_split_op(module: nn.Module) -> bool:
     return isinstance(module, ops._SplitOp)
+
+
+def is_partial_channel_slice(module: nn.Module, grad_fn: Any) -> bool:
+    """Whether a Torch-Pruning slice op takes part of the channels (``x[:, :c]``), whose bounds the model's code
+    fixes: removing a channel before or inside them would shift what it takes (ReXNet's partial residuals)."""
+    if not isinstance(module, ops._SliceOp):
+        return False
+    sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    if not sizes:
+        return True  # unknown: take it as a channel slice
+    dim = saved_dim(grad_fn)
+    if dim != (2 if len(sizes) == 3 else 1):
+        return False
+    return not (module.start == 0 and module.step == 1 and module.end >= sizes[dim])
 
 
 def split_sizes(module: nn.Module) -> list[int] | None:
@@ -170,17 +206,69 @@ def transposed_dims(grad_fn: Any) -> tuple[int, int]:
 
 
 class SplitGradFn:
-    """A split's ``grad_fn`` as Torch-Pruning 1.6 reads it.
+    """A split's, concatenation's or slice's ``grad_fn`` as Torch-Pruning 1.6 reads it.
 
     It looks for ``_saved_self_sizes``, which torch now calls ``_saved_self_sym_sizes``; without it, it
     guesses the split sizes from the consumers, wrongly when a chunk goes into a concatenation.
+
+    A negative ``dim`` is saved by torch as an unsigned 64-bit integer (``-1`` reads ``2**64 - 1``);
+    Torch-Pruning only skips ops whose ``_saved_dim`` is a small number other than 1, so it took a split,
+    concatenation or slice along the last dimension (attention heads) for one along the channels, mapped
+    channel indices through it and grew index lists without bound. ``_saved_dim`` reads non-negative here.
+
+    Compares and hashes as the wrapped ``grad_fn``, which the graph matches against the model's outputs.
     """
 
     def __init__(self, grad_fn: Any) -> None:
         self.grad_fn = grad_fn
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_saved_dim":
+            return saved_dim(self.grad_fn)
         return getattr(self.grad_fn, "_saved_self_sym_sizes" if name == "_saved_self_sizes" else name)
+
+    def __eq__(self, other: object) -> bool:
+        return self.grad_fn == (other.grad_fn if isinstance(other, SplitGradFn) else other)
+
+    def __hash__(self) -> int:
+        return hash(self.grad_fn)
+
+
+def saved_dim(grad_fn: Any) -> int:
+    """The non-negative dimension a split/cat/slice ``grad_fn`` saved (torch saves ``-1`` as ``2**64 - 1``)."""
+    dim = int(grad_fn._saved_dim)
+    if dim >= 1 << 63:
+        dim -= 1 << 64
+    if dim < 0:
+        sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
+        ndim = len(sizes) if sizes is not None else len(grad_fn._input_metadata[0].shape)
+        dim += ndim
+    return dim
+
+
+def concat_sizes(grad_fn: Any) -> list[int] | None:
+    """The sizes of a concatenation's inputs along its dimension, from autograd (``None`` if unknown).
+
+    Torch-Pruning 1.6 infers them by walking the graph, which does not know slices: on ReXNet's
+    ``torch.cat([x[:, :c] + shortcut, x[:, c:]], 1)`` it summed whole feature maps (``[627, 185]`` for
+    ``[174, 11]``), so that its index mappings sent channels out of range and the grouping never ended.
+    """
+    sizes = []
+    for fn, nr in grad_fn.next_functions:
+        metadata = getattr(fn, "_input_metadata", None)
+        if fn is None or metadata is None or nr >= len(metadata):
+            return None
+        shape = metadata[nr].shape
+        dim = saved_dim(grad_fn)
+        if dim >= len(shape):
+            return None
+        sizes.append(int(shape[dim]))
+    return sizes
+
+
+def set_concat_sizes(module: nn.Module, sizes: list[int]) -> None:
+    """Give a Torch-Pruning ``_ConcatOp`` its input sizes (it then no longer infers them)."""
+    setattr(module, "concat_sizes", sizes)  # noqa: B010 (a Torch-Pruning attribute nn.Module does not declare)
 
 
 # ------------------------------------------------------------------------- the parameter-slice recorder

@@ -41,12 +41,14 @@ from lightning_worm.core.readiness import score_share
 from lightning_worm.core.serialization import strict_json
 from lightning_worm.core.surgery import (
     DEFAULT_COUPLING,
+    PruningError,
     PruningPlan,
     Surgery,
     apply_plan,
     carry_optimizer_state,
     check_prunable,
     surgery_for,
+    trial_prune,
 )
 from lightning_worm.core.surgery.decision import COUPLINGS
 from lightning_worm.core.validation import check_bool, check_callable, check_choice, check_int
@@ -129,6 +131,10 @@ class PruneAndFinetune(Callback):
             ``"ticket"`` prunes as soon as it emerges (the Early-Bird paper's rule).
         max_wait: epochs after the ticket's epoch that ``wait_for="ready"`` waits at most; the ticket is then
             pruned as it is, with a warning.
+        trial: at the end of the first training batch, try the surgery on the model with a random ticket at
+            the tracker's ratio, checked and then undone (:func:`~lightning_worm.core.surgery.trial_prune`), so
+            that a model the surgery cannot prune is refused before the search, not at the ticket; it warns when
+            the surgery would remove far less than the ratio. It costs about one prune (seconds on small models).
 
     Raises:
         ValueError: on a bad argument (named in the message); at setup if the tracker is not in the
@@ -138,6 +144,9 @@ class PruneAndFinetune(Callback):
             surgery does not take it (heads take no ``coupling``), the strategy shards
             parameters (FSDP, DeepSpeed) or launches by spawn/fork (``ddp_spawn``, ``ddp_fork``,
             ``ddp_notebook``: use ``ddp``).
+        PruningError: at the end of the first training batch, if the trial prune fails (the message names the
+            module and the reason; the model is unchanged); at the ticket, if the prune fails (the model is then
+            unchanged too: every prune is all or nothing).
 
     Example::
 
@@ -169,6 +178,7 @@ class PruneAndFinetune(Callback):
         report_dir: str | None = None,
         wait_for: Literal["ready", "ticket"] = "ready",
         max_wait: int = 10,
+        trial: bool = True,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -189,6 +199,7 @@ class PruneAndFinetune(Callback):
         self.seed = check_int("seed", seed)
         self.wait_for = check_choice("wait_for", wait_for, WAIT_FOR)
         self.max_wait = check_int("max_wait", max_wait, minimum=0)
+        self.trial = check_bool("trial", trial)
         if report_dir is not None and (not isinstance(report_dir, (str, os.PathLike)) or not os.fspath(report_dir)):
             raise ValueError(f"`report_dir` must be None or a folder path, got {report_dir!r}.")
         self._spec = early_bird
@@ -206,6 +217,9 @@ class PruneAndFinetune(Callback):
         self._surgery: Surgery | None = None
         #: Whether the prune came at ``max_wait`` with a ticket that was not ready.
         self.forced = False
+        #: What the trial prune on the first training batch found (``removed_fraction``, ratios), or ``None``.
+        self.trial_report: dict[str, Any] | None = None
+        self._tried = False
         self._meter = _SavingsMeter()
 
     @property
@@ -343,6 +357,31 @@ class PruneAndFinetune(Callback):
         inputs = first_input(batch)
         if inputs is not None and inputs.ndim:
             self._meter.add_examples(inputs.shape[0] * trainer.world_size, dense=self.plan is None)
+        if not self._tried and self.trial and self._surgery is not None and self.plan is None:
+            self._tried = True  # after the first batch: lazy layers are materialised
+            self._try_surgery(trainer, pl_module)
+
+    def _try_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse, before the search, a model the surgery cannot prune (every rank, rank zero's outcome)."""
+        tracker = self.early_bird
+        assert tracker is not None and self._surgery is not None, "found at setup"
+        error: Exception | None = None
+        try:
+            report = trial_prune(pl_module, self._example(pl_module), source=tracker.source,
+                                 ratio=tracker.prune_ratio, min_units=tracker.min_units, **self._options(self._surgery))
+        except (PruningError, ValueError) as failure:
+            error = failure
+        message = decide_on_rank_zero(trainer, None if error is None else str(error))
+        if message is not None:
+            raise PruningError(
+                f"PruneAndFinetune refuses to start the search: the model's units cannot be removed. {message}"
+            ) from error
+        self.trial_report = {"prune_ratio": tracker.prune_ratio, "removed_fraction": report.removed_fraction,
+                             "params_ratio": report.params_after / report.params_before,
+                             "flops_ratio": _ratio(report.flops_after, report.flops_before)}
+        if report.shortfall is not None:
+            rank_zero_warn(f"PruneAndFinetune (a trial prune at ratio {tracker.prune_ratio:g}, undone): "
+                           f"{report.shortfall}")
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -373,15 +412,22 @@ class PruneAndFinetune(Callback):
         tracker = self.early_bird
         return self.plan is None and tracker is not None and tracker.searching and tracker.ticket is not None
 
-    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Prune the ticket now, rebuild the optimizers, end the search. Every rank calls it together."""
+    def _example(self, pl_module: pl.LightningModule) -> tuple[Tensor, ...]:
         example = self.example_input if self.example_input is not None else pl_module.example_input_array
         if example is None:
             raise ValueError(
                 "PruneAndFinetune has no example input to trace the model: pass `example_input=` (or set "
                 "`example_input_array` on your LightningModule)."
             )
-        example = inputs_to(cast(ExampleInput, example), pl_module.device)  # which refuses a dict
+        return inputs_to(cast(ExampleInput, example), pl_module.device)  # which refuses a dict
+
+    def _options(self, surgery: Surgery) -> dict[str, Any]:
+        options = {"coupling": self.coupling, "round_to": self.round_to}
+        return {key: value for key, value in options.items() if key in surgery.options}
+
+    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Prune the ticket now, rebuild the optimizers, end the search. Every rank calls it together."""
+        example = self._example(pl_module)
         tracker = self.early_bird
         assert tracker is not None, "prune() follows the tracker found at setup"
         ticket = tracker.ticket
@@ -396,10 +442,10 @@ class PruneAndFinetune(Callback):
         old_schedulers = [cfg.scheduler for cfg in trainer.strategy.lr_scheduler_configs]
         params_before = dict(pl_module.named_parameters())
         surgery = self._surgery or surgery_for(tracker.source)
-        options = {"coupling": self.coupling, "round_to": self.round_to,
-                   "measure_latency": self.measure_latency and trainer.is_global_zero}
-        report = surgery.prune(pl_module, ticket, example, source=tracker.source,
-                               **{key: value for key, value in options.items() if key in surgery.options})
+        options = self._options(surgery)
+        if "measure_latency" in surgery.options:
+            options["measure_latency"] = self.measure_latency and trainer.is_global_zero
+        report = surgery.prune(pl_module, ticket, example, source=tracker.source, **options)
         self._record_plan(pl_module, report.plan)
         self.pruned_epoch = trainer.current_epoch
         if self.reinit:
@@ -439,6 +485,7 @@ class PruneAndFinetune(Callback):
                        "recalibration_batches": used, "wait_for": self.wait_for,
                        "waited_epochs": None if ticket_epoch is None else self.pruned_epoch - ticket_epoch,
                        "ready": tracker.ready, "forced": self.forced, "score_share": share.to_dict(),
+                       "trial": self.trial_report,
                        **report.to_dict()}
         if self.evaluate is not None:
             self.report["evaluation"] = evaluation
@@ -497,7 +544,9 @@ class PruneAndFinetune(Callback):
         r = self.report
         assert r is not None, "published right after prune() has made the report"
         log_shared(pl_module, "pruning/params_ratio", r["params_after"] / r["params_before"])
-        log_shared(pl_module, "pruning/flops_ratio", r["flops_after"] / r["flops_before"])
+        flops_ratio = _ratio(r["flops_after"], r["flops_before"])
+        if flops_ratio is not None:
+            log_shared(pl_module, "pruning/flops_ratio", flops_ratio)
         # log_dir is a collective under DDP: every rank asks. Without a logger it would be the working directory.
         directory = self.report_dir or (trainer.log_dir if trainer.loggers else None)
         if not trainer.is_global_zero:
@@ -517,7 +566,8 @@ class PruneAndFinetune(Callback):
         rank_zero_info(
             f"PruneAndFinetune: pruned the ticket of epoch {r['ticket_epoch']} at the end of epoch {r['epoch']}: "
             f"parameters {r['params_before']:,} -> {r['params_after']:,}, "
-            f"FLOPs {r['flops_before']:,} -> {r['flops_after']:,}{latency}{waited}; its pruned units held "
+            f"FLOPs {_count(r['flops_before'])} -> {_count(r['flops_after'])}{latency}{waited}, "
+            f"{100 * r['removed_fraction']:.1f} % of the units removed; its pruned units held "
             f"{100 * share['pruned']:.1f} % of the scores (a random ticket of the same widths: "
             f"{100 * share['random']:.1f} %).{note} Report: {where}"
         )
@@ -547,6 +597,7 @@ class PruneAndFinetune(Callback):
             "stop_epoch": self.stop_epoch,
             "finetune_epochs": self.finetune_epochs,
             "forced": self.forced,
+            "trial": self.trial_report,
             "savings_meter": self._meter.state_dict(),
         }
 
@@ -556,6 +607,8 @@ class PruneAndFinetune(Callback):
         self.pruned_epoch = state_dict["pruned_epoch"]
         self.stop_epoch = state_dict["stop_epoch"]
         self.forced = state_dict.get("forced", False)
+        self.trial_report = state_dict.get("trial")
+        self._tried = self.trial_report is not None
         if state_dict.get("savings_meter") is not None:
             self._meter.load_state_dict(state_dict["savings_meter"])
         if state_dict["plan"] is not None and self.plan is None:
@@ -572,6 +625,14 @@ class PruneAndFinetune(Callback):
                     + (f"after epoch {stop - 1}." if stop is not None else "at `max_epochs`.")
                 )
             self.stop_epoch = stop
+
+
+def _ratio(after: float | None, before: float | None) -> float | None:
+    return None if after is None or not before else after / before
+
+
+def _count(value: int | None) -> str:
+    return "not measured" if value is None else f"{value:,}"
 
 
 def _save_module_plan(hooks: Any, checkpoint: dict[str, Any]) -> None:

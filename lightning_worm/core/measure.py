@@ -11,9 +11,10 @@ One place for the numbers that the pruning report and the benchmarks print, so t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -23,6 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_worm.core.inputs import ExampleInput, as_inputs, batch_size
 from lightning_worm.core.validation import check_int, check_number
 
+T = TypeVar("T")
+
 __all__ = [
     "count_flops",
     "count_params",
@@ -31,8 +34,25 @@ __all__ = [
     "forward_flops",
     "latency",
     "latency_ms",
+    "or_none",
     "timer",
+    "warn_unmeasured",
 ]
+
+def warn_unmeasured(what: str, error: BaseException) -> None:
+    """Warn that a measurement failed and is left empty (measuring never stops the work it describes)."""
+    warnings.warn(f"{what} failed ({type(error).__name__}: {error}); the number is left empty (None) and the work "
+                  "goes on.", UserWarning, stacklevel=3)
+
+
+def or_none(what: str, measurement: Callable[[], T]) -> T | None:
+    """``measurement()``, or ``None`` with a warning (:func:`warn_unmeasured`) if it raises."""
+    try:
+        return measurement()
+    except Exception as error:  # noqa: BLE001 - a measurement may fail anywhere; it must never block pruning
+        warn_unmeasured(what, error)
+        return None
+
 
 def count_params(model: nn.Module, nonzero: bool = False) -> int:
     """Parameters of ``model``; with ``nonzero``, only their non-zero entries (what a mask leaves)."""

@@ -169,6 +169,72 @@ def _check_autograd() -> str | None:
     z = nn.functional.channel_shuffle(x, 2)
     if z.grad_fn.name() != "ChannelShuffleBackward0" or tpi.shuffle_groups(z.grad_fn) != 2:
         return "F.channel_shuffle's grad_fn is no longer a ChannelShuffleBackward0 saving _saved_groups"
+    last = torch.cat([x, x], -1).grad_fn
+    if tpi.saved_dim(last) != 3 or tpi.SplitGradFn(last)._saved_dim != 3:
+        return "CatBackward0._saved_dim of dim=-1 no longer reads as 3 through saved_dim"
+    if tpi.saved_dim(x[..., :1].grad_fn) != 3 or tpi.saved_dim(x.chunk(2, dim=-1)[0].grad_fn) != 3:
+        return "Slice/SplitBackward0._saved_dim of dim=-1 no longer reads as 3 through saved_dim"
+    return None
+
+
+class _PartialResidual(nn.Module):
+    """ReXNet's partial residual: ``cat([x[:, :c] + shortcut, x[:, c:]], 1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 6, 1), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = self.stem(x)
+        x = self.conv(shortcut)
+        return self.head(torch.cat([x[:, 0:4] + shortcut, x[:, 4:]], dim=1))
+
+
+def _partial_residual_graph() -> tp.DependencyGraph:
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(_PartialResidual().eval(), torch.zeros(1, 3, 2, 2))
+
+
+def _check_concat_sizes() -> str | None:
+    graph = _partial_residual_graph()
+    cats = [(m, n) for m, n in graph.module2node.items() if isinstance(m, ops._ConcatOp)]
+    if len(cats) != 1 or not hasattr(cats[0][0], "concat_sizes"):
+        return "a torch.cat is no longer traced as an ops._ConcatOp with concat_sizes"
+    module, node = cats[0]
+    sizes = tpi.concat_sizes(node.grad_fn)
+    if sizes != [4, 2]:
+        return f"the sizes of cat([4 channels, 2 channels]) read from autograd are {sizes!r}"
+    tpi.set_concat_sizes(module, sizes)
+    graph.get_pruning_group(graph.model.conv, function.prune_conv_out_channels, [5])  # updates the index mappings
+    if getattr(module, "offsets", None) != [0, 4, 6]:
+        offsets = getattr(module, "offsets", None)
+        return f"Torch-Pruning no longer takes the concat_sizes it is given (offsets {offsets})"
+    return None
+
+
+def _check_slice_op() -> str | None:
+    graph = _partial_residual_graph()
+    slices = sorted((m.start, m.end, m.step) for m in graph.module2node if isinstance(m, ops._SliceOp))
+    if slices != [(0, 4, 1), (4, 9223372036854775807, 1)]:
+        return f"x[:, 0:4] and x[:, 4:] are no longer traced as ops._SliceOp with start/end/step ({slices})"
+    partial = [tpi.is_partial_channel_slice(m, n.grad_fn) for m, n in graph.module2node.items()
+               if isinstance(m, ops._SliceOp)]
+    if partial != [True, True]:
+        return "a partial channel slice is not recognised"
+    return None
+
+
+def _check_traceback_node() -> str | None:
+    from torch_pruning.dependency import index_mapping
+
+    if "node" not in index_mapping.update_index_mapping.__code__.co_varnames:
+        return "update_index_mapping no longer holds the node it updates as `node`"
+    node = tp.dependency.Node(nn.Identity(), None, "probe")
+    try:
+        (lambda node: 1 + None)(node)  # type: ignore[operator]
+    except TypeError as error:
+        if tpi.failing_node(error) is not node:
+            return "a traceback frame's local `node` is no longer found"
     return None
 
 
@@ -178,10 +244,13 @@ _CHECKS: dict[str, Callable[[], str | None]] = {
     "DependencyGraph.REGISTERED_PRUNERS": _check_registered_pruners,
     "Node fields": _check_node_fields,
     "Dependency.index_mapping": _check_index_mapping,
+    "ops._SliceOp": _check_slice_op,
     "ops._SplitOp": _check_split_op,
+    "ops._ConcatOp.concat_sizes": _check_concat_sizes,
     "_helpers._HybridIndex": _check_hybrid_index,
     "Group._DG": _check_group_dg,
     "BasePruningFunc._prune_parameter_and_grad": _check_prune_parameter_and_grad,
+    "traceback local node": _check_traceback_node,
     "autograd saved attributes": _check_autograd,
 }
 

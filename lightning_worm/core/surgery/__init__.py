@@ -3,8 +3,15 @@
 One module per concern, every unit removal here (sources only find and score units):
 
 * ``lightning_worm.core.surgery.registry``: :class:`Surgery` and the registry that maps a score source to its
-  surgery, its replay and its pre-flight check (:func:`register_surgery`, :func:`surgery_for`,
-  :func:`check_prunable`), and :func:`apply_plan`, which replays a plan by its kind;
+  surgery, its replay and its check (:func:`register_surgery`, :func:`surgery_for`), and :func:`apply_plan`,
+  which replays a plan by its kind;
+* ``lightning_worm.core.surgery.transaction``: every prune is all or nothing (:func:`all_or_nothing`,
+  :class:`ModelState`); a failed one raises :class:`PruningError` and leaves the model exactly as it was;
+* ``lightning_worm.core.surgery.equivalence``: every prune checks itself: the pruned model must compute what the
+  dense model does with the removed units zeroed (:func:`check_equivalence`);
+* ``lightning_worm.core.surgery.preflight``: refused before the search: :func:`check_prunable` and
+  :func:`trial_prune` (the surgery tried with a random ticket on the example input, then undone);
+* ``lightning_worm.core.surgery.progress``: a long step says which step it is in (``logging``, every 30 s);
 * ``lightning_worm.core.surgery.plan``: :class:`PruningPlan` (JSON-serialisable, replayable on a freshly
   built model so that a pruned ``state_dict`` loads) and :class:`PruningReport`;
 * ``lightning_worm.core.surgery.channels``: :func:`prune_channels`, the channels of BatchNorm-scored layers,
@@ -23,10 +30,13 @@ LayerNorm channels are registered as refused: they are a transformer's residual 
 from lightning_worm.core.sources import LayerNormSource
 from lightning_worm.core.surgery.channels import DEFAULT_COUPLING, prune_channels
 from lightning_worm.core.surgery.elementwise import prune_elementwise
+from lightning_worm.core.surgery.equivalence import check_equivalence
 from lightning_worm.core.surgery.heads import prune_heads
 from lightning_worm.core.surgery.optimizer_state import carry_optimizer_state
 from lightning_worm.core.surgery.plan import KeptIndices, PruningPlan, PruningReport
-from lightning_worm.core.surgery.registry import Surgery, apply_plan, check_prunable, register_surgery, surgery_for
+from lightning_worm.core.surgery.preflight import check_prunable, trial_prune
+from lightning_worm.core.surgery.registry import Surgery, apply_plan, register_surgery, surgery_for
+from lightning_worm.core.surgery.transaction import ModelState, PruningError, all_or_nothing
 
 LAYERNORM_REFUSAL = (
     "LayerNormSource cannot remove channels physically: a transformer's LayerNorm channels are its residual "
@@ -40,15 +50,20 @@ __all__ = [
     "DEFAULT_COUPLING",
     "LAYERNORM_REFUSAL",
     "KeptIndices",
+    "ModelState",
+    "PruningError",
     "PruningPlan",
     "PruningReport",
     "Surgery",
+    "all_or_nothing",
     "apply_plan",
     "carry_optimizer_state",
+    "check_equivalence",
     "check_prunable",
     "prune_channels",
     "prune_elementwise",
     "prune_heads",
     "register_surgery",
     "surgery_for",
+    "trial_prune",
 ]

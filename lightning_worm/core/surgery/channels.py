@@ -5,6 +5,7 @@ Registered as the surgery of :class:`~lightning_worm.BatchNormSource` and its su
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Final
@@ -17,9 +18,12 @@ from lightning_worm.core import measure
 from lightning_worm.core.inputs import ExampleInput, as_inputs, batch_size
 from lightning_worm.core.sources import BatchNormSource, resolve_source
 from lightning_worm.core.surgery import decision as decisions
+from lightning_worm.core.surgery.equivalence import check_equivalence, run_pruned_forward
 from lightning_worm.core.surgery.graph import build_graph, cut, output_shapes, plan_cuts, removed_out_channels
 from lightning_worm.core.surgery.plan import KeptIndices, PruningPlan, PruningReport
-from lightning_worm.core.surgery.registry import Surgery, register_surgery
+from lightning_worm.core.surgery.progress import Progress
+from lightning_worm.core.surgery.registry import Surgery, refuse_unprunable, register_surgery
+from lightning_worm.core.surgery.transaction import PruningError, all_or_nothing
 from lightning_worm.core.validation import check_choice, check_int
 
 __all__ = ["DEFAULT_COUPLING", "prune_channels"]
@@ -28,6 +32,13 @@ Ticket = Mapping[str, Tensor]
 
 #: The coupling rule :func:`prune_channels` uses unless told otherwise (see ``examples/benchmarks/coupling.py``).
 DEFAULT_COUPLING: Final = "vote"
+
+CHANNELS_HINT = (
+    "A layer there mixes channels in a way the dependency graph does not see (a normalisation over channels, a "
+    "convolution across the channel dimension, a standardised weight), so its channels cannot be removed one by "
+    "one: this model cannot be pruned by its BatchNorm channels. Prune with `check=False` only if you accept a "
+    "different function."
+)
 
 
 def prune_channels(
@@ -40,8 +51,9 @@ def prune_channels(
     round_to: int | None = None,
     measure_latency: bool = True,
     latency_repeats: int = 10,
+    check: bool = True,
 ) -> PruningReport:
-    r"""Physically remove the channels a ticket prunes, in place.
+    r"""Physically remove the channels a ticket prunes, in place; all or nothing, checked.
 
     Each pruned channel of a scored module (a BatchNorm layer by default) goes together with the
     conv/linear output channel feeding it and the input channels of every consumer; the model keeps its
@@ -68,14 +80,21 @@ def prune_channels(
         round_to: keep a multiple of this many channels in every pruned group (``None``: the ticket as is).
         measure_latency: time the model before and after (``torch.utils.benchmark``, eval mode, no grad).
         latency_repeats: timed forward passes (median), after 3 warm-up passes.
+        check: check the result (on by default; it costs two forwards of ``example_input``): the pruned model
+            must compute what the dense model does with the removed channels zeroed (rows, columns and biases;
+            see ``lightning_worm.core.surgery.equivalence``), else the prune is undone and refused.
 
     Returns:
-        A :class:`PruningReport`; ``report.plan`` replays the surgery with :func:`apply_plan`.
+        A :class:`PruningReport`; ``report.plan`` replays the surgery with :func:`apply_plan`. A FLOP count or a
+        latency that cannot be measured is a warning and ``None`` in the report, never a failed prune.
 
     Raises:
-        ValueError: on a bad ticket (empty, unknown modules, not 1-D bool, wrong length), source or options.
-        RuntimeError: if the model's forward fails on ``example_input`` (chained), or if the pruned model
-            no longer runs or changed its output shapes (the model is then left modified).
+        ValueError: on a bad ticket (empty, unknown modules, not 1-D bool, wrong length), source or options,
+            or a source whose channels cannot be removed (``"layernorm"``: a refusal names why).
+        RuntimeError: if the model's forward fails on ``example_input`` before pruning (chained).
+        PruningError: if the surgery fails (torch-pruning's exception chained), the pruned model no longer runs
+            or changed its output shapes, or it fails the check. The prune is all or nothing: the model (its
+            parameters, the very same objects, sizes and hooks) is then exactly as before.
 
     Example::
 
@@ -91,35 +110,59 @@ def prune_channels(
     check_int("round_to", round_to, minimum=1, allow_none=True)
     check_int("latency_repeats", latency_repeats, minimum=1)
     source = resolve_source(source)
+    refuse_unprunable(source)
     modules = _scored_modules(model, source)
     masks = _validated_ticket(ticket, modules, source)
     inputs = as_inputs(example_input)
     names = {module: name for name, module in model.named_modules()}
     batch = batch_size(inputs)
-    latency = (lambda: measure.latency_ms(model, inputs, repeats=latency_repeats)) if measure_latency else None
+
+    def latency() -> float | None:
+        if not measure_latency:
+            return None
+        return measure.or_none("Timing the model", lambda: measure.latency_ms(model, inputs, repeats=latency_repeats))
 
     with _restored_modes(model):
         model.eval()
         flops_before, shapes_before = _counted_forward(model, inputs, when="before pruning")
-        latency_before = latency() if latency else None
+        latency_before = latency()
         params_before = measure.count_params(model)
         units_before = {name: _count(source, m) for name, m in modules.items()}
         scores = {name: source.scores(m).detach().float().cpu().tolist() for name, m in modules.items()}
 
-        graph, output_nodes = build_graph(model, inputs)
-        decision = decisions.decide(graph, output_nodes, masks, modules, scores, coupling, round_to)
-        cuts = plan_cuts(graph, decision.pruned_roots)
-        with _recorded_parameter_slices(model) as kept_indices:
-            cut(graph, cuts)
-
-        model.eval()
-        flops_after, shapes_after = _counted_forward(model, inputs, when="after pruning")
-        if shapes_after != shapes_before:
-            raise RuntimeError(
-                f"Pruning changed the model's output shapes from {shapes_before} to {shapes_after}; "
-                "the dependency graph missed a constraint of this model. Please report it."
-            )
-        latency_after = latency() if latency else None
+        with all_or_nothing(model, "Pruning the channels") as dense, Progress("prune_channels") as progress, \
+                warnings.catch_warnings():
+            # torch-pruning's own channel inference, whose sizes the graph replaces (thousands on DPN)
+            warnings.filterwarnings("ignore", message="Maximum recursive depth reached!")
+            progress.step("tracing the dependency graph")
+            graph, output_nodes = build_graph(model, inputs)
+            progress.step("grouping the coupled channels")
+            decision = decisions.decide(graph, output_nodes, masks, modules, scores, coupling, round_to)
+            progress.step("cutting the channels")
+            cuts = plan_cuts(graph, decision.pruned_roots)
+            with _recorded_parameter_slices(model) as kept_indices:
+                cut(graph, cuts)
+            progress.step("checking the pruned model")
+            model.eval()
+            removed = {name: units_before[name] - _count(source, m) for name, m in modules.items()}
+            if removed != decision.removed_by_entry:
+                wrong = [f"{n} lost {removed[n]} of {units_before[n]} channels, not {decision.removed_by_entry[n]}"
+                         for n in removed if removed[n] != decision.removed_by_entry[n]]
+                raise PruningError(
+                    f"The cut removed other channels than decided: {_few(wrong, 3)}. The dependency graph couples "
+                    "these layers in a way the decision did not see (a channel slice or a concatenation it cannot "
+                    "follow), so the pruned model would not be the ticket's. The model was left unchanged; this "
+                    "model cannot be pruned by its BatchNorm channels."
+                )
+            flops_after, shapes_after = _counted_forward(model, inputs, when="after pruning")
+            if shapes_after != shapes_before:
+                raise PruningError(
+                    f"Pruning changed the model's output shapes from {shapes_before} to {shapes_after}; the "
+                    "dependency graph missed a constraint of this model. The model was left unchanged."
+                )
+            if check:
+                check_equivalence(model, dense, kept_indices, inputs, what="channels", hint=CHANNELS_HINT)
+        latency_after = latency()
 
     plan = PruningPlan.of(
         model, inputs,
@@ -128,12 +171,12 @@ def prune_channels(
         units_after={name: _count(source, m) for name, m in modules.items()},
         source=getattr(source, "key", "batchnorm"),
     )
-    return PruningReport(
+    report = PruningReport(
         plan=plan,
         params_before=params_before,
         params_after=measure.count_params(model),
-        flops_before=round(flops_before / batch),
-        flops_after=round(flops_after / batch),
+        flops_before=None if flops_before is None else round(flops_before / batch),
+        flops_after=None if flops_after is None else round(flops_after / batch),
         flops_batch=batch,
         units_before=dict(plan.units_before),
         units_after=dict(plan.units_after),
@@ -142,8 +185,13 @@ def prune_channels(
         kept_indices=kept_indices,
         coupling=coupling,
         round_to=round_to,
+        kept_by_entry=decision.kept_by_entry,
         **decision.counts,
     )
+    if report.shortfall is not None:
+        report.note = f"Removed less than asked: {report.shortfall}"
+        warnings.warn(f"prune_channels: {report.shortfall}", UserWarning, stacklevel=2)
+    return report
 
 
 def _replay_channels(model: nn.Module, plan: PruningPlan, *, source: Any = None) -> KeptIndices:
@@ -245,19 +293,31 @@ def _validated_ticket(ticket: Ticket, modules: Mapping[str, nn.Module], source: 
     return masks
 
 
-def _counted_forward(model: nn.Module, inputs: tuple[Tensor, ...], when: str) -> tuple[int, list[tuple[int, ...]]]:
-    """FLOPs of one forward of the batch and the output shapes; a failing forward becomes a chained RuntimeError."""
+def _counted_forward(
+    model: nn.Module, inputs: tuple[Tensor, ...], when: str
+) -> tuple[int | None, list[tuple[int, ...]]]:
+    """FLOPs of one forward of the batch (``None`` with a warning if counting fails) and the output shapes.
+
+    A failing forward raises: before pruning a ``RuntimeError`` (the input does not fit), after it a
+    :class:`PruningError` (the surgery broke the model); both chain the original.
+    """
     try:
         flops, out = measure.count_flops(model, inputs)
-    except Exception as error:
-        hint = (
-            "Pass an input the model accepts as model(*example_input), on the model's device."
-            if when == "before pruning"
-            else "The dependency graph missed a constraint of this model; please report it."
-        )
-        raise RuntimeError(
-            f"The model's forward failed on example_input {when} ({type(error).__name__}: {error}). {hint}"
-        ) from error
+    except Exception as count_error:  # noqa: BLE001 - the counter fails on some ops; the forward may not
+        if when == "before pruning":
+            try:
+                with torch.no_grad():
+                    out = model(*inputs)
+            except Exception as error:
+                raise RuntimeError(
+                    f"The model's forward failed on example_input before pruning ({type(error).__name__}: "
+                    f"{error}). Pass an input the model accepts as model(*example_input), on the model's device."
+                ) from error
+        else:
+            out = run_pruned_forward(model, inputs, "The dependency graph missed a constraint of this model: "
+                                     "its channels cannot be removed by this surgery.")
+        measure.warn_unmeasured(f"Counting the FLOPs {when}", count_error)
+        flops = None
     return flops, output_shapes(out)
 
 

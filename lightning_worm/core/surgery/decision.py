@@ -17,7 +17,8 @@ a module type beyond what the dependency graph needs.
   mean over those layers of the count the ticket prunes.
 * ``coupling="all"``: a unit goes when the ticket prunes every one of its scored channels.
 * Never pruned: groups with no scored module, groups reaching the model's outputs (the classifier's
-  outputs, a returned feature map), units whose chunk or group positions are not all prunable.
+  outputs, a returned feature map), units whose chunk or group positions are not all prunable, channels
+  through a partial channel slice (``x[:, :c]``, whose bounds the model's code fixes).
 * No layer is ever emptied: the unit with the highest mean score is kept back. A unit that holds every
   channel of some layer (through chained chunks and shuffles, a whole ShuffleNet stage's pass-through
   channels are one unit) is not prunable at all.
@@ -87,6 +88,10 @@ class _Counts(TypedDict):
 class Decision:
     pruned_roots: list[tuple[nn.Module, list[int]]]
     counts: _Counts
+    #: Per scored module, the ticket-pruned channels it kept, by reason (the report's ``kept_by_entry``).
+    kept_by_entry: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Per scored module, the channels the decision removes.
+    removed_by_entry: dict[str, int] = field(default_factory=dict)
 
 
 _ChannelUnits = dict[tuple[Node, bool], dict[int, _Unit]]
@@ -122,9 +127,13 @@ def _coupled_units(
             has_scored |= id(node.module) in scored
             reaches_output |= is_out and node in output_nodes
             channels = owner[(node, is_out)]
+            # The model's code fixes a slice's bounds: channels through a partial one are never pruned.
+            sliced = tpi.is_partial_channel_slice(node.module, node.grad_fn)
             for idx, root in zip(item.idxs, item.root_idxs, strict=True):
                 if root is None:
                     continue
+                if sliced:
+                    frozen.add(offsets[g] + root)
                 if idx in channels:
                     union.union(channels[idx], offsets[g] + root)
                 else:
@@ -165,16 +174,16 @@ def _score_units(
     masks: Mapping[str, Tensor],
     modules: Mapping[str, nn.Module],
     scores: Mapping[str, list[float]],
-) -> int:
-    """Attach scored channels, scores and ticket counts to the units; return the ticket-pruned
-    channels that belong to no unit."""
-    unowned = 0
+) -> dict[str, int]:
+    """Attach scored channels, scores and ticket counts to the units; return, per scored module, the
+    ticket-pruned channels that belong to no unit."""
+    unowned: dict[str, int] = defaultdict(int)
     for name, mask in masks.items():
         channels = channel_units.get((graph.module2node.get(modules[name]), True), {})
         for idx, (keep, score) in enumerate(zip(mask.tolist(), scores[name], strict=True)):
             unit = channels.get(idx)
             if unit is None:
-                unowned += not keep
+                unowned[name] += not keep
                 continue
             unit.scored_channels.append((name, idx))
             unit.score += score
@@ -278,6 +287,18 @@ def decide(
     for unit in pruned.values():
         for g, root in unit.roots:
             roots[g].append(root)
+    kept_by_entry: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for name, count in unowned.items():
+        if count:
+            kept_by_entry[name]["unprunable"] += count
+    chosen_ids = {id(u) for u in chosen}
+    for reason, reason_units in (("unprunable", [u for u in units if u.frozen]),
+                                 ("coupling", [u for u in candidates if id(u) not in chosen_ids]),
+                                 ("min_units", kept_for_min), ("round_to", kept_for_round)):
+        for unit in reason_units:
+            for name, idx in unit.scored_channels:
+                if not bool(masks[name][idx]):
+                    kept_by_entry[name][reason] += 1
     counts = _Counts(
         ticket_pruned=sum(int((~mask).sum()) for mask in masks.values()),
         pruned_from_ticket=sum(u.ticket_pruned for u in pruned.values()),
@@ -285,7 +306,12 @@ def decide(
         kept_for_coupling=sum(u.ticket_pruned for u in candidates) - sum(u.ticket_pruned for u in chosen),
         kept_for_min_units=sum(u.ticket_pruned for u in kept_for_min),
         kept_for_round_to=sum(u.ticket_pruned for u in kept_for_round),
-        kept_unprunable=unowned + sum(u.ticket_pruned for u in units if u.frozen),
+        kept_unprunable=sum(unowned.values()) + sum(u.ticket_pruned for u in units if u.frozen),
         prunable=sum(len(u.scored_channels) for u in candidates),
     )
-    return Decision([(groups[g][0].dep.target.module, sorted(idxs)) for g, idxs in sorted(roots.items())], counts)
+    removed_by_entry = dict.fromkeys(masks, 0)
+    for unit in pruned.values():
+        for name, _ in unit.scored_channels:
+            removed_by_entry[name] += 1
+    return Decision([(groups[g][0].dep.target.module, sorted(idxs)) for g, idxs in sorted(roots.items())], counts,
+                    {name: dict(reasons) for name, reasons in kept_by_entry.items()}, removed_by_entry)

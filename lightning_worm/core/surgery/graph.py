@@ -21,6 +21,7 @@ from torch_pruning import ops
 from torch_pruning.dependency import Node
 
 from lightning_worm._internals import torch_pruning as tpi
+from lightning_worm.core.surgery.transaction import PruningError
 
 __all__ = [
     "ChannelShuffleOp",
@@ -171,6 +172,16 @@ class SurgeryGraph(tpi.HookedDependencyGraph):
                     pairs = sorted(zip(read, node.outputs, strict=True), key=lambda pair: pair[0])
                     tpi.set_node_outputs(node, [out for _, out in pairs])
                 tpi.set_node_grad_fn(node, tpi.SplitGradFn(node.grad_fn))
+            elif node.type == ops.OPTYPE.CONCAT:
+                # Torch-Pruning's own sizes are wrong past a slice (ReXNet): its grouping then never ended.
+                sizes = tpi.concat_sizes(node.grad_fn)
+                if sizes is not None and len(sizes) == len(node.inputs):
+                    tpi.set_concat_sizes(node.module, sizes)
+                tpi.set_node_grad_fn(node, tpi.SplitGradFn(node.grad_fn))
+            elif node.type in (ops.OPTYPE.SLICE, ops.OPTYPE.RESHAPE):
+                # With the sizes it looks for, Torch-Pruning maps a reshape's channels only for a flatten of
+                # (n, c, h, w); without them it mapped the head reshapes of attention (EfficientViT) too.
+                tpi.set_node_grad_fn(node, tpi.SplitGradFn(node.grad_fn))
 
     def after_build(self, module2node: dict) -> None:
         for node in module2node.values():
@@ -193,10 +204,40 @@ def build_graph(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[SurgeryGr
         return outputs[-1]
 
     model.eval()
-    with torch.enable_grad():
-        graph = SurgeryGraph().build_dependency(model, inputs, forward_fn=forward, verbose=False)
+    try:
+        with torch.enable_grad():
+            graph = SurgeryGraph().build_dependency(model, inputs, forward_fn=forward, verbose=False)
+    except (TypeError, ValueError, AttributeError, AssertionError, IndexError, KeyError, ZeroDivisionError) as error:
+        node = tpi.failing_node(error)
+        if node is None:
+            raise
+        near = _named_ancestors(model, node) or [str(node.name)]
+        raise PruningError(
+            f"torch-pruning cannot trace the channels through the {node.type.name.lower()} fed by "
+            f"{', '.join(map(repr, near[:4]))} ({type(error).__name__}: {error}): it cannot tell how many channels "
+            "one of its inputs has. The model was left unchanged; its channels cannot be removed by this surgery."
+        ) from error
     output_fns = {t.grad_fn for t in tp.utils.flatten_as_list(outputs[-1]) if isinstance(t, Tensor)}
     return graph, {node for node in graph.module2node.values() if node.grad_fn in output_fns}
+
+
+def _named_ancestors(model: nn.Module, node: Node, limit: int = 4) -> list[str]:
+    """The model's modules nearest upstream of ``node`` (breadth first), at most ``limit``."""
+    names = {m: n for n, m in model.named_modules()}
+    found: list[str] = []
+    seen, frontier = {node}, list(node.inputs)
+    while frontier and len(found) < limit:
+        following = []
+        for n in frontier:
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.module in names:
+                found.append(names[n.module])
+            else:
+                following.extend(n.inputs)
+        frontier = following
+    return found[:limit]
 
 
 def output_shapes(out: Any) -> list[tuple[int, ...]]:

@@ -33,11 +33,20 @@ from lightning_worm.core.sources.attention import (
     AttentionBlock,
     AttentionHeadSource,
 )
+from lightning_worm.core.surgery.equivalence import check_equivalence, run_forward
 from lightning_worm.core.surgery.plan import KeptIndices, PruningPlan, PruningReport, _measured
 from lightning_worm.core.surgery.registry import Surgery, register_surgery
+from lightning_worm.core.surgery.transaction import all_or_nothing
 from lightning_worm.core.validation import check_int
 
 __all__ = ["MHA_REFUSAL", "prune_heads"]
+
+HEADS_HINT = (
+    "The block is not laid out as the head source assumes: a packed projection must hold [all queries | all keys | "
+    "all values] (GPT-NeoX's per-head [q_h | k_h | v_h] is not), and the head count must be the only thing that "
+    "knows the heads (a per-head bias, as T5's and Swin's, or slice sizes from a config, as Phi-3's, are not cut). "
+    "Name the blocks that are (`AttentionHeadSource(modules=[...])`) or track another source."
+)
 
 MHA_REFUSAL = (
     "nn.MultiheadAttention cannot lose heads: its head size is fixed to embed_dim / num_heads, so fewer heads "
@@ -181,8 +190,9 @@ def prune_heads(
     round_to: int | None = None,
     measure_latency: bool = True,
     latency_repeats: int = 10,
+    check: bool = True,
 ) -> PruningReport:
-    r"""Physically remove the heads a ticket prunes, in place.
+    r"""Physically remove the heads a ticket prunes, in place; all or nothing, checked on ``example_input``.
 
     Args:
         model: the model; block names in ``ticket`` are relative to it.
@@ -195,11 +205,18 @@ def prune_heads(
         round_to: keep a multiple of this many units per block (the next-best heads are kept back).
         measure_latency: time the model before and after (eval mode, no grad, median of ``latency_repeats``).
         latency_repeats: timed forward passes, after 3 warm-up passes.
+        check: with ``example_input``, check the result (on by default): the pruned model must compute what the
+            dense model does with the removed heads' rows of the query, key and value and columns of the output
+            projection zeroed, else the prune is undone and refused. Without an input nothing is checked.
 
     Returns:
-        A ``PruningReport`` whose counts are heads (units) and whose plan has ``kind="heads"``.
+        A ``PruningReport`` whose counts are heads (units) and whose plan has ``kind="heads"``. A FLOP count or a
+        latency that cannot be measured is a warning and ``None`` in the report.
 
     Raises:
+        PruningError: if the surgery fails, the pruned model's forward fails (a per-head bias or a slice size the
+            surgery does not cut), or the check fails (a packed projection not laid out ``[q | k | v]``). The
+            model is then exactly as before.
         NotImplementedError: if the ticket prunes heads of an ``nn.MultiheadAttention`` (the message says
             what to use instead).
         ValueError: on a bad ticket or option, or if a block's output projection cannot be found.
@@ -243,18 +260,23 @@ def prune_heads(
             f"({', '.join(HEAD_COUNT_ATTRS + HEAD_SIZE_ATTRS)}): after the cut their forward must split the rows into "
             "heads by the head size (e.g. `q.view(b, n, -1, head_size)`). If it uses a head count of its own, name "
             "that attribute `num_heads`.", UserWarning, stacklevel=2)
-    own = {n: _own_output(blocks[n]) for n in removed}
-    missing = [blocks[n] for n, out in own.items() if out is None]
-    outputs = {n: out for n, out in own.items() if out is not None}
-    if missing:
-        outputs.update(_graph_outputs(model, missing, inputs))
-
     units_before = {name: block.num_kv_heads for name, block in blocks.items()}
     heads_before = {name: [block.num_heads, block.num_kv_heads] for name, block in blocks.items()}
     kept_indices: KeptIndices = {}
     with _measured(model, inputs, measure_latency, latency_repeats) as numbers:
-        for name, units in removed.items():
-            kept_indices.update(_cut_heads(model, blocks[name], units, outputs[name]))
+        with all_or_nothing(model, "Pruning the heads", HEADS_HINT) as dense:
+            own = {n: _own_output(blocks[n]) for n in removed}
+            missing = [blocks[n] for n, out in own.items() if out is None]
+            outputs = {n: out for n, out in own.items() if out is not None}
+            if missing:
+                outputs.update(_graph_outputs(model, missing, inputs))
+            for name, units in removed.items():
+                kept_indices.update(_cut_heads(model, blocks[name], units, outputs[name]))
+            if inputs:
+                if check:
+                    check_equivalence(model, dense, kept_indices, inputs, what="heads", hint=HEADS_HINT)
+                else:
+                    run_forward(model, inputs)
 
     units_after = {name: block.num_kv_heads for name, block in blocks.items()}
     plan = PruningPlan.of(

@@ -163,6 +163,16 @@ class PruningPlan:
         return cls(**copy.deepcopy(dict(data)))
 
 
+#: How far (a fraction of the units) the removed fraction may fall below the ticket's before a report says so.
+SHORTFALL = 0.05
+
+_REASONS = {
+    "unprunable": "being unprunable (no prunable producer, reaching the output, a partly prunable group)",
+    "coupling": "coupling (shared with layers that keep them)",
+    "min_units": "keeping every layer non-empty",
+    "round_to": "round_to",
+}
+
 _REQUIRED = ("model_class", "input_specs", "pruned_groups", "units_before", "units_after")
 
 
@@ -190,7 +200,7 @@ class PruningReport:
         flops_before: FLOPs of one forward per example, before (``torch.utils.flop_counter``, a
             multiply-add counts 2, as in Lightning's model summary; the example input's FLOPs divided by
             its batch, ``flops_batch``).
-        flops_after: the same, after.
+        flops_after: the same, after. Both are ``None`` if the FLOP counter failed on this model (with a warning).
         units_before: units per scored module before.
         units_after: units per scored module after.
         ticket_pruned: units the ticket asks to prune.
@@ -212,17 +222,24 @@ class PruningReport:
         flops_batch: the batch size of the example input the FLOPs were counted on.
         prunable: units that can be removed at all (not ``kept_unprunable`` nor the unprunable
             units the ticket keeps).
+        kept_by_entry: per entry that kept some of the ticket's pruned units, how many and why
+            (``"unprunable"``, ``"coupling"``, ``"min_units"``, ``"round_to"``).
+        note: what the numbers do not say, for the reader (an element-wise ticket saves no time, a surgery that
+            removed far less than the ticket asks: :attr:`shortfall`), or ``None``.
         ticket_agreement: the fraction of the ticket's pruned units that were removed
             (``pruned_from_ticket / ticket_pruned``; 1.0 if the ticket prunes nothing).
-        removed_fraction: the fraction of the prunable units removed; compare with the ticket's ratio.
-        note: what the numbers do not say, for the reader (an element-wise ticket saves no time), or ``None``.
+        removed_fraction: the fraction of all the entries' units that the surgery removed
+            (``1 - sum(units_after) / sum(units_before)``): what was actually removed.
+        asked_fraction: the fraction of all the entries' units that the ticket prunes.
+        shortfall: when ``removed_fraction`` is more than :data:`SHORTFALL` below ``asked_fraction``, a sentence
+            naming the entries that kept the ticket's units and why; else ``None``.
     """
 
     plan: PruningPlan
     params_before: int
     params_after: int
-    flops_before: int
-    flops_after: int
+    flops_before: int | None
+    flops_after: int | None
     units_before: dict[str, int]
     units_after: dict[str, int]
     ticket_pruned: int
@@ -239,6 +256,7 @@ class PruningReport:
     round_to: int | None = None
     flops_batch: int = 1
     prunable: int = 0
+    kept_by_entry: dict[str, dict[str, int]] = field(default_factory=dict)
     note: str | None = None
 
     channels_before = RenamedAttribute("units_before")
@@ -251,7 +269,39 @@ class PruningReport:
 
     @property
     def removed_fraction(self) -> float:
-        return (self.pruned_from_ticket + self.pruned_outside_ticket) / self.prunable if self.prunable else 0.0
+        total = sum(self.units_before.values())
+        return 1.0 - sum(self.units_after.values()) / total if total else 0.0
+
+    @property
+    def asked_fraction(self) -> float:
+        total = sum(self.units_before.values())
+        return self.ticket_pruned / total if total else 0.0
+
+    @property
+    def shortfall(self) -> str | None:
+        asked, removed = self.asked_fraction, self.removed_fraction
+        if asked - removed <= SHORTFALL:
+            return None
+        reasons: dict[str, int] = {}
+        for counts in self.kept_by_entry.values():
+            for reason, n in counts.items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        worst = sorted(self.kept_by_entry.items(), key=lambda item: -sum(item[1].values()))[:5]
+        entries = "; ".join(f"{name} ({', '.join(f'{n} {r}' for r, n in counts.items())})" for name, counts in worst)
+        more = len(self.kept_by_entry) - len(worst)
+        advice = ["the saving is that of the units removed"]
+        if "coupling" in reasons and self.coupling != "mean_rank":
+            advice.append("`coupling='mean_rank'` removes as many coupled units as the ticket asks")
+        if "round_to" in reasons:
+            advice.append("a smaller `round_to` keeps fewer back")
+        if "unprunable" in reasons:
+            advice.append("no option removes the unprunable ones")
+        return (
+            f"the surgery removed {100 * removed:.1f} % of the units, the ticket asks {100 * asked:.1f} %: it kept "
+            f"{', '.join(f'{n} for {_REASONS[r]}' for r, n in reasons.items()) or 'the rest'}"
+            + (f". Most were kept in {entries}{f' (and {more} more entries)' if more > 0 else ''}" if entries else "")
+            + f". {'; '.join(advice).capitalize()}."
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (tensors become lists), with ``ticket_agreement`` and ``removed_fraction``.
@@ -267,6 +317,7 @@ class PruningReport:
         }
         out["ticket_agreement"] = self.ticket_agreement
         out["removed_fraction"] = self.removed_fraction
+        out["asked_fraction"] = self.asked_fraction
         return copy.deepcopy(out)
 
 
@@ -275,10 +326,14 @@ def _measured(model: nn.Module, inputs: tuple[Tensor, ...], latency: bool, repea
     """The report's numbers before and after the surgery inside the block: parameters always; FLOPs per example
     (0 without an input) and latency (``None`` without an input or unless asked) on ``inputs``."""
     def take(when: str) -> dict[str, Any]:
-        return {f"params_{when}": measure.count_params(model),
-                f"flops_{when}": measure.forward_flops(model, inputs) if inputs else 0,
-                f"latency_{when}_ms": (measure.latency_ms(model, inputs, repeats=repeats)
-                                       if latency and inputs else None)}
+        flops: int | None = 0
+        timed = None
+        if inputs:
+            flops = measure.or_none(f"Counting the FLOPs {when} pruning", lambda: measure.forward_flops(model, inputs))
+            if latency:
+                timed = measure.or_none(f"Timing the model {when} pruning",
+                                        lambda: measure.latency_ms(model, inputs, repeats=repeats))
+        return {f"params_{when}": measure.count_params(model), f"flops_{when}": flops, f"latency_{when}_ms": timed}
 
     numbers = take("before")
     yield numbers

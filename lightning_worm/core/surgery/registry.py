@@ -12,12 +12,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
+from torch.nn.parameter import UninitializedParameter
 
+from lightning_worm.core.measure import eval_mode
 from lightning_worm.core.sources import ScoreSource
 from lightning_worm.core.surgery.plan import KeptIndices, PruningPlan, PruningReport
 
-__all__ = ["Surgery", "apply_plan", "check_prunable", "register_surgery", "surgery_for"]
+__all__ = ["Surgery", "apply_plan", "refuse_unprunable", "register_surgery", "surgery_for"]
 
 
 @dataclass(frozen=True)
@@ -75,13 +78,28 @@ def register_surgery(source_type: type[ScoreSource], surgery: Surgery | str) -> 
     _BY_SOURCE[source_type] = surgery
 
 
+def _registered(source: ScoreSource) -> Surgery | str | None:
+    return next((_BY_SOURCE[cls] for cls in type(source).__mro__ if cls in _BY_SOURCE), None)
+
+
+def refuse_unprunable(source: ScoreSource) -> None:
+    """Raise the refusal registered for ``source``'s class, if it is one (a surgery called directly checks it).
+
+    Raises:
+        ValueError: the registered reason why the source's units cannot be removed.
+    """
+    found = _registered(source)
+    if isinstance(found, str):
+        raise ValueError(found)
+
+
 def surgery_for(source: ScoreSource) -> Surgery:
     """The surgery registered for ``source``'s class (or its nearest registered base class).
 
     Raises:
         ValueError: if none is registered, or the registration is a refusal (its reason is the message).
     """
-    found = next((_BY_SOURCE[cls] for cls in type(source).__mro__ if cls in _BY_SOURCE), None)
+    found = _registered(source)
     if isinstance(found, Surgery):
         return found
     if isinstance(found, str):
@@ -93,29 +111,13 @@ def surgery_for(source: ScoreSource) -> Surgery:
     )
 
 
-def check_prunable(model: nn.Module, source: ScoreSource) -> Surgery:
-    """Refuse, before a search, a model whose tracked units ``source``'s surgery could not remove.
-
-    ``PruneAndFinetune`` calls it when the fit starts, so that a refusal does not wait for the ticket.
-
-    Returns:
-        The source's :class:`Surgery`.
-
-    Raises:
-        ValueError: naming why the units cannot be removed and what to do instead.
-    """
-    surgery = surgery_for(source)
-    if surgery.check is not None:
-        surgery.check(model, source)
-    return surgery
-
-
 def apply_plan(model: nn.Module, plan: PruningPlan | Mapping[str, Any], **options: Any) -> KeptIndices:
     r"""Repeat a surgery on a freshly built model of the same class, in place.
 
     Afterwards ``model.load_state_dict(pruned_model.state_dict())`` works and gives identical outputs.
-    Call it before loading a pruned checkpoint into a dense model. The plan is replayed by the surgery
-    registered for its ``kind`` (``"channels"``, ``"heads"``, ``"elementwise"``, or one of your own: see
+    Call it before loading a pruned checkpoint into a dense model. Lazy layers not materialised yet are
+    materialised first by one eval-mode forward on zeros shaped like the plan's inputs. The plan is replayed by
+    the surgery registered for its ``kind`` (``"channels"``, ``"heads"``, ``"elementwise"``, or one of your own: see
     :func:`register_surgery`), which checks the whole plan against the model before changing anything.
     The model may be in another floating dtype than the pruned one (a bf16-true model's plan replays on a
     float32 module and back).
@@ -151,6 +153,9 @@ def apply_plan(model: nn.Module, plan: PruningPlan | Mapping[str, Any], **option
     unknown = sorted(set(options) - set(taken))
     if unknown:
         raise ValueError(f"The {plan.kind!r} replay takes {list(taken) or 'no options'}, not {unknown}.")
+    if any(isinstance(p, UninitializedParameter) for p in model.parameters()):
+        with eval_mode(model), torch.no_grad():  # lazy layers take their sizes from one forward
+            model(*plan.zero_inputs(model))
     return surgery.replay(model, plan, **options)
 
 

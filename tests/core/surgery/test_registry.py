@@ -28,8 +28,9 @@ from tests.models import TinyNet
 
 
 @pytest.mark.parametrize(("source", "kind", "prune", "options"), [
-    (BatchNormSource(), "channels", prune_channels, ("coupling", "round_to", "measure_latency", "latency_repeats")),
-    (AttentionHeadSource(), "heads", prune_heads, ("round_to", "measure_latency", "latency_repeats")),
+    (BatchNormSource(), "channels", prune_channels,
+         ("coupling", "round_to", "measure_latency", "latency_repeats", "check")),
+    (AttentionHeadSource(), "heads", prune_heads, ("round_to", "measure_latency", "latency_repeats", "check")),
     (AttentionQKSource(), "elementwise", prune_elementwise, ("measure_latency", "latency_repeats")),
 ])
 def test_each_library_source_has_its_surgery_and_only_its_options(source, kind, prune, options):

@@ -4,10 +4,12 @@ For every model: the forward still works with the same output shape, parameters 
 computes exactly what the dense one computes with the removed channels silenced, and ``apply_plan`` on a
 fresh instance followed by ``load_state_dict`` reproduces the outputs bit for bit. With the default
 coupling, the fraction of the prunable channels removed is within 5 % of the ticket's ratio on every family
-(``examples/benchmarks/coupling.py`` prints the table for every rule).
+(``examples/benchmarks/coupling.py`` prints the table for every rule), and the fraction of all channels removed
+is within 5 points of the ticket's, except on ShuffleNet, whose report says why.
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -37,6 +39,9 @@ MODELS = [
 ]
 
 
+SHORT = {"shufflenet_v2_x0_5"}
+
+
 def build(name: str, kwargs: dict) -> nn.Module:
     torch.manual_seed(0)
     return getattr(torchvision.models, name)(num_classes=10, **kwargs)
@@ -49,12 +54,21 @@ def check_surgery(name: str, kwargs: dict, **options) -> None:
     dense = copy.deepcopy(model)
     x = torch.randn(1, 3, 64, 64)
     ticket = global_ticket(model)
-    report = prune_channels(model, ticket, x, measure_latency=False, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if name in SHORT else "error")
+        report = prune_channels(model, ticket, x, measure_latency=False, **options)
     if not options:  # the default coupling removes what the ticket asks, within 5 % of the ratio
         requested = sum(int((~mask).sum()) for mask in ticket.values()) / sum(mask.numel() for mask in ticket.values())
         assert report.coupling == DEFAULT_COUPLING
-        assert abs(report.removed_fraction - requested) <= 0.05 * requested, (report.removed_fraction, requested)
+        of_prunable = (report.pruned_from_ticket + report.pruned_outside_ticket) / report.prunable
+        assert abs(of_prunable - requested) <= 0.05 * requested, (of_prunable, requested)
         assert report.ticket_agreement > 0.5
+        assert report.asked_fraction == pytest.approx(requested)
+        if name in SHORT:  # a whole stage's pass-through channels are one unit: unprunable
+            assert requested - report.removed_fraction > 0.05
+            assert report.shortfall is not None and "unprunable" in report.note
+        else:
+            assert abs(report.removed_fraction - requested) <= 0.05 and report.shortfall is None
 
     with torch.no_grad():
         out = model.eval()(x)
