@@ -215,6 +215,7 @@ def summarize(cli: MainJobCLI, test_acc: float | None, checkpoint: Path) -> dict
         "pruned_epoch": prune.pruned_epoch if prune else None,
         "channels_before": report.get("units_before"),
         "channels_after": report.get("units_after"),
+        "removed_fraction": [report.get("asked_fraction"), report.get("removed_fraction")],
         "params": [report.get("params_before"), report.get("params_after")],
         "flops_per_example": [report.get("flops_before"), report.get("flops_after")],
         "example_batch": report.get("flops_batch"),
@@ -320,6 +321,9 @@ def format_summary(s: dict[str, Any], run_dir: Path) -> str:
     if s["channels_after"]:
         kept = ", ".join(f"{n} {s['channels_after'][n]}/{c}" for n, c in s["channels_before"].items())
         lines.append(f"channels kept per layer: {kept}")
+        asked, removed = s.get("removed_fraction") or (None, None)
+        if removed is not None:
+            lines.append(f"units removed: {pct(removed)} (the ticket asks {pct(asked)})")
     lines += [
         f"parameters:        {ratio(s['params'])}",
         f"FLOPs per example: {ratio(s['flops_per_example'])}",
