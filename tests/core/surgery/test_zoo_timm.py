@@ -47,7 +47,7 @@ FAMILIES = [
     pytest.param("cspresnet50", "short", None, marks=slow, id="cspresnet50"),
     pytest.param("cs3darknet_s", "short", None, id="cs3darknet_s"),
     pytest.param("fastvit_t8", "short", None, marks=slow, id="fastvit_t8"),
-    pytest.param("resnest14d", "short", None, marks=slow, id="resnest14d"),
+    pytest.param("resnest14d", "exact", None, marks=slow, id="resnest14d"),  # 41 % before the split fix
     pytest.param("ecaresnet26t", "refused", r"does not compute what removing the channels should.*first differ at 'fc'",
                  id="ecaresnet26t"),
     pytest.param("skresnet18", "refused", r"forward failed after pruning in 'layer1.0.conv1.paths.0.conv' \(Conv2d\)",
