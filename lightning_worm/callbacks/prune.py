@@ -219,7 +219,6 @@ class PruneAndFinetune(Callback):
         self.forced = False
         #: What the trial prune on the first training batch found (``removed_fraction``, ratios), or ``None``.
         self.trial_report: dict[str, Any] | None = None
-        self._tried = False
         self._meter = _SavingsMeter()
 
     @property
@@ -357,9 +356,8 @@ class PruneAndFinetune(Callback):
         inputs = first_input(batch)
         if inputs is not None and inputs.ndim:
             self._meter.add_examples(inputs.shape[0] * trainer.world_size, dense=self.plan is None)
-        if not self._tried and self.trial and self._surgery is not None and self.plan is None:
-            self._tried = True  # after the first batch: lazy layers are materialised
-            self._try_surgery(trainer, pl_module)
+        if self.trial and self.trial_report is None and self._surgery is not None and self.plan is None:
+            self._try_surgery(trainer, pl_module)  # after the first batch: lazy layers are materialised
 
     def _try_surgery(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse, before the search, a model the surgery cannot prune (every rank, rank zero's outcome)."""
@@ -608,7 +606,6 @@ class PruneAndFinetune(Callback):
         self.stop_epoch = state_dict["stop_epoch"]
         self.forced = state_dict.get("forced", False)
         self.trial_report = state_dict.get("trial")
-        self._tried = self.trial_report is not None
         if state_dict.get("savings_meter") is not None:
             self._meter.load_state_dict(state_dict["savings_meter"])
         if state_dict["plan"] is not None and self.plan is None:

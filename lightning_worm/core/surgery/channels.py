@@ -130,10 +130,7 @@ def prune_channels(
         units_before = {name: _count(source, m) for name, m in modules.items()}
         scores = {name: source.scores(m).detach().float().cpu().tolist() for name, m in modules.items()}
 
-        with all_or_nothing(model, "Pruning the channels") as dense, Progress("prune_channels") as progress, \
-                warnings.catch_warnings():
-            # torch-pruning's own channel inference, whose sizes the graph replaces (thousands on DPN)
-            warnings.filterwarnings("ignore", message="Maximum recursive depth reached!")
+        with all_or_nothing(model, "Pruning the channels") as dense, Progress("prune_channels") as progress:
             progress.step("tracing the dependency graph")
             graph, output_nodes = build_graph(model, inputs)
             progress.step("grouping the coupled channels")
@@ -144,7 +141,8 @@ def prune_channels(
                 cut(graph, cuts)
             progress.step("checking the pruned model")
             model.eval()
-            removed = {name: units_before[name] - _count(source, m) for name, m in modules.items()}
+            units_after = {name: _count(source, m) for name, m in modules.items()}
+            removed = {name: units_before[name] - units_after[name] for name in modules}
             if removed != decision.removed_by_entry:
                 wrong = [f"{n} lost {removed[n]} of {units_before[n]} channels, not {decision.removed_by_entry[n]}"
                          for n in removed if removed[n] != decision.removed_by_entry[n]]
@@ -168,7 +166,7 @@ def prune_channels(
         model, inputs,
         pruned_groups=[[names[root], idxs] for root, idxs in decision.pruned_roots],
         units_before=units_before,
-        units_after={name: _count(source, m) for name, m in modules.items()},
+        units_after=units_after,
         source=getattr(source, "key", "batchnorm"),
     )
     report = PruningReport(

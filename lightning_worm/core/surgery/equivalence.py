@@ -13,7 +13,6 @@ relative to the dense output's largest magnitude, within :data:`RELATIVE_TOLERAN
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -33,6 +32,7 @@ RELATIVE_TOLERANCE: dict[torch.dtype, float] = {
 
 
 def _tensors(out: Any) -> Iterator[Tensor]:
+    # torch-pruning's flatten_as_list returns any other object as it is (a Hugging Face cache): not usable here.
     if isinstance(out, Tensor):
         yield out
     elif isinstance(out, Mapping):
@@ -44,6 +44,7 @@ def _tensors(out: Any) -> Iterator[Tensor]:
 
 
 def _floating(out: Any) -> list[Tensor]:
+    """The floating tensors of a model's output (nested tuples, lists, dicts and Hugging Face outputs)."""
     return [t.detach() for t in _tensors(out) if t.is_floating_point()]
 
 
@@ -59,7 +60,6 @@ def run_pruned_forward(model: nn.Module, inputs: tuple[Tensor, ...], hint: str) 
     """:func:`run_forward` of a pruned model; a failure becomes a :class:`PruningError` naming the innermost module
     whose forward was running (the original chained)."""
     running: list[str] = []
-    failed: list[str] = []
 
     def enter(name: str) -> Any:
         return lambda module, args: running.append(name)
@@ -74,8 +74,8 @@ def run_pruned_forward(model: nn.Module, inputs: tuple[Tensor, ...], hint: str) 
     try:
         return run_forward(model, inputs)
     except Exception as error:
-        failed.extend(running[-1:])
-        where = f" in {failed[0]!r} ({type(model.get_submodule(failed[0])).__name__})" if failed and failed[0] else ""
+        name = running[-1] if running else ""
+        where = f" in {name!r} ({type(model.get_submodule(name)).__name__})" if name else ""
         raise PruningError(
             f"The model's forward failed after pruning{where} ({type(error).__name__}: {error}). The model was left "
             f"unchanged. {hint}"
@@ -104,19 +104,13 @@ def relative_error(pruned: Tensor, dense: Tensor) -> float:
 def _worst(pruned: list[Tensor], dense: list[Tensor]) -> tuple[float, float]:
     """The largest relative error over the outputs, and the tolerance of their dtype."""
     if len(pruned) != len(dense):
-        return float("inf"), 0.0
-    worst, tolerance = 0.0, 0.0
-    for a, b in zip(pruned, dense, strict=True):
-        tol = RELATIVE_TOLERANCE.get(b.dtype, 1e-4)
-        error = relative_error(a, b)
-        if error / tol > (worst / tolerance if tolerance else 0.0) or not tolerance:
-            worst, tolerance = error, tol
-    return worst, tolerance
+        return float("inf"), RELATIVE_TOLERANCE[torch.float32]
+    pairs = [(relative_error(a, b), RELATIVE_TOLERANCE.get(b.dtype, 1e-4)) for a, b in zip(pruned, dense, strict=True)]
+    return max(pairs, key=lambda pair: pair[0] / pair[1], default=(0.0, RELATIVE_TOLERANCE[torch.float32]))
 
 
-@contextmanager
-def _zeroed(model: nn.Module, kept_indices: KeptIndices) -> Iterator[None]:
-    """Inside, ``model``'s parameters named in ``kept_indices`` are replaced by copies with the removed entries zeroed.
+def _zero_removed(model: nn.Module, kept_indices: KeptIndices) -> None:
+    """Replace ``model``'s parameters named in ``kept_indices`` by copies with the removed entries zeroed.
 
     The caller restores the model afterwards (a :class:`ModelState`); the original tensors are never written.
     """
@@ -139,7 +133,6 @@ def _zeroed(model: nn.Module, kept_indices: KeptIndices) -> Iterator[None]:
         for key, value in list(own.items()):
             if value is not None and id(value) in zeroed:
                 own[key] = zeroed[id(value)]
-    yield
 
 
 def _module_outputs(model: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
@@ -203,10 +196,10 @@ def check_equivalence(
     pruned_state = ModelState(model)
     dense.restore()
     try:
-        with _zeroed(model, kept_indices):
-            dense_out = _floating(run_forward(model, inputs))
-            error, tolerance = _worst(pruned_out, dense_out)
-            dense_trace = _module_outputs(model, inputs) if error > tolerance else {}
+        _zero_removed(model, kept_indices)
+        dense_out = _floating(run_forward(model, inputs))
+        error, tolerance = _worst(pruned_out, dense_out)
+        dense_trace = _module_outputs(model, inputs) if error > tolerance else {}
     finally:
         pruned_state.restore()
     if error <= tolerance:

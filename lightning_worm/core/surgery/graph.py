@@ -11,7 +11,9 @@ the same size. Every Torch-Pruning internal this needs is reached through
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -148,6 +150,17 @@ class SurgeryGraph(tpi.HookedDependencyGraph):
         self.shuffle_pruner = ChannelShufflePruner()
         self.add_pruning_functions(self.shuffle_pruner)
 
+    # Torch-Pruning infers channel counts again whenever it updates the index mappings (building the graph,
+    # every group asked for), warning "Maximum recursive depth reached!" where its walk gives up: thousands of
+    # times on DPN. The counts that matter are read from autograd in `after_trace`.
+    def build_dependency(self, *args: Any, **kwargs: Any) -> Any:
+        with _quiet_inference():
+            return super().build_dependency(*args, **kwargs)
+
+    def get_pruning_group(self, *args: Any, **kwargs: Any) -> Any:
+        with _quiet_inference():
+            return super().get_pruning_group(*args, **kwargs)
+
     def get_pruner_of_module(self, module: nn.Module) -> Any:
         # Not `register_customized_layer`: with any customized pruner, Torch-Pruning tests every module
         # with `==` and `in`, which torchmetrics' Metric overloads (truthy), so every layer became ignored.
@@ -214,11 +227,18 @@ def build_graph(model: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[SurgeryGr
         near = _named_ancestors(model, node) or [str(node.name)]
         raise PruningError(
             f"torch-pruning cannot trace the channels through the {node.type.name.lower()} fed by "
-            f"{', '.join(map(repr, near[:4]))} ({type(error).__name__}: {error}): it cannot tell how many channels "
+            f"{', '.join(map(repr, near))} ({type(error).__name__}: {error}): it cannot tell how many channels "
             "one of its inputs has. The model was left unchanged; its channels cannot be removed by this surgery."
         ) from error
     output_fns = {t.grad_fn for t in tp.utils.flatten_as_list(outputs[-1]) if isinstance(t, Tensor)}
     return graph, {node for node in graph.module2node.values() if node.grad_fn in output_fns}
+
+
+@contextmanager
+def _quiet_inference() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Maximum recursive depth reached!")
+        yield
 
 
 def _named_ancestors(model: nn.Module, node: Node, limit: int = 4) -> list[str]:

@@ -33,7 +33,7 @@ from lightning_worm.core.sources.attention import (
     AttentionBlock,
     AttentionHeadSource,
 )
-from lightning_worm.core.surgery.equivalence import check_equivalence, run_forward
+from lightning_worm.core.surgery.equivalence import check_equivalence, run_pruned_forward
 from lightning_worm.core.surgery.plan import KeptIndices, PruningPlan, PruningReport, _measured
 from lightning_worm.core.surgery.registry import Surgery, register_surgery
 from lightning_worm.core.surgery.transaction import all_or_nothing
@@ -276,7 +276,7 @@ def prune_heads(
                 if check:
                     check_equivalence(model, dense, kept_indices, inputs, what="heads", hint=HEADS_HINT)
                 else:
-                    run_forward(model, inputs)
+                    run_pruned_forward(model, inputs, HEADS_HINT)
 
     units_after = {name: block.num_kv_heads for name, block in blocks.items()}
     plan = PruningPlan.of(

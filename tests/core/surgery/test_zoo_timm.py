@@ -17,6 +17,8 @@ The README's "Supported" section lists the same families and outcomes.
 from __future__ import annotations
 
 import copy
+import warnings
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -117,13 +119,8 @@ def test_timm_family(name, outcome, refusal):
         assert torch.equal(fresh.eval()(x), out)
 
 
-class _no_warning:
-    def __enter__(self):
-        import warnings
-
-        self._catch = warnings.catch_warnings()
-        self._catch.__enter__()
+@contextmanager
+def _no_warning():
+    with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-
-    def __exit__(self, *exc):
-        return self._catch.__exit__(*exc)
+        yield
