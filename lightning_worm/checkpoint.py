@@ -69,11 +69,17 @@ def pruning_plan(checkpoint: Mapping[str, Any]) -> PruningPlan | None:
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """``torch.load`` a Lightning checkpoint, naming the file and the cause when it cannot be read.
 
+    A distributed checkpoint (a folder written by the ModelParallelStrategy with
+    ``save_distributed_checkpoint=True``) is read whole on this one process: its tensors through torch's
+    ``dcp_to_torch_save``, its other entries from its metadata file.
+
     Raises:
-        FileNotFoundError: if there is no such file.
+        FileNotFoundError: if there is no such file or folder.
         ValueError: if the file is empty, truncated or not a checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        return _read_distributed(path, map_location)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {str(path)!r}.")
     try:
@@ -87,6 +93,35 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{str(path)!r} is not a Lightning checkpoint: it holds no `state_dict`.")
     return checkpoint
+
+
+#: The file of a distributed checkpoint's folder that holds everything but the sharded tensors (Lightning's name).
+DISTRIBUTED_METADATA = "meta.pt"
+
+
+def _read_distributed(path: Path, map_location: Any) -> dict[str, Any]:
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    meta = path / DISTRIBUTED_METADATA
+    if not meta.is_file():
+        raise ValueError(f"{str(path)!r} is a folder but not a distributed Lightning checkpoint: no {meta.name} in it.")
+    checkpoint = torch.load(meta, map_location=map_location, weights_only=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path, Path(tmp) / "whole.pt")
+        tensors = torch.load(Path(tmp) / "whole.pt", map_location=map_location, weights_only=False)
+    checkpoint.update(tensors)  # "state_dict" and "optimizer_<i>"
+    return checkpoint
+
+
+def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's entries without reading its tensors' data (memory-mapped file, or a distributed
+    checkpoint's metadata file): enough to find its pruning plan."""
+    path = Path(path)
+    if path.is_dir():
+        return torch.load(path / DISTRIBUTED_METADATA, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
 def _is_loadable(path: str | Path) -> bool:

@@ -419,3 +419,18 @@ class InterleavedNet(PackedNet):
         super().__init__()
         torch.manual_seed(0)
         self.attn = InterleavedAttention()
+
+
+class ShardedTinyNet(TinyNet):
+    """TinyNet sharded with FSDP2 under Lightning's ModelParallelStrategy: each conv, BatchNorm and the classifier
+    in its own ``fully_shard`` call, then the root (what Lightning's FSDP2 guide does, layer by layer)."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        if self.device_mesh is None:  # not under the ModelParallelStrategy: a plain TinyNet
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (*self.features[:2], *self.features[3:5], self.classifier):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)

@@ -20,6 +20,7 @@ __all__ = [
     "USED",
     "CheckpointHooks",
     "attached_trainer",
+    "before_checkpoint_load",
     "checkpoint_hooks",
     "launcher_start_method",
     "optimizers_to_device",
@@ -33,6 +34,8 @@ USED = (
     "DDPStrategy.launcher._start_method: refuse spawn/fork launchers, which copy dense weights back",
     "LightningModule.on_load_checkpoint / on_save_checkpoint replaced on the instance: reshape a fresh module "
     "before pruned weights load, and write the pruning plan into weights-only checkpoints too",
+    "Strategy.load_checkpoint replaced on the instance: the ModelParallelStrategy loads the weights into the sharded "
+    "module inside it, before any hook sees the checkpoint, so a pruned checkpoint's plan is applied just before",
 )
 
 
@@ -47,6 +50,29 @@ def rewrap_ddp(trainer: pl.Trainer) -> None:
     if isinstance(strategy, DDPStrategy):
         strategy.model = cast(DistributedDataParallel, strategy.model).module  # wrapped by configure_ddp at setup
         strategy.configure_ddp()
+
+
+def before_checkpoint_load(strategy: Any, key: str, fn: Callable[[Any], None]) -> None:
+    """Run ``fn(path)`` whenever ``strategy.load_checkpoint(path)`` is about to load a checkpoint (one ``fn`` per
+    ``key``, however often it is installed).
+
+    The ModelParallelStrategy loads the weights straight into the (sharded) module inside ``load_checkpoint``,
+    after ``on_fit_start`` and before any hook sees the checkpoint: a model pruned in the checkpoint must take
+    its pruned shapes first.
+    """
+    before: dict[str, Callable[[Any], None]] | None = strategy.__dict__.get("_lightning_worm_before_load")
+    if before is None:
+        before = {}
+        original = strategy.load_checkpoint
+
+        def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+            for hook in list(before.values()):
+                hook(checkpoint_path)
+            return original(checkpoint_path, *args, **kwargs)
+
+        strategy.load_checkpoint = load_checkpoint
+        strategy.__dict__["_lightning_worm_before_load"] = before
+    before[key] = fn
 
 
 def launcher_start_method(trainer: pl.Trainer) -> str | None:

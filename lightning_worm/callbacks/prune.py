@@ -18,13 +18,14 @@ from typing_extensions import override
 
 from lightning_worm._internals.lightning import (
     attached_trainer,
+    before_checkpoint_load,
     checkpoint_hooks,
     launcher_start_method,
     optimizers_to_device,
     rewrap_ddp,
     trainer_callbacks,
 )
-from lightning_worm.callbacks._strategy import check_strategy, decide_on_rank_zero, log_shared
+from lightning_worm.callbacks._strategy import check_strategy, decide_on_rank_zero, is_sharded_strategy, log_shared
 from lightning_worm.callbacks._tracking import (
     TrackerSpec,
     check_tracker_spec,
@@ -33,7 +34,13 @@ from lightning_worm.callbacks._tracking import (
     tracker_key,
 )
 from lightning_worm.callbacks.early_bird import EarlyBirdCallback
-from lightning_worm.checkpoint import CHECKPOINT_KEY, PLAN_OWNER, _raise_for_unloadable_checkpoint, find_pruning_plan
+from lightning_worm.checkpoint import (
+    CHECKPOINT_KEY,
+    PLAN_OWNER,
+    _raise_for_unloadable_checkpoint,
+    find_pruning_plan,
+    read_checkpoint_metadata,
+)
 from lightning_worm.core.inputs import ExampleInput, as_inputs, first_input, inputs_to
 from lightning_worm.core.masks import Mask, unit_scores
 from lightning_worm.core.measure import eval_mode
@@ -51,6 +58,7 @@ from lightning_worm.core.surgery import (
     trial_prune,
 )
 from lightning_worm.core.surgery.decision import COUPLINGS
+from lightning_worm.core.surgery.sharded import unsharded
 from lightning_worm.core.validation import check_bool, check_callable, check_choice, check_int
 
 __all__ = ["TICKETS", "WAIT_FOR", "PruneAndFinetune"]
@@ -241,6 +249,8 @@ class PruneAndFinetune(Callback):
             return
         name = type(self).__name__
         check_strategy(trainer, name)
+        if is_sharded_strategy(trainer):  # the strategy loads a checkpoint's weights before any hook sees it
+            before_checkpoint_load(trainer.strategy, name, partial(self._prune_sharded_before_load, trainer, pl_module))
         self.early_bird = find_tracker(trainer, self._spec, name)
         if sum(isinstance(c, PruneAndFinetune) for c in trainer_callbacks(trainer)) > 1:
             raise ValueError("One model can be pruned by one PruneAndFinetune: keep one in the Trainer's callbacks.")
@@ -287,6 +297,22 @@ class PruneAndFinetune(Callback):
         apply_plan(pl_module, plan)
         self._record_plan(pl_module, plan)
         end_every_search(trainer)  # a weights-only checkpoint has no tracker state to say so
+
+    def _prune_sharded_before_load(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: Any) -> None:
+        """Under FSDP2, give the sharded module the checkpoint's pruned shapes before the strategy loads it, and
+        rebuild the optimizers on the pruned parameters (the checkpoint's optimizer state then loads into them)."""
+        if self.plan is not None or path is None:
+            return
+        plan = find_pruning_plan(read_checkpoint_metadata(path))
+        if plan is None:
+            return
+        with unsharded(pl_module):
+            apply_plan(pl_module, plan)
+        self._record_plan(pl_module, plan)
+        if trainer.optimizers:
+            trainer.strategy.setup_optimizers(trainer)
+            optimizers_to_device(trainer.strategy.optimizers, trainer.strategy.root_device)
+        end_every_search(trainer)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -365,8 +391,10 @@ class PruneAndFinetune(Callback):
         assert tracker is not None and self._surgery is not None, "found at setup"
         error: Exception | None = None
         try:
-            report = trial_prune(pl_module, self._example(pl_module), source=tracker.source,
-                                 ratio=tracker.prune_ratio, min_units=tracker.min_units, **self._options(self._surgery))
+            with unsharded(pl_module, undo=True):  # under FSDP2: tried on the whole model, then sharded as it was
+                report = trial_prune(pl_module, self._example(pl_module), source=tracker.source,
+                                     ratio=tracker.prune_ratio, min_units=tracker.min_units,
+                                     **self._options(self._surgery))
         except (PruningError, ValueError) as failure:
             error = failure
         message = decide_on_rank_zero(trainer, None if error is None else str(error))
@@ -443,13 +471,14 @@ class PruneAndFinetune(Callback):
         options = self._options(surgery)
         if "measure_latency" in surgery.options:
             options["measure_latency"] = self.measure_latency and trainer.is_global_zero
-        report = surgery.prune(pl_module, ticket, example, source=tracker.source, **options)
-        self._record_plan(pl_module, report.plan)
-        self.pruned_epoch = trainer.current_epoch
-        if self.reinit:
-            _reinitialise(pl_module)
-        evaluation["after_surgery"] = self._evaluate(pl_module)
-        used = self._recalibrate(trainer, pl_module)
+        with unsharded(pl_module):  # under FSDP2: pruned whole on every rank, then sharded again the same way
+            report = surgery.prune(pl_module, ticket, example, source=tracker.source, **options)
+            self._record_plan(pl_module, report.plan)
+            self.pruned_epoch = trainer.current_epoch
+            if self.reinit:
+                _reinitialise(pl_module)
+            evaluation["after_surgery"] = self._evaluate(pl_module)
+            used = self._recalibrate(trainer, pl_module)
         self._meter.add_recalibration(used)
         if used:
             evaluation["after_recalibration"] = self._evaluate(pl_module)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_worm._deprecation import warn_renamed
+from lightning_worm.core.sharding import whole
 from lightning_worm.core.sources import ScoreSource, resolve_source
 from lightning_worm.core.validation import check_int, check_number
 
@@ -352,9 +353,12 @@ _NARROW_FROM, _SAMPLE, _MARGIN = 1 << 20, 1 << 16, 1 << 11  # margin: 8 standard
 
 
 def unit_scores(model: nn.Module, source: str | ScoreSource | None = None) -> dict[str, Tensor]:
-    """The scores of every tracked entry of ``model`` (by default BatchNorm ``|gamma|``)."""
+    """The scores of every tracked entry of ``model`` (by default BatchNorm ``|gamma|``).
+
+    Under FSDP2 the scores are computed on the shards and gathered whole (a collective: every rank calls it).
+    """
     source = resolve_source(source)
-    return {name: source.scores(h) for name, h in source.tracked(model).items()}
+    return {name: whole(source.scores(h)) for name, h in source.tracked(model).items()}
 
 
 def unit_mask(

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from lightning_worm._internals.torch import foreach_add_masked_, foreach_add_sign_
 from lightning_worm.core.masks import Mask, MaskLike
+from lightning_worm.core.sharding import is_sharded, local, local_part, shard_groups
 from lightning_worm.core.sources import ScoreSource, resolve_source
 from lightning_worm.core.truncation import GradientTruncation
 from lightning_worm.core.validation import check_number
@@ -36,7 +37,7 @@ def add_sparsity_gradient(params: Iterable[Tensor], sparsity: float) -> None:
         optimizer.step()
     """
     check_number("sparsity", sparsity, low=0.0)
-    pairs = [(p, p.grad) for p in params if p.grad is not None]
+    pairs = [(local(p), local(p.grad)) for p in params if p.grad is not None]  # sharded: this rank's shard
     if sparsity == 0.0 or not pairs:
         return
     foreach_add_sign_([grad for _, grad in pairs], [p for p, _ in pairs], alpha=sparsity)
@@ -93,16 +94,23 @@ class RelativeSparsity:
         self._last: float | None = None
         self._sum: Tensor | None = None
         self._count = 0
+        self._partial: list[Any] = []  # sharded gradients: ``_sum`` is this rank's share, summed over these groups
 
     @torch.no_grad()
     def observe(self, params: Iterable[Tensor]) -> None:
         """Add this step's mean ``|grad|`` over ``params`` (those with a gradient) to the measure, until measured."""
         if self.measured:
             return
-        grads = [p.grad.detach().reshape(-1) for p in params if p.grad is not None]
+        grads = [p.grad.detach() for p in params if p.grad is not None]
         if not grads:
             return
-        mean = torch.cat(grads).abs().float().mean()
+        sharded = [g for g in grads if is_sharded(g)]
+        if sharded:  # each rank's share of the mean, summed over the shards at the epoch's end
+            total = sum(g.numel() for g in grads)
+            mean = torch.stack([local(g).abs().float().sum() for g in grads]).sum() / total
+            self._partial = shard_groups(sharded[0])
+        else:
+            mean = torch.cat([g.reshape(-1) for g in grads]).abs().float().mean()
         self._sum = mean if self._sum is None else self._sum + mean.to(self._sum.device)
         self._count += 1
 
@@ -111,11 +119,13 @@ class RelativeSparsity:
         once polarised, by whether the masks have ``settled``."""
         if not self.measured:
             if self._sum is not None and self._count:
+                for group in self._partial:
+                    torch.distributed.all_reduce(self._sum, group=group)
                 self.measure = float(self._sum) / self._count
                 self.strength = self.ratio * self.measure
                 self.measured = True
                 self._last = share_ratio
-            self._sum, self._count = None, 0
+            self._sum, self._count, self._partial = None, 0, []
             return
         if share_ratio is None or share_ratio != share_ratio:  # no mask this epoch (NaN: not measured)
             return
@@ -227,14 +237,15 @@ class MaskedDecay:
         factors = GradientTruncation(self.model, self.source)  # chi = 0: factor 0 exactly on the pruned units
         pairs = factors.factors(Mask.from_dict(mask), chi=0.0)
         self._params = [param for param, _ in pairs]
-        self._pruned = [1.0 - factor for _, factor in pairs]
+        self._pruned = [local_part(1.0 - factor, param) for param, factor in pairs]  # sharded: this rank's part
         self.pulled_units = factors.truncated_units
 
     @torch.no_grad()
     def apply(self, strength: float) -> None:
         """Add ``strength * p`` on the pruned units' entries of each parameter's gradient, in place."""
         check_number("strength", strength, low=0.0)
-        triples = [(p.grad, p, m) for p, m in zip(self._params, self._pruned, strict=True) if p.grad is not None]
+        triples = [(local(p.grad), local(p), m) for p, m in zip(self._params, self._pruned, strict=True)
+                   if p.grad is not None]
         if strength == 0.0 or not triples:
             return
         grads, params, masks = zip(*triples, strict=True)

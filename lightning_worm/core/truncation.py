@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from lightning_worm._deprecation import RenamedAttribute
 from lightning_worm._internals.torch import foreach_mul_
 from lightning_worm.core.masks import Mask, MaskLike
+from lightning_worm.core.sharding import local, local_part
 from lightning_worm.core.sources import ScoreSource, resolve_source
 from lightning_worm.core.validation import check_choice, check_number
 
@@ -121,7 +122,7 @@ class GradientTruncation:
             return
         pairs = self.factors(mask, self.chi)
         self._params = [param for param, _ in pairs]
-        self._factors = [factor for _, factor in pairs]
+        self._factors = [local_part(factor, param) for param, factor in pairs]  # sharded: this rank's part
 
     def factors(self, mask: MaskLike, chi: float) -> list[tuple[Tensor, Tensor]]:
         """``(parameter, factor)`` for every parameter a unit of ``mask`` owns: ``chi`` on the pruned units' entries,
@@ -152,8 +153,9 @@ class GradientTruncation:
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Multiply the current gradients in place (parameters without a gradient are skipped)."""
-        pairs = [(p.grad, f) for p, f in zip(self._params, self._factors, strict=True) if p.grad is not None]
+        """Multiply the current gradients in place (parameters without a gradient are skipped; a sharded gradient on
+        this rank's shard)."""
+        pairs = [(local(p.grad), f) for p, f in zip(self._params, self._factors, strict=True) if p.grad is not None]
         if pairs:
             grads, factors = zip(*pairs, strict=True)
             foreach_mul_(grads, factors)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_worm.core.sharding import is_sharded, local_part, whole
 from lightning_worm.core.surgery.plan import KeptIndices
 
 __all__ = ["carry_optimizer_state"]
@@ -25,6 +26,9 @@ def carry_optimizer_state(
     state: bool = True,
 ) -> None:
     r"""Give ``new`` (built on the pruned model's parameters) the state of ``old`` (built before the prune).
+
+    Under FSDP2 (parameters and state sharded as ``DTensor``), each state is gathered whole, sliced, and
+    sharded like its new parameter: every rank calls it together.
 
     A surgery replaces the parameters it cuts with smaller ones. Each parameter's state (SGD's momentum
     buffer, Adam's moments, ...) is found by name and sliced to the kept units with ``kept_indices``
@@ -53,15 +57,29 @@ def carry_optimizer_state(
             new_group.update({k: v for k, v in old_group.items() if k != "params"})
     if not state:
         return
-    name_of = {id(p): n for n, p in params_before.items()}
     same = {id(p): p for p in params_after.values()}
-    for param, values in old.state.items():
-        name = name_of.get(id(param))
-        if name is None:
-            continue
+    for name, param in params_before.items():  # in model order: a sharded state is gathered on every rank alike
+        values = old.state.get(param)
         new_param = same.get(id(param), params_after.get(name))
-        if new_param is not None:
-            new.state[new_param] = {key: _sliced(value, param, kept_indices.get(name)) for key, value in values.items()}
+        if values is None or new_param is None:
+            continue
+        if new_param is param:
+            new.state[new_param] = dict(values)
+            continue
+        new.state[new_param] = {
+            key: _placed_like(_sliced(whole(value), param, kept_indices.get(name)), new_param, value)
+            for key, value in values.items()
+        }
+
+
+def _placed_like(value: Any, param: Tensor, old: Any) -> Any:
+    """``value`` sharded like ``param`` when it is shaped like it and was sharded (FSDP2), else as it is."""
+    if not is_sharded(old) or not isinstance(value, Tensor) or not is_sharded(param) or value.shape != param.shape:
+        return value
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local_part(value, param), param.device_mesh, param.placements, shape=param.shape,
+                              stride=param.stride(), run_check=False)
 
 
 def _sliced(value: Any, old_param: Tensor, kept: list[Tensor | None] | None) -> Any:
