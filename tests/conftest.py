@@ -32,3 +32,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` (``cuda(devices=N)``: N devices) skip, with the reason, where torch sees too few."""
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for item in items:
+        marker = item.get_closest_marker("cuda")
+        if marker is None:
+            continue
+        needed = marker.kwargs.get("devices", 1)
+        if devices == 0:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False"))
+        elif devices < needed:
+            item.add_marker(pytest.mark.skip(reason=f"needs {needed} CUDA devices, torch sees {devices}"))

@@ -334,7 +334,7 @@ def test_pruned_model_exports():
         torch.testing.assert_close(exported.module()(x), pruned(x))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_model_stays_on_its_device():
     torch.manual_seed(0)
     model = randomize_batchnorms(SmallResNet()).cuda()
