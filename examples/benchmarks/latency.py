@@ -7,14 +7,21 @@ Two measurements, both timed with ``torch.utils.benchmark`` (fixed threads), eva
 p = 0.5 (``unit_mask`` + ``prune_channels`` with the default coupling), with and without ``round_to=8``,
 each run in eager mode (contiguous), channels-last, channels-last with BatchNorm folded into the
 convolutions (``export_for_inference(model)``), and that compiled (``export_for_inference(model, compile=True)``),
-batch 64 on the CPU. Every pruned variant's latency is
+batch 64 on the CPU, batch 128 on a GPU (``--device cuda``; the suite's ``--accelerator gpu`` runs the same
+measurement). Every pruned variant's latency is
 divided by the dense model's in the same path, per interleaved round; the goal is a latency ratio of at
 most 1.25x the FLOPs ratio. The full measurement (estimated 5-6 minutes on 2 quiet cores, half of it
 compiling; it prints its duration)::
 
     OMP_NUM_THREADS=2 python -m examples.benchmarks.latency --threads 2 --rounds 5 --repeats 2
 
-``--rounds 2 --repeats 1 --no-compile`` is a quick look (about a minute).
+``--rounds 2 --repeats 1 --no-compile`` is a quick look (about a minute); on a GPU,
+``python -m examples.benchmarks.latency --device cuda --batch 128 --no-compile``.
+
+On a GPU, the models are pruned on the CPU and then moved; every timed call is synchronised
+(``torch.utils.benchmark.Timer`` calls ``torch.accelerator.synchronize()`` before reading its clock, so a round is
+the kernels' time, not their launch) and comes after untimed warm-up forwards (cuDNN's kernel choice, the
+allocator's first blocks; ``Timer.timeit`` adds two more of its own).
 
 **Methods** (:func:`run`, in the benchmark suite): for each model, BN gammas are randomised (fixed seed)
 and the model is pruned at each ratio by:
@@ -181,20 +188,28 @@ def run(settings: Settings, out_dir: Path) -> Section:
             rows.append(dict(model=model_name, name=key, params_ratio=i["params"] / params_dense,
                              flops_ratio=i["flops"] / flops_dense, **i))
     section = _section(settings, rows, out_dir)
-    if not settings.on_gpu:
-        # The compiled path only in the full mode: compiling takes minutes on a small CPU.
-        paths = PATHS if settings.mode == "full" else tuple(p for p in PATHS if p != "compile")
-        export_rows = export_paths(settings.latency_models, batch=max(settings.latency_batches),
-                                   rounds=settings.latency_rounds, repeats=settings.latency_repeats,
-                                   threads=settings.threads, paths=paths, echo=log)
-        section.markdown += (
-            f"\n**Export paths** (dense vs pruned at p = 0.5, default coupling, batch {max(settings.latency_batches)}, "
-            f"{settings.threads} thread(s); `export` is `export_for_inference(model)`: channels-last with BatchNorm "
-            "folded into the convolutions; `compile` is `export_for_inference(model, compile=True)`"
-            + ("" if "compile" in paths else ", timed in the full mode only") + "):\n\n"
-            + export_table(export_rows) + "\n"
-        )
-        section.data["export_paths"] = [_jsonable(r) for r in export_rows]
+    # Dense vs pruned at p = 0.5 with and without round_to=8 through every export path: batch 64 on the CPU, 128 on a
+    # GPU (the largest of `latency_batches`). The compiled path only in the full mode: compiling takes minutes.
+    paths = PATHS if settings.mode == "full" else tuple(p for p in PATHS if p != "compile")
+    batch = max(settings.latency_batches)
+    export_rows = export_paths(settings.latency_models, batch=batch, rounds=settings.latency_rounds,
+                               repeats=settings.latency_repeats, threads=settings.threads, paths=paths, echo=log,
+                               device=settings.device, warmup=5 if settings.on_gpu else 2)
+    where = device_name(settings) if settings.on_gpu else f"{settings.threads} thread(s)"
+    section.markdown += (
+        f"\n**Export paths** (dense vs pruned at p = 0.5, default coupling, batch {batch}, {where}; `export` is "
+        "`export_for_inference(model)`: channels-last with BatchNorm folded into the convolutions; `compile` is "
+        "`export_for_inference(model, compile=True)`"
+        + ("" if "compile" in paths else ", timed in the full mode only") + "):\n\n"
+        + export_table(export_rows) + "\n"
+    )
+    section.data["export_paths"] = [_jsonable(r) for r in export_rows]
+    exported = [r for r in export_rows if r["path"] == "export" and "error" not in r and r["variant"] != "dense"]
+    if exported:
+        section.headline.append(
+            f"Exported (`export_for_inference`), p = 0.5, batch {batch}, {device_name(settings)}: latency ratio "
+            "(FLOPs ratio) " + "; ".join(f"{r['model']} {r['variant']} {r['ratio'].median:.2f} "
+                                         f"({r['flops_ratio']:.2f})" for r in exported) + ".")
     section.seconds = time.perf_counter() - start
     return section
 
@@ -312,8 +327,14 @@ def export_paths(
     threads: int = 2,
     paths: Sequence[str] = PATHS,
     echo: Callable[[str], None] = print,
+    device: torch.device | str = "cpu",
+    warmup: int = 2,
 ) -> list[dict[str, Any]]:
     """Dense vs pruned (with and without ``round_to=8``) in every export path, timed interleaved per model.
+
+    Pruned on the CPU, then moved to ``device`` with the inputs; ``warmup`` untimed forwards per contender (the
+    first compiles the compiled path). A path's output is checked against the eager model's: within 1e-3 on the
+    CPU, within 1 % of the largest logit on a GPU (cuDNN may use TF32 and other kernels per memory format).
 
     Returns:
         One row per (model, variant, path): ``flops_ratio``, ``ms`` (median), ``ratio`` (latency / dense in the
@@ -321,6 +342,7 @@ def export_paths(
         A path that fails (``torch.compile`` without a working compiler, say) gets an ``error`` instead.
     """
     torch.set_num_threads(threads)
+    device = torch.device(device)
     rows = []
     for name in models:
         dense = build(name)
@@ -331,7 +353,8 @@ def export_paths(
                 variants[variant] = copy.deepcopy(dense)
                 prune_lightning_worm(variants[variant], ratio, round_to or None)
         flops = {k: measure.forward_flops(m, example, per_example=True) for k, m in variants.items()}
-        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(SEED))
+        variants = {k: m.to(device) for k, m in variants.items()}
+        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(SEED)).to(device)
         contenders: dict[tuple[str, str], Callable[[], float]] = {}
         errors: dict[str, str] = {}
         compile_seconds: dict[tuple[str, str], float] = {}
@@ -343,9 +366,13 @@ def export_paths(
                     ready = _prepared(model, path)
                     with torch.no_grad():
                         expected = model.eval()(x)
-                        for _ in range(2):  # warm-up; compiles the compiled path
+                        for _ in range(warmup):  # warm-up; compiles the compiled path
                             out = ready(inputs)
-                    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+                    if device.type == "cpu":
+                        torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+                    else:
+                        scale = float(expected.abs().max())
+                        torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2 * scale)
                 except Exception as error:  # noqa: BLE001 - reported in the table
                     errors[path] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
                     break
@@ -400,12 +427,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--repeats", type=int, default=2, help="forwards per contender per round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile path")
+    parser.add_argument("--device", default="cpu", help="where the models run: cpu, or cuda (a GPU)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed forwards per contender before the rounds")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device")
     start = time.perf_counter()
     paths = [p for p in PATHS if not (args.no_compile and p == "compile")]
     rows = export_paths(args.models, ratio=args.ratio, batch=args.batch, rounds=args.rounds, repeats=args.repeats,
-                        threads=args.threads, paths=paths)
-    print(f"\nCPU, batch {args.batch}, 32x32, {args.threads} thread(s), p = {args.ratio} (default coupling), "
+                        threads=args.threads, paths=paths, device=args.device, warmup=args.warmup)
+    where = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "CPU"
+    print(f"\n{where}, batch {args.batch}, 32x32, {args.threads} thread(s), p = {args.ratio} (default coupling), "
           f"{args.rounds} rounds x {args.repeats} forwards; ratios: pruned / dense, median [IQR] over rounds\n")
     print(export_table(rows))
     compiled = [r["compile_seconds"] for r in rows if r.get("path") == "compile" and "error" not in r]

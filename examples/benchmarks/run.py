@@ -263,7 +263,8 @@ Rerun: `python examples/benchmarks/run.py --quick` (under 10 minutes on a 2-core
 ticket,end_to_end` runs the claims alone (MNIST-1D, 5 seeds, both recipes: under 15 minutes on 2 cores);
 `--only ticket,end_to_end,defaults --methods dense,earlybird,worm_elbow,random` is the run of issue 15 below (both
 tasks, 24 minutes on 2 cores).
-`--accelerator gpu` runs the GPU rows (batch 128, bf16-mixed); `--data digits` or `--data cifar10 --data-dir DIR`
+`--accelerator gpu` runs the GPU rows (batch 128, bf16-mixed; `bash .ci/gpu-check` runs them with the CUDA tests and
+the main job on a GPU, in under 8 minutes from a fresh checkout); `--data digits` or `--data cifar10 --data-dir DIR`
 trains the ticket and end-to-end benchmarks on the digits or CIFAR-10 (VGG-11-BN at width 0.25) instead of
 MNIST-1D; `--threads N` sets `torch.set_num_threads`, `--workers N` the training runs in parallel;
 `--only transformer --transformer-parts mask_cost` reruns the transformer mask cost alone (its other rows are
@@ -272,17 +273,25 @@ kept). Raw numbers: `benchmarks/<accelerator>/results.json`.
 
 
 def _assemble(docs: Path) -> None:
+    """``benchmarks.md`` from the intro, the CPU results, the GPU check's table (``benchmarks/gpu/check.json``, written
+    by :mod:`examples.benchmarks.gpu_check`; every row pending before a GPU run) and the GPU results."""
+    from examples.benchmarks.gpu_check import pending_markdown
+
     parts = [INTRO]
     for accelerator in ACCELERATORS:
         results = docs / "benchmarks" / accelerator / "results.json"
+        if accelerator == "gpu":
+            check = docs / "benchmarks" / "gpu" / "check.json"
+            parts.append(json.loads(check.read_text())["markdown"] if check.exists() else pending_markdown())
         if results.exists():
             parts.append(json.loads(results.read_text())["markdown"])
         elif accelerator == "gpu":
             parts.append(
                 "## Results on GPU\n\n**Pending a GPU run.** No GPU was available where these numbers were taken. "
-                "`python -m examples.benchmarks.run --accelerator gpu` (or `--quick`) runs the overhead, latency and "
-                "end-to-end rows on the GPU (batch 128, bf16-mixed, CUDA peak memory, the device named in every "
-                "table) and adds them here without touching the CPU results.\n"
+                "`bash .ci/gpu-check` runs the overhead and latency rows on the GPU with the rest of the GPU check "
+                "(above); `python -m examples.benchmarks.run --accelerator gpu` (or `--quick`) runs any section on "
+                "the GPU (batch 128, bf16-mixed, CUDA peak memory, the device named in every table) and adds it here "
+                "without touching the CPU results.\n"
             )
         else:
             parts.append(f"## Results on {accelerator.upper()}\n\nNot run yet.\n")

@@ -143,6 +143,14 @@ def test_presets():
         Settings.preset("huge", "cpu")
 
 
+def test_gpu_preset(monkeypatch):
+    """The GPU rows: batch 128 for the overhead fits and the latency, bf16-mixed, 20 forwards per timed round."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    gpu = Settings.preset("quick", "gpu")
+    assert (gpu.overhead_batch, max(gpu.latency_batches), gpu.latency_repeats) == (128, 128, 20)
+    assert gpu.precision == "bf16-mixed" and gpu.device.type == "cuda" and gpu.workers == 1
+
+
 def test_run_keeps_the_sections_it_did_not_rerun(tmp_path, monkeypatch):
     """`--only x` replaces section x and keeps the others with their own mode and date (a full run of one benchmark
     does not wipe the rest of the report)."""
