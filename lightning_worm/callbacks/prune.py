@@ -471,8 +471,12 @@ class PruneAndFinetune(Callback):
         options = self._options(surgery)
         if "measure_latency" in surgery.options:
             options["measure_latency"] = self.measure_latency and trainer.is_global_zero
-        with unsharded(pl_module):  # under FSDP2: pruned whole on every rank, then sharded again the same way
+        with unsharded(pl_module) as sharding:  # under FSDP2: pruned whole on every rank, then sharded the same way
+            names = {id(p): n for n, p in pl_module.named_parameters()}
             report = surgery.prune(pl_module, ticket, example, source=tracker.source, **options)
+            # A parameter the surgery keeps under a new name (an element-wise ticket's `weight_orig`) is a new
+            # object once sharded again: its state is found by its old name.
+            renamed = {names[id(p)]: n for n, p in pl_module.named_parameters() if names.get(id(p), n) != n}
             self._record_plan(pl_module, report.plan)
             self.pruned_epoch = trainer.current_epoch
             if self.reinit:
@@ -487,6 +491,8 @@ class PruneAndFinetune(Callback):
         trainer.strategy.setup_optimizers(trainer)
         optimizers_to_device(trainer.strategy.optimizers, trainer.strategy.root_device)
         params_after = dict(pl_module.named_parameters())
+        if sharding is not None:
+            params_after.update({old: params_after[new] for old, new in renamed.items()})
         for what, before, after in (("optimizers", old_optimizers, trainer.strategy.optimizers),
                                     ("LR schedulers", old_schedulers, trainer.strategy.lr_scheduler_configs)):
             if len(after) != len(before):
