@@ -3,11 +3,12 @@ prunes mid-fit and keeps training; each rank saves its state, and rank 0 writes 
 final checkpoint.
 
 Run from the repository root: ``python -m tests.ddp.fit_prune OUT_DIR [--nodes N] [--devices D] [--strategy S]
-[--accelerator A] [--sync-batchnorm]`` (by default 1 node x 2 processes, ``ddp``, on the CPU; ``--accelerator gpu
---sync-batchnorm``: two GPUs with SyncBatchNorm, as ``tests/gpu/test_cuda.py`` runs it). Started once, Lightning relaunches it once per extra rank; started by a
-launcher (``LOCAL_RANK`` set, with ``NODE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, as torchrun or SLURM do), each
-process is one rank. Outputs: ``OUT_DIR/rank{global_rank}.pt`` from every rank; ``OUT_DIR/node{NODE_RANK}/`` stands
-for each node's local disk (the logger's folder, the report and ``final.ckpt``, all written by rank 0 only).
+[--accelerator A] [--sync-batchnorm]`` (by default 1 node x 2 processes, ``ddp``, on the CPU; ``--strategy fsdp``:
+FSDP2; ``--accelerator gpu --sync-batchnorm``: two GPUs with SyncBatchNorm, as ``tests/gpu/test_cuda.py`` runs it).
+Started once, Lightning relaunches it once per extra rank; started by a launcher (``LOCAL_RANK`` set, with
+``NODE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, as torchrun or SLURM do), each process is one rank. Outputs:
+``OUT_DIR/rank{global_rank}.pt`` from every rank; ``OUT_DIR/node{NODE_RANK}/`` stands for each node's local disk
+(the logger's folder, the report and ``final.ckpt``, all written by rank 0 only).
 """
 
 import argparse
