@@ -46,3 +46,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False"))
         elif devices < needed:
             item.add_marker(pytest.mark.skip(reason=f"needs {needed} CUDA devices, torch sees {devices}"))
+
+
+@pytest.fixture(scope="module")
+def one_rank_mesh():
+    """A gloo process group of one rank and its 1-D CPU device mesh: FSDP2 and DTensor in this process."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()

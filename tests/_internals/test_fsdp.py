@@ -1,13 +1,9 @@
 """Every private FSDP2 API that lightning-worm uses, pinned against the installed torch (one process, a mesh of
 one rank on the CPU). A failure names the internal that changed; see lightning_worm/_internals/fsdp.py."""
 
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
@@ -15,15 +11,8 @@ from lightning_worm._internals.fsdp import fsdp_modules, record_sharding, remove
 
 
 @pytest.fixture(scope="module")
-def mesh():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
+def mesh(one_rank_mesh):
+    return one_rank_mesh
 
 
 def sharded_net(mesh) -> nn.Sequential:

@@ -152,5 +152,22 @@ class TestEarlyBird:
         t.strategy.__class__ = type("FakeFSDP", (FSDPStrategy,), {})  # only the type is checked
         from lightning_worm.callbacks._strategy import check_strategy
 
-        with pytest.raises(ValueError, match="does not support the FakeFSDP.*ddp"):
+        with pytest.raises(ValueError, match="does not support the FakeFSDP.*use FSDP2.*ModelParallelStrategy"):
             check_strategy(t, "EarlyBirdCallback")
+
+    def test_tensor_parallelism_refused_fsdp2_accepted(self):
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from lightning_worm.callbacks._strategy import check_strategy
+
+        class Mesh(dict):
+            def __init__(self, tp):
+                super().__init__(tensor_parallel=type("Dim", (), {"size": lambda self: tp})())
+
+        t = trainer(callbacks=[EarlyBirdCallback()], max_epochs=1)
+        t.strategy.__class__ = ModelParallelStrategy  # only the type and the mesh are read
+        t.strategy._device_mesh = Mesh(2)
+        with pytest.raises(ValueError, match="tensor_parallel_size=2.*tensor_parallel_size=1"):
+            check_strategy(t, "EarlyBirdCallback")
+        t.strategy._device_mesh = Mesh(1)
+        check_strategy(t, "EarlyBirdCallback")  # FSDP2
