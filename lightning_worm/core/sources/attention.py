@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_worm._internals.torch import mha_packs_qkv
+from lightning_worm.core.sharding import whole
 from lightning_worm.core.sources.base import ScoreSource
 from lightning_worm.core.validation import check_int, check_names
 
@@ -420,11 +421,16 @@ class AttentionHeadSource(_AttentionSource):
 
     def scores(self, block: AttentionBlock) -> Tensor:
         _, num_kv_heads, _ = block._counts()
-        q = block.weight("q").reshape(num_kv_heads, -1)
-        k = block.weight("k").reshape(num_kv_heads, -1)
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        total = q.abs().to(dtype).sum(dim=1) + k.abs().to(dtype).sum(dim=1)
-        return total / (q.shape[1] + k.shape[1])
+        sums, sizes = [], 0
+        for part in ("q", "k"):
+            weight, rows, _, _, _ = block.part(part)
+            # Each row's sum first, over the whole parameter: sharded by rows (FSDP2), it stays on the shards and
+            # only one value per row is gathered, never the weight itself.
+            row_sums = whole(weight.detach().abs().to(torch.promote_types(weight.dtype, torch.float32)).sum(dim=1))
+            part_sums = row_sums[rows].reshape(num_kv_heads, -1)
+            sums.append(part_sums.sum(dim=1))
+            sizes += part_sums.shape[1] * weight.shape[1]
+        return (sums[0] + sums[1]) / sizes
 
     def count(self, block: AttentionBlock) -> int:
         return block._counts()[1]
