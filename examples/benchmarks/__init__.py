@@ -25,7 +25,7 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from examples.benchmarks import defaults, end_to_end, latency, overhead, ticket, transformer  # noqa: E402
+from examples.benchmarks import defaults, end_to_end, latency, overhead, sharded, ticket, transformer  # noqa: E402
 from examples.benchmarks.common import Section, Settings  # noqa: E402
 
 BENCHMARKS: dict[str, Callable[[Settings, Path], Section]] = {
@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, Callable[[Settings, Path], Section]] = {
     "end_to_end": end_to_end.run,
     "defaults": defaults.run,
     "transformer": transformer.run,
+    "sharded": sharded.run,
 }
 
 __all__ = ["BENCHMARKS", "Section", "Settings"]

@@ -9,6 +9,7 @@ Usage::
     python -m examples.benchmarks.run --accelerator gpu    # the GPU rows (batch 128, bf16-mixed)
     python -m examples.benchmarks.run --only latency,overhead --threads 1
     python -m examples.benchmarks.run --only transformer --transformer-parts mask_cost   # keeps the other rows
+    python -m examples.benchmarks.run --only sharded --quick   # FSDP2 on 2 CPU processes, under 4 minutes
 
 The ``ticket`` and ``end_to_end`` benchmarks share one set of training runs (:mod:`examples.benchmarks.claims`),
 made once per process on ``--workers`` processes.
@@ -257,6 +258,7 @@ median and spread, because the machine this was measured on is shared and its ba
 | `end_to_end` | on MNIST-1D: wall time and training FLOPs to reach the dense run's final accuracy minus 0.5 point, for each method against dense training; final test accuracy, params, FLOPs and latency of what is delivered |
 | `defaults` | the goals of issue 15 at the library's defaults (`sparsity="auto"`, the prune waiting for a ready ticket), on MNIST-1D and on MNIST-1D large, under both recipes' learning rates and weight decays: accuracy right after the prune against dense at that epoch and against a random ticket, final accuracy, training FLOPs, WORM against Early-Bird |
 | `transformer` | the tracker's own per-epoch call on the 14 M-unit element-wise query/key mask of a random BERT-base (each stage, wall and CPU time, with the run's threads and with one, and the load average) and the memory per stored mask (`mask_cost`); params, FLOPs and latency after removing half of BERT-base's heads (`bert_heads`); the example ViT's head search, Early-Bird vs WORM (`vit`) |
+| `sharded` | under FSDP2 (`ModelParallelStrategy` + `fully_shard`, 2 CPU processes over gloo): the per-step time of a fit with EarlyBird + WORM (fixed, with the sparsity term) against without, alternated, and the whole weights gathered per step and per epoch end (`DTensor.full_tensor` counted); `PruneAndFinetune.prune`'s wall time and peak memory per rank under FSDP2 against DDP on the same ticket; the element-wise q/k mask of a sharded random BERT-base per rank (time per stage, bytes gathered) against one unsharded process |
 
 Rerun: `python examples/benchmarks/run.py --quick` (under 10 minutes on a 2-core CPU) or
 `python -m examples.benchmarks.run` (full mode: 5 seeds, more rounds). `python -m examples.benchmarks.run --only
@@ -268,7 +270,8 @@ the main job on a GPU, in under 8 minutes from a fresh checkout); `--data digits
 trains the ticket and end-to-end benchmarks on the digits or CIFAR-10 (VGG-11-BN at width 0.25) instead of
 MNIST-1D; `--threads N` sets `torch.set_num_threads`, `--workers N` the training runs in parallel;
 `--only transformer --transformer-parts mask_cost` reruns the transformer mask cost alone (its other rows are
-kept). Raw numbers: `benchmarks/<accelerator>/results.json`.
+kept); `--only sharded` (`--quick`: under 4 minutes on 2 cores) runs the FSDP2 measurements in child processes, 2 ranks
+with one torch thread each. Raw numbers: `benchmarks/<accelerator>/results.json`.
 """
 
 

@@ -26,7 +26,7 @@ def tiny():
     return Settings.preset("tiny", accelerator="cpu", threads=1)
 
 
-@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+@pytest.mark.parametrize("name", sorted(set(BENCHMARKS) - {"sharded"}))  # sharded: its own test, below (slow)
 def test_benchmark_runs_on_a_tiny_setting(name, tiny, tmp_path):
     section = BENCHMARKS[name](tiny, tmp_path)
     assert section.title and section.headline
@@ -34,6 +34,30 @@ def test_benchmark_runs_on_a_tiny_setting(name, tiny, tmp_path):
     assert section.figures or name in ("transformer", "defaults")  # these sections are tables only
     assert all(f.exists() and f.parent == tmp_path for f in section.figures)
     json.dumps(section.data, default=lambda v: vars(v) if hasattr(v, "__dict__") else str(v))
+
+
+@pytest.mark.slow
+def test_sharded_benchmark_runs_on_a_tiny_setting(tiny, tmp_path):
+    """The FSDP2 benchmark (2 processes per measurement, about a minute): its tables, and what it counts: no whole
+    weight gathered in a training step, one per tracked BatchNorm at each epoch end, the same ticket under DDP and
+    FSDP2, and every query and key weight's scores gathered whole once per epoch."""
+    section = BENCHMARKS["sharded"](tiny, tmp_path)
+    assert section.title and len(section.headline) == 3
+    assert sum(line.startswith("|---") for line in section.markdown.splitlines()) == 6  # six tables
+    assert not section.figures and not list(tmp_path.iterdir())  # tables only; the children write elsewhere
+    json.dumps(section.data)
+    for rank in section.data["overhead"]:
+        assert rank["full_per_step_max"] == 0 and rank["without_full"] == 0 and rank["full_elsewhere"] == 0
+        assert rank["full_per_epoch_end"] == rank["tracked"] == 8  # VGG-11-BN's BatchNorm layers
+        assert rank["steps_with"] == rank["steps_without"] > 0 and min(rank["truncated"]) > 0
+    prune = section.data["prune"]
+    assert len({ticket for r in prune for ticket in r["tickets"]}) == 1
+    assert all((r["gathers"] > 0) == (r["kind"] == "fsdp") for r in prune)
+    sharded = [r for r in section.data["qk"] if r["world"] == 2]
+    one = next(r for r in section.data["qk"] if r["world"] == 1)
+    assert len(sharded) == 2 and one["gathers"] == 0
+    for rank in sharded:
+        assert rank["gathers"] == 4 and rank["gathered_mib"] * 2**20 == 4 * rank["units"] == 8 * rank["local_units"]
 
 
 def test_claims_measure_every_method_under_both_recipes(tiny):
