@@ -2,7 +2,7 @@
 
 Usage::
 
-    python examples/benchmarks/run.py --quick          # < 10 minutes on a 2-core CPU
+    python examples/benchmarks/run.py --quick          # about 10 minutes on a 2-core CPU (+3-4 for sharded)
     python -m examples.benchmarks.run                  # the full mode
     python -m examples.benchmarks.run --only ticket,end_to_end   # the claims on MNIST-1D, 5 seeds, both recipes
     python -m examples.benchmarks.run --only ticket,end_to_end,defaults --methods dense,earlybird,worm_elbow,random
@@ -47,7 +47,8 @@ ACCELERATORS = ("cpu", "gpu")
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_const", const="quick", dest="mode", default=argparse.SUPPRESS,
-                        help="fewer seeds, steps and epochs: the whole suite in under 10 minutes on a 2-core CPU")
+                        help="fewer seeds, steps and epochs: the whole suite in about 10 minutes on a 2-core CPU, "
+                             "plus 3 to 4 for `sharded`")
     parser.add_argument("--mode", choices=("tiny", "quick", "full"), default="full",
                         help="preset (default: full; 'tiny' is what the tests run)")
     parser.add_argument("--only", default=",".join(BENCHMARKS),
@@ -260,7 +261,7 @@ median and spread, because the machine this was measured on is shared and its ba
 | `transformer` | the tracker's own per-epoch call on the 14 M-unit element-wise query/key mask of a random BERT-base (each stage, wall and CPU time, with the run's threads and with one, and the load average) and the memory per stored mask (`mask_cost`); params, FLOPs and latency after removing half of BERT-base's heads (`bert_heads`); the example ViT's head search, Early-Bird vs WORM (`vit`) |
 | `sharded` | under FSDP2 (`ModelParallelStrategy` + `fully_shard`, 2 CPU processes over gloo): the per-step time of a fit with EarlyBird + WORM (fixed, with the sparsity term) against without, alternated, and the whole weights gathered per step and per epoch end (`DTensor.full_tensor` counted); `PruneAndFinetune.prune`'s wall time and peak memory per rank under FSDP2 against DDP on the same ticket; the element-wise q/k mask of a sharded random BERT-base per rank (time per stage, bytes gathered) against one unsharded process |
 
-Rerun: `python examples/benchmarks/run.py --quick` (under 10 minutes on a 2-core CPU) or
+Rerun: `python examples/benchmarks/run.py --quick` (about 10 minutes on a 2-core CPU, plus 3 to 4 for `sharded`) or
 `python -m examples.benchmarks.run` (full mode: 5 seeds, more rounds). `python -m examples.benchmarks.run --only
 ticket,end_to_end` runs the claims alone (MNIST-1D, 5 seeds, both recipes: under 15 minutes on 2 cores);
 `--only ticket,end_to_end,defaults --methods dense,earlybird,worm_elbow,random` is the run of issue 15 below (both

@@ -68,19 +68,19 @@ def score_share(scores: Mapping[str, Tensor], mask: MaskLike) -> ScoreShare:
     """
     total = pruned = expected = 0.0
     for name, entry in scores.items():
-        values = entry.detach().reshape(-1).double()
+        values = entry.detach().reshape(-1)  # summed in float64, without a float64 copy of a large entry
         keep = mask.get(name)
         if keep is not None and tuple(keep.shape) != tuple(entry.shape):
             raise ValueError(f"The mask of {name!r} has shape {tuple(keep.shape)}, its scores {tuple(entry.shape)}.")
-        mass = float(values.sum())
+        mass = float(values.sum(dtype=torch.float64))
         if not math.isfinite(mass) or (values.numel() and float(values.min()) < 0):
             raise ValueError(f"The scores of {name!r} must be finite and non-negative to be shared out.")
         total += mass
         if keep is None or values.numel() == 0:
             continue
-        dropped = ~keep.reshape(-1).to(values.device)
-        pruned += float(values[dropped].sum())
-        expected += mass * int(dropped.sum()) / values.numel()
+        kept = keep.reshape(-1).to(values.device)
+        pruned += float(values.masked_fill(kept, 0).sum(dtype=torch.float64))
+        expected += mass * (values.numel() - int(kept.sum())) / values.numel()
     if total <= 0:
         return ScoreShare(0.0, 0.0)
     return ScoreShare(pruned / total, expected / total)
