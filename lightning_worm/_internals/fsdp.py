@@ -75,8 +75,8 @@ class ShardingRecipe:
 
     @property
     def mesh(self) -> Any:
-        """The device mesh of the first group that has one."""
-        return next((g.options["mesh"] for g in self.groups if g.options.get("mesh") is not None), None)
+        """The device mesh (every group's: :func:`record_sharding` gives one without parameters the others')."""
+        return self.groups[0].options["mesh"]
 
 
 def record_sharding(model: nn.Module) -> ShardingRecipe | None:
@@ -132,26 +132,24 @@ def record_sharding(model: nn.Module) -> ShardingRecipe | None:
 
 
 @torch.no_grad()
-def remove_fsdp(model: nn.Module) -> Callable[[], None]:
+def remove_fsdp(model: nn.Module, recipe: ShardingRecipe | None = None) -> Callable[[], None]:
     """Gather every sharded parameter whole (a collective: every rank calls it) and take FSDP2 off ``model``.
 
     Afterwards ``model`` is a plain module of plain parameters, identical on every rank, with its own classes, on
     the device its shards were on (the mesh's device when they were offloaded to the CPU). Returns a function that
     puts FSDP2 back exactly as it was (the same sharded parameter objects, hooks and states), for a change that
-    is undone (a trial prune, a failed one).
+    is undone (a trial prune, a failed one). ``recipe``: the model's :func:`record_sharding`, if taken already.
     """
     from torch.distributed._composable.contract import REGISTRY_KEY, STATE_KEY
     from torch.distributed._composable_state import _module_state_mapping
     from torch.distributed.fsdp import FSDPModule
 
+    recipe = recipe or record_sharding(model)  # which also reshards: the sharded DTensors are registered
     found = fsdp_modules(model)
-    for _, module in found:
-        module.reshard()  # the sharded DTensors registered, not an all-gathered copy
     # What undo puts back: each module's class and attributes (containers copied: parameters, hooks, states).
     saved = [(m, type(m), {k: copy.copy(v) if isinstance(v, dict) else v for k, v in vars(m).items()})
              for m in model.modules()]
     mapping = {m: _module_state_mapping[m] for _, m in found if m in _module_state_mapping}
-    recipe = record_sharding(model)
     device = _device_of(recipe.mesh if recipe is not None else None)
     replaced: dict[int, nn.Parameter] = {}
     for module in model.modules():
@@ -232,15 +230,9 @@ def _drop_hooks(module: nn.Module) -> None:
 
 
 def _from_fsdp(hook: Any) -> bool:
-    seen = 0
-    while seen < 8:  # unwrap partials, torch's _WrappedHook, bound methods
-        seen += 1
-        if isinstance(hook, functools.partial):
-            hook = hook.func
-        elif type(hook).__name__ == "_WrappedHook":  # torch.nn.modules.module's wrapper of load_state_dict hooks
-            hook = hook.hook
-        else:
-            break
-    owner: Callable[..., Any] | Any = getattr(hook, "__func__", hook)
-    module_name = getattr(owner, "__module__", "") or ""
-    return module_name.startswith("torch.distributed.fsdp")
+    if type(hook).__name__ == "_WrappedHook":  # torch.nn.modules.module's wrapper of load_state_dict hooks
+        hook = hook.hook
+    while isinstance(hook, functools.partial):
+        hook = hook.func
+    owner = getattr(hook, "__func__", hook)  # a bound method's function
+    return (getattr(owner, "__module__", "") or "").startswith("torch.distributed.fsdp")

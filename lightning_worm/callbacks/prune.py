@@ -291,28 +291,26 @@ class PruneAndFinetune(Callback):
         trainer = attached_trainer(pl_module)
         if trainer is None or not any(c is self for c in trainer_callbacks(trainer)):
             return  # an earlier fit's callback: the callbacks of the module's current Trainer decide
-        plan = find_pruning_plan(checkpoint)
-        if plan is None or self.plan is not None:
-            return
-        apply_plan(pl_module, plan)
-        self._record_plan(pl_module, plan)
-        end_every_search(trainer)  # a weights-only checkpoint has no tracker state to say so
+        self._adopt_plan(trainer, pl_module, checkpoint)
 
     def _prune_sharded_before_load(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: Any) -> None:
         """Under FSDP2, give the sharded module the checkpoint's pruned shapes before the strategy loads it, and
         rebuild the optimizers on the pruned parameters (the checkpoint's optimizer state then loads into them)."""
-        if self.plan is not None or path is None:
-            return
-        plan = find_pruning_plan(read_checkpoint_metadata(path))
-        if plan is None:
-            return
+        if path is not None and self._adopt_plan(trainer, pl_module, read_checkpoint_metadata(path)) \
+                and trainer.optimizers:
+            trainer.strategy.setup_optimizers(trainer)
+            optimizers_to_device(trainer.strategy.optimizers, trainer.strategy.root_device)
+
+    def _adopt_plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> bool:
+        """Prune ``pl_module`` by the checkpoint's plan (sharded or not) unless it is pruned already; whether it was."""
+        plan = find_pruning_plan(checkpoint)
+        if plan is None or self.plan is not None:
+            return False
         with unsharded(pl_module):
             apply_plan(pl_module, plan)
         self._record_plan(pl_module, plan)
-        if trainer.optimizers:
-            trainer.strategy.setup_optimizers(trainer)
-            optimizers_to_device(trainer.strategy.optimizers, trainer.strategy.root_device)
-        end_every_search(trainer)
+        end_every_search(trainer)  # a weights-only checkpoint has no tracker state to say so
+        return True
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -471,11 +469,11 @@ class PruneAndFinetune(Callback):
         options = self._options(surgery)
         if "measure_latency" in surgery.options:
             options["measure_latency"] = self.measure_latency and trainer.is_global_zero
-        with unsharded(pl_module) as sharding:  # under FSDP2: pruned whole on every rank, then sharded the same way
+        with unsharded(pl_module):  # under FSDP2: pruned whole on every rank, then sharded again the same way
             names = {id(p): n for n, p in pl_module.named_parameters()}
             report = surgery.prune(pl_module, ticket, example, source=tracker.source, **options)
-            # A parameter the surgery keeps under a new name (an element-wise ticket's `weight_orig`) is a new
-            # object once sharded again: its state is found by its old name.
+            # A parameter the surgery keeps under a new name (an element-wise ticket's `weight_orig`) is found by
+            # its old name: under FSDP2 it is a new object once sharded again.
             renamed = {names[id(p)]: n for n, p in pl_module.named_parameters() if names.get(id(p), n) != n}
             self._record_plan(pl_module, report.plan)
             self.pruned_epoch = trainer.current_epoch
@@ -491,8 +489,7 @@ class PruneAndFinetune(Callback):
         trainer.strategy.setup_optimizers(trainer)
         optimizers_to_device(trainer.strategy.optimizers, trainer.strategy.root_device)
         params_after = dict(pl_module.named_parameters())
-        if sharding is not None:
-            params_after.update({old: params_after[new] for old, new in renamed.items()})
+        params_after.update({old: params_after[new] for old, new in renamed.items()})
         for what, before, after in (("optimizers", old_optimizers, trainer.strategy.optimizers),
                                     ("LR schedulers", old_schedulers, trainer.strategy.lr_scheduler_configs)):
             if len(after) != len(before):

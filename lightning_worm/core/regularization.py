@@ -108,7 +108,7 @@ class RelativeSparsity:
         if sharded:  # each rank's share of the mean, summed over the shards at the epoch's end
             total = sum(g.numel() for g in grads)
             mean = torch.stack([local(g).abs().float().sum() for g in grads]).sum() / total
-            self._partial = shard_groups(sharded[0])
+            self._partial = self._partial or shard_groups(sharded[0])
         else:
             mean = torch.cat([g.reshape(-1) for g in grads]).abs().float().mean()
         self._sum = mean if self._sum is None else self._sum + mean.to(self._sum.device)

@@ -20,7 +20,7 @@ try:  # torch.distributed is optional in torch builds (e.g. some mobile and Wind
 except ImportError:  # pragma: no cover - every build this project tests has torch.distributed
     DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = ["is_sharded", "local", "local_part", "shard_groups", "whole"]
+__all__ = ["is_sharded", "local", "local_part", "shard_groups", "shard_like", "whole"]
 
 
 def is_sharded(tensor: Any) -> TypeGuard[DTensor]:
@@ -62,6 +62,15 @@ def local_part(value: Tensor, like: Tensor) -> Tensor:
                          f"parameter's shard {tuple(shard.shape)}: the parameter is not sharded the way DTensor "
                          "splits (FSDP2's fully_shard is).")
     return part
+
+
+def shard_like(value: Tensor, like: Tensor) -> Tensor:
+    """``value`` (whole, of ``like``'s global shape) sharded the way ``like`` is, without communication; ``value``
+    itself when ``like`` is a plain tensor or another shape (an optimizer's scalar ``step``)."""
+    if not is_sharded(like) or value.shape != like.shape:
+        return value
+    return DTensor.from_local(local_part(value, like), like.device_mesh, like.placements, shape=like.shape,
+                              stride=like.stride(), run_check=False)
 
 
 def shard_groups(tensor: Tensor) -> list[Any]:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_worm.core.sharding import is_sharded, local_part, whole
+from lightning_worm.core.sharding import is_sharded, shard_like, whole
 from lightning_worm.core.surgery.plan import KeptIndices
 
 __all__ = ["carry_optimizer_state"]
@@ -63,23 +63,11 @@ def carry_optimizer_state(
         new_param = same.get(id(param), params_after.get(name))
         if values is None or new_param is None:
             continue
-        if new_param is param:
-            new.state[new_param] = dict(values)
-            continue
         new.state[new_param] = {
-            key: _placed_like(_sliced(whole(value), param, kept_indices.get(name)), new_param, value)
+            key: shard_like(_sliced(whole(value), param, kept_indices.get(name)), new_param) if is_sharded(value)
+            else _sliced(value, param, kept_indices.get(name))
             for key, value in values.items()
         }
-
-
-def _placed_like(value: Any, param: Tensor, old: Any) -> Any:
-    """``value`` sharded like ``param`` when it is shaped like it and was sharded (FSDP2), else as it is."""
-    if not is_sharded(old) or not isinstance(value, Tensor) or not is_sharded(param) or value.shape != param.shape:
-        return value
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(local_part(value, param), param.device_mesh, param.placements, shape=param.shape,
-                              stride=param.stride(), run_check=False)
 
 
 def _sliced(value: Any, old_param: Tensor, kept: list[Tensor | None] | None) -> Any:

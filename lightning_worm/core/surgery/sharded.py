@@ -35,7 +35,7 @@ def unsharded(model: nn.Module, *, undo: bool = False) -> Iterator[ShardingRecip
     if recipe is None:
         yield None
         return
-    restore = remove_fsdp(model)
+    restore = remove_fsdp(model, recipe)
     try:
         yield recipe
     except BaseException:
