@@ -434,3 +434,35 @@ class ShardedTinyNet(TinyNet):
         for layer in (*self.features[:2], *self.features[3:5], self.classifier):
             fully_shard(layer, mesh=mesh)
         fully_shard(self, mesh=mesh)
+
+
+class HybridNet(nn.Module):
+    """A conv-BatchNorm stem feeding two attention blocks: tracked by BatchNorm channels and heads at once."""
+
+    def __init__(self, dim: int = 16, num_heads: int = 4, classes: int = 4) -> None:
+        super().__init__()
+        from examples.vit import Block
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, dim, 2, stride=2))
+        self.blocks = nn.Sequential(Block(dim, num_heads), Block(dim, num_heads))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+class HybridClassifier(MixClassifier):
+    """:class:`HybridNet` trained with Adam (BatchNorm gammas randomised so that channel tickets are not ties)."""
+
+    def __init__(self, lr: float = 3e-3, seed: int = 0):
+        super().__init__(lr)
+        torch.manual_seed(seed)
+        self.net = HybridNet()
+        del self.embed, self.mix, self.head
+        with torch.no_grad():
+            self.net.stem[1].weight.uniform_(0.5, 1.5)
+        self.example_input_array = torch.zeros(2, 3, 8, 8)
+
+    def forward(self, x):
+        return self.net(x)

@@ -21,10 +21,10 @@ from lightning_worm._internals.lightning import attached_trainer, checkpoint_hoo
 from lightning_worm.callbacks._strategy import check_strategy, decide_on_rank_zero, log_shared
 from lightning_worm.checkpoint import _raise_for_unloadable_checkpoint, find_pruning_plan
 from lightning_worm.core.detector import TicketDetector
-from lightning_worm.core.masks import Mask, NonFiniteScoreError, mask_from_scores, unit_scores
+from lightning_worm.core.masks import Mask, NonFiniteScoreError, rank_units, unit_scores
 from lightning_worm.core.readiness import ScoreShare, score_share
 from lightning_worm.core.regularization import GrowingDecay, MaskedDecay, RelativeSparsity, add_sparsity_gradient
-from lightning_worm.core.sources import ScoreSource, resolve_source
+from lightning_worm.core.sources import SourceSpec, resolve_source
 from lightning_worm.core.truncation import GradientTruncation
 from lightning_worm.core.validation import check_bool, check_choice, check_int, check_number
 
@@ -87,7 +87,9 @@ class EarlyBirdCallback(Callback):
         every_n_epochs: take a mask every this many epochs (epochs in between record NaN).
         stop_on_ticket: stop the fit at the end of the epoch in which the ticket emerges.
         source: what is scored: a :class:`~lightning_worm.ScoreSource` or the name of one (``"batchnorm"``,
-            the default, and the names in ``lightning_worm.core.SOURCES``).
+            the default, and the names in ``lightning_worm.core.SOURCES``), or a list of those: several sources in
+            one search (:class:`~lightning_worm.core.sources.SourceList`), each ranked with its own ``prune_ratio``
+            (else this one) and ``scope``, one mask distance over all their units, one prune.
         keep_history: keep every epoch's mask (packed, on the CPU, in checkpoints) for the distance plots.
         verbose: print what is tracked at setup and the ticket's arrival, on rank zero.
         accept_first_window: accept a ticket at the first epoch the window is full (``False``: the WORM
@@ -121,7 +123,7 @@ class EarlyBirdCallback(Callback):
         min_units: int = 1,
         every_n_epochs: int = 1,
         stop_on_ticket: bool = False,
-        source: str | ScoreSource | None = None,
+        source: SourceSpec = None,
         keep_history: bool = True,
         verbose: bool = True,
         accept_first_window: bool = True,
@@ -183,7 +185,7 @@ class EarlyBirdCallback(Callback):
             prune_ratio=self.prune_ratio, window=self.window, threshold=self.threshold, sparsity=self.sparsity,
             # `min_channels` is the name this setting has in the state keys of earlier checkpoints: kept, so they
             # resume.
-            min_channels=self.min_units, every_n_epochs=self.every_n_epochs, source=type(self.source).__name__,
+            min_channels=self.min_units, every_n_epochs=self.every_n_epochs, source=self.source.label(),
         )
 
     min_channels = RenamedAttribute("min_units")
@@ -250,6 +252,7 @@ class EarlyBirdCallback(Callback):
         self._pull, self._pull_version = None, -1
         self.truncation = None  # a WormCallback in this fit hands its own over at `on_fit_start`, after every setup
         self._observed_epoch = None
+        self.source.prepare(pl_module)
         skipped = self.source.skipped(pl_module)
         tracked = self.source.tracked(pl_module)
         pending = [name for name, why in skipped.items() if why.startswith("lazy")]
@@ -430,8 +433,9 @@ class EarlyBirdCallback(Callback):
                    if lazy else "")
                 + "Run the model once before the fit, use non-lazy layers, or pass a `source=` that scores your layers."
             )
+        parts = self.source.parts(pl_module)
         try:
-            result = mask_from_scores(scores, self.prune_ratio, self.min_units)
+            result = rank_units(scores, parts, self.prune_ratio, self.min_units)
         except NonFiniteScoreError as err:
             return err
         if result.restored and self.verbose and not self._restored_reported:
@@ -443,8 +447,9 @@ class EarlyBirdCallback(Callback):
             )
         # Whether any score moved: the ranking's exact checksum of the scores' bits, taken in its pass over them.
         ticket = self.ticket
-        ticket_share = score_share(scores, ticket.to(result.mask.flat.device)) if ticket is not None else None
-        return result.mask, result.checksum, score_share(scores, result.mask), ticket_share
+        names = [entries for _, entries in parts]
+        ticket_share = score_share(scores, ticket.to(result.mask.flat.device), names) if ticket is not None else None
+        return result.mask, result.checksum, score_share(scores, result.mask, names), ticket_share
 
     @staticmethod
     def _share_rank_zero_mask(

@@ -272,14 +272,14 @@ class PruneAndFinetune(Callback):
     def _check_options(self, surgery: Surgery) -> None:
         """Refuse an option set away from its default that the source's surgery does not take."""
         given = {"coupling": self.coupling != DEFAULT_COUPLING, "round_to": self.round_to is not None}
-        unused = [f"{key}={getattr(self, key)!r}" for key, is_set in given.items()
-                  if is_set and key not in surgery.options]
+        assert self.early_bird is not None, "checked at setup, once the tracker is found"
+        source = self.early_bird.source
+        taken = surgery.options_for(source)
+        unused = [f"{key}={getattr(self, key)!r}" for key, is_set in given.items() if is_set and key not in taken]
         if unused:
-            assert self.early_bird is not None, "checked at setup, once the tracker is found"
-            source = self.early_bird.source
             raise ValueError(
                 f"PruneAndFinetune({', '.join(unused)}) does not apply to {type(source).__name__}: its surgery "
-                f"({surgery.kind!r}) takes {list(surgery.options)}. Leave the option at its default."
+                f"({surgery.kind!r}) takes {list(taken)}. Leave the option at its default."
             )
 
     def _record_plan(self, pl_module: pl.LightningModule, plan: PruningPlan) -> None:
@@ -460,7 +460,8 @@ class PruneAndFinetune(Callback):
             from lightning_worm.core.recalibration import random_ticket
 
             ticket = Mask.from_dict(random_ticket(ticket, torch.Generator().manual_seed(self.seed)))
-        share = score_share(unit_scores(pl_module, tracker.source), ticket)
+        share = score_share(unit_scores(pl_module, tracker.source), ticket,
+                            [names for _, names in tracker.source.parts(pl_module)])
         evaluation = {"before": self._evaluate(pl_module)}
         old_optimizers = list(trainer.strategy.optimizers)
         old_schedulers = [cfg.scheduler for cfg in trainer.strategy.lr_scheduler_configs]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lightning_worm._deprecation import warn_renamed
 from lightning_worm.core.sharding import whole
-from lightning_worm.core.sources import ScoreSource, resolve_source
+from lightning_worm.core.sources import ScoreSource, SourceSpec, resolve_source
 from lightning_worm.core.validation import check_int, check_number
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "channel_scores",
     "mask_distance",
     "mask_from_scores",
+    "rank_units",
     "score_checksum",
     "unit_mask",
     "unit_scores",
@@ -303,6 +304,47 @@ def mask_from_scores(scores: Mapping[str, Tensor], prune_ratio: float, min_units
                       checksum=score_checksum(flat))
 
 
+Parts = Sequence[tuple[ScoreSource, Sequence[str]]]
+
+
+def rank_units(scores: Mapping[str, Tensor], parts: Parts, prune_ratio: float, min_units: int = 1) -> MaskResult:
+    """The mask of several sources' scores: each source ranks its own entries with its ``prune_ratio`` (else
+    ``prune_ratio``) and its ``scope`` (one ranking over all its entries, or one per entry).
+
+    With one source of global scope and no ratio of its own this is :func:`mask_from_scores`.
+
+    Args:
+        scores: score tensor per entry, in order (as :func:`unit_scores` gives them).
+        parts: ``(source, entry names)`` per source, as :meth:`ScoreSource.parts` gives them; together they name
+            every entry of ``scores``.
+        prune_ratio: the ratio of a source without one of its own, in (0, 1).
+        min_units: units every entry keeps at least.
+
+    Raises:
+        ValueError: on a bad ratio, or parts that do not cover the scores' entries exactly.
+        NonFiniteScoreError: if a score is NaN or infinite.
+    """
+    groups: list[tuple[float, list[str]]] = []
+    for source, names in parts:
+        ratio = source.prune_ratio if source.prune_ratio is not None else prune_ratio
+        groups += [(ratio, [n]) for n in names] if source.scope == "layer" else [(ratio, list(names))]
+    groups = [(ratio, names) for ratio, names in groups if names]
+    covered = [n for _, names in groups for n in names]
+    if sorted(covered) != sorted(scores):
+        raise ValueError(f"The sources' parts name the entries {covered[:5]}..., the scores {list(scores)[:5]}...: "
+                         "take both from the same model.")
+    if len(groups) == 1:
+        return mask_from_scores(scores, groups[0][0], min_units)
+    results = {}
+    for ratio, names in groups:
+        results.update(dict.fromkeys(names, mask_from_scores({n: scores[n] for n in names}, ratio, min_units)))
+    unique = list({id(r): r for r in results.values()}.values())
+    mask = Mask.from_dict({name: results[name].mask[name] for name in scores})
+    restored = {n: k for r in unique for n, k in r.restored.items()}
+    return MaskResult(mask=mask, requested=sum(r.requested for r in unique), pruned=sum(r.pruned for r in unique),
+                      restored=restored, checksum=sum(r.checksum for r in unique) % (1 << 64))
+
+
 def score_checksum(scores: Tensor) -> int:
     """An exact checksum of a tensor's bits: the sum of its 64-bit words, modulo ``2**64``, in one pass.
 
@@ -352,7 +394,7 @@ def _kth_smallest_counted(values: Tensor, k: int) -> tuple[Tensor, int, Tensor]:
 _NARROW_FROM, _SAMPLE, _MARGIN = 1 << 20, 1 << 16, 1 << 11  # margin: 8 standard deviations of the sample rank
 
 
-def unit_scores(model: nn.Module, source: str | ScoreSource | None = None) -> dict[str, Tensor]:
+def unit_scores(model: nn.Module, source: SourceSpec = None) -> dict[str, Tensor]:
     """The scores of every tracked entry of ``model`` (by default BatchNorm ``|gamma|``).
 
     Under FSDP2 the scores are computed on the shards and gathered whole (a collective: every rank calls it).
@@ -362,15 +404,16 @@ def unit_scores(model: nn.Module, source: str | ScoreSource | None = None) -> di
 
 
 def unit_mask(
-    model: nn.Module, prune_ratio: float, min_units: int = 1, source: str | ScoreSource | None = None
+    model: nn.Module, prune_ratio: float, min_units: int = 1, source: SourceSpec = None
 ) -> Mask:
     """Global mask of ``model`` at ``prune_ratio``.
 
     Args:
         model: any ``nn.Module``; its tracked units are scored by ``source``.
-        prune_ratio: fraction of units to prune, in (0, 1).
+        prune_ratio: fraction of units to prune, in (0, 1) (a source with a ratio of its own uses that).
         min_units: units every entry keeps at least.
-        source: what is scored; :class:`~lightning_worm.BatchNormSource` by default.
+        source: what is scored; :class:`~lightning_worm.BatchNormSource` by default; a list of sources ranks each
+            one's units with its own ratio and scope (:func:`rank_units`).
 
     Returns:
         A :class:`Mask`: per tracked entry name a bool tensor shaped like its scores, ``True`` = keep.
@@ -388,7 +431,7 @@ def unit_mask(
     scores = unit_scores(model, source)
     if not scores:
         raise ValueError(f"The model has no tracked channels or units ({source.description}).")
-    return mask_from_scores(scores, prune_ratio, min_units).mask
+    return rank_units(scores, source.parts(model), prune_ratio, min_units).mask
 
 
 def channel_mask(

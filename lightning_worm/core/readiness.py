@@ -9,7 +9,7 @@ mask of the same widths would is no better than the scores' noise.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,12 +51,16 @@ class ScoreShare:
 
 
 @torch.no_grad()
-def score_share(scores: Mapping[str, Tensor], mask: MaskLike) -> ScoreShare:
+def score_share(scores: Mapping[str, Tensor], mask: MaskLike, parts: Sequence[Sequence[str]] | None = None
+                ) -> ScoreShare:
     """The share of the score mass that ``mask``'s pruned units hold, and a random mask's.
 
     Args:
         scores: non-negative score tensor per entry (as :func:`~lightning_worm.core.unit_scores` gives).
         mask: keep-mask per entry (``True`` = keep), shaped like the scores; entries it lacks keep every unit.
+        parts: the entry names of each source when several are tracked (their scores are on scales of their own: a
+            head's mean ``|W|``, a BatchNorm ``|gamma|``): the share is then each source's share, averaged over the
+            sources, so that no source outweighs another by the size of its scores. ``None``: one source.
 
     Raises:
         ValueError: if a mask's shape differs from its entry's scores, or a score is negative or not finite.
@@ -66,6 +70,10 @@ def score_share(scores: Mapping[str, Tensor], mask: MaskLike) -> ScoreShare:
         share = score_share(unit_scores(model), early_bird.ticket)
         share.pruned, share.random, share.ratio
     """
+    groups = [list(names) for names in parts or () if names]
+    if len(groups) > 1:
+        shares = [score_share({n: scores[n] for n in names}, mask) for names in groups]
+        return ScoreShare(sum(s.pruned for s in shares) / len(shares), sum(s.random for s in shares) / len(shares))
     total = pruned = expected = 0.0
     for name, entry in scores.items():
         values = entry.detach().reshape(-1)  # summed in float64, without a float64 copy of a large entry

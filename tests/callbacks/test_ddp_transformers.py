@@ -47,3 +47,17 @@ def test_two_process_head_prune_agrees(tmp_path):
     for name, value in r0["state"].items():
         assert value.shape == r1["state"][name].shape and torch.equal(value, r1["state"][name]), name
     assert r0["optimizer_params"] == [tuple(v.shape) for v in r0["state"].values()]
+
+
+@pytest.mark.slow
+def test_two_process_search_and_prune_over_several_sources_agree(tmp_path):
+    r0, r1 = run(tmp_path, "prune", "sources")
+    assert r0["pruned_epoch"] == r1["pruned_epoch"] == 1
+    assert list(r0["ticket"]) == ["net.stem.1", "net.blocks.0.attn", "net.blocks.1.attn"]
+    assert {k: v.tolist() for k, v in r0["ticket"].items()} == {k: v.tolist() for k, v in r1["ticket"].items()}
+    assert r0["heads"] == r1["heads"] == [2, 2]
+    assert r0["state"]["net.stem.1.weight"].shape == (6,)
+    for name, value in r0["state"].items():  # BatchNorm running statistics are each rank's own (no SyncBatchNorm)
+        assert value.shape == r1["state"][name].shape, name
+        assert "running" in name or "num_batches" in name or torch.equal(value, r1["state"][name]), name
+    assert r0["optimizer_params"] == r1["optimizer_params"] and (6,) in r0["optimizer_params"]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from lightning_worm.core.sources.attention import AttentionHeadSource, AttentionQKSource
 from lightning_worm.core.sources.base import ChannelSource, ScaleSource, ScoreSource
 from lightning_worm.core.sources.batchnorm import BatchNormSource
+from lightning_worm.core.sources.combined import SourceList
 from lightning_worm.core.sources.layernorm import LayerNormSource
 
 #: The sources selectable by name (``EarlyBirdCallback(source="batchnorm")``, YAML).
@@ -16,8 +19,13 @@ SOURCES: dict[str, type[ScoreSource]] = {
 }
 
 
-def resolve_source(source: str | ScoreSource | None) -> ScoreSource:
-    """A source instance from a name in :data:`SOURCES`, an instance, or ``None`` (BatchNorm).
+#: What a tracker, a mask or a surgery accepts as ``source``: a source, its name, a list of those, or ``None``.
+SourceSpec = str | ScoreSource | type[ScoreSource] | Sequence[str | ScoreSource | type[ScoreSource]] | None
+
+
+def resolve_source(source: SourceSpec) -> ScoreSource:
+    """A source instance from a name in :data:`SOURCES`, an instance, ``None`` (BatchNorm), or a list of those (a
+    :class:`SourceList`: several sources in one search).
 
     Raises:
         ValueError: on an unknown name or an object that is not a :class:`ScoreSource`.
@@ -28,17 +36,19 @@ def resolve_source(source: str | ScoreSource | None) -> ScoreSource:
         if source not in SOURCES:
             raise ValueError(f"Unknown `source` {source!r}: use one of {sorted(SOURCES)} or a ScoreSource instance.")
         return SOURCES[source]()
+    if isinstance(source, (list, tuple)):
+        return SourceList(source)
     if isinstance(source, type) and issubclass(source, ScoreSource):
         return source()
     if not isinstance(source, ScoreSource):
         raise ValueError(
-            f"`source` must be a ScoreSource (e.g. BatchNormSource()) or one of {sorted(SOURCES)}, got "
-            f"{type(source).__name__}: subclass lightning_worm.ScoreSource to score your own layers."
+            f"`source` must be a ScoreSource (e.g. BatchNormSource()), one of {sorted(SOURCES)} or a list of those, "
+            f"got {type(source).__name__}: subclass lightning_worm.ScoreSource to score your own layers."
         )
     return source
 
 
 __all__ = [
     "SOURCES", "AttentionHeadSource", "AttentionQKSource", "BatchNormSource", "ChannelSource", "LayerNormSource",
-    "ScaleSource", "ScoreSource", "resolve_source",
+    "ScaleSource", "ScoreSource", "SourceList", "SourceSpec", "resolve_source",
 ]

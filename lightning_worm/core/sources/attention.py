@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -262,7 +262,11 @@ class _AttentionSource(ScoreSource):
         modules: Sequence[str] | None = None,
         projections: Sequence[str] | None = None,
         num_heads: int | None = None,
+        *,
+        prune_ratio: float | None = None,
+        scope: Literal["global", "layer"] = "global",
     ) -> None:
+        super().__init__(prune_ratio=prune_ratio, scope=scope)
         self.modules = check_names("modules", modules)
         projections = check_names("projections", projections, count=(1, 3))
         self.projections = None if projections is None else tuple(projections)
@@ -277,11 +281,11 @@ class _AttentionSource(ScoreSource):
         A pruning plan records them, so that its replay (``load_pruned``, resuming) finds the same blocks.
         """
         return {"modules": self.modules, "projections": None if self.projections is None else list(self.projections),
-                "num_heads": self.num_heads}
+                "num_heads": self.num_heads, **self.ranking()}
 
     def __repr__(self) -> str:
         args = [f"{k}={v!r}" for k, v in (("modules", self.modules), ("projections", self.projections),
-                                          ("num_heads", self.num_heads)) if v is not None]
+                                          ("num_heads", self.num_heads), *self.ranking().items()) if v is not None]
         return f"{type(self).__name__}({', '.join(args)})"
 
 
@@ -323,6 +327,8 @@ class AttentionQKSource(_AttentionSource):
         projections: child names of the query/key/value Linear layers (or one packed ``qkv``), for
             modules this source does not recognise.
         num_heads: the head count, for modules that do not say it (not needed element-wise).
+        prune_ratio: this source's own ratio when a tracker follows several sources (``None``: the tracker's).
+        scope: ``"global"`` (one ranking over every weight) or ``"layer"`` (each projection ranked on its own).
 
     Example::
 
@@ -395,6 +401,9 @@ class AttentionHeadSource(_AttentionSource):
         modules: names of the attention modules to track instead of finding them.
         projections: child names of the query/key/value Linear layers (or one packed ``qkv``).
         num_heads: the head count, for modules that do not say it.
+        prune_ratio: this source's own ratio when a tracker follows several sources (``None``: the tracker's).
+        scope: ``"global"`` (one ranking over the heads of every block) or ``"layer"`` (every block loses the same
+            fraction of its heads: EarlyBERT's rule, 1/3 per layer).
 
     Example::
 

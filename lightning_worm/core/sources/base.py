@@ -16,12 +16,18 @@ rows). Every other method takes that handle.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ChannelSource", "ScaleSource", "ScoreSource"]
+from lightning_worm.core.validation import check_choice, check_number
+
+__all__ = ["SCOPES", "ChannelSource", "ScaleSource", "ScoreSource"]
+
+#: How a source's units are ranked: ``"global"`` (one ranking over all its entries) or ``"layer"`` (each entry on
+#: its own, so that every entry loses the same fraction).
+SCOPES = ("global", "layer")
 
 
 class ScoreSource:
@@ -30,12 +36,50 @@ class ScoreSource:
     Subclasses implement ``candidates`` and ``scores``, and usually ``skip_reason``,
     ``gradient_factors`` and ``sparsity_parameters``. Units are removed by the surgery registered for the
     source's class (:func:`lightning_worm.core.surgery.register_surgery`).
+
+    Every source takes two ranking settings, which matter when a tracker follows several sources at once
+    (``EarlyBirdCallback(source=[AttentionHeadSource(scope="layer"), FeedForwardSource(prune_ratio=0.4)])``):
+
+    Args:
+        prune_ratio: the fraction of this source's units a mask prunes, in (0, 1); ``None`` (default): the
+            tracker's ``prune_ratio``.
+        scope: ``"global"`` (default): one ranking over all the source's entries; ``"layer"``: each entry (a
+            BatchNorm layer, an attention block, a feed-forward block) ranked on its own, so that every entry loses
+            the same fraction (EarlyBERT's rule for heads).
+
+    Raises:
+        ValueError: on a ratio out of (0, 1) or an unknown scope.
     """
 
     #: The short name of the source (``EarlyBirdCallback(source=key)``, state keys, YAML).
     key: str = "custom"
     #: A short human description of what is tracked, for messages.
     description: str = "units"
+    prune_ratio: float | None = None
+    scope: str = "global"
+
+    def __init__(self, *, prune_ratio: float | None = None, scope: Literal["global", "layer"] = "global") -> None:
+        self.prune_ratio = None if prune_ratio is None else check_number(
+            "prune_ratio", prune_ratio, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.scope = check_choice("scope", scope, SCOPES)
+
+    def ranking(self) -> dict[str, Any]:
+        """The ranking settings that differ from the defaults (``prune_ratio``, ``scope``), for reprs and state keys."""
+        out: dict[str, Any] = {}
+        if self.prune_ratio is not None:
+            out["prune_ratio"] = self.prune_ratio
+        if self.scope != "global":
+            out["scope"] = self.scope
+        return out
+
+    def prepare(self, model: nn.Module) -> None:
+        """Make ``model`` ready to be scored, before its optimizers are built (the tracker calls it at setup). Nothing
+        by default."""
+
+    def parts(self, model: nn.Module) -> list[tuple[ScoreSource, list[str]]]:
+        """The sources whose rankings make up a mask of ``model``, each with the entries it ranks (this source and
+        all its tracked entries; a :class:`~lightning_worm.core.sources.SourceList` has one part per member)."""
+        return [(self, list(self.tracked(model)))]
 
     def candidates(self, model: nn.Module) -> Iterator[tuple[str, Any]]:
         """Yield ``(entry name, handle)`` for every entry of the kind this source scores, tracked or not."""
@@ -89,7 +133,12 @@ class ScoreSource:
         return line
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.ranking().items())})"
+
+    def label(self) -> str:
+        """The source as a state key names it: its class, with the ranking settings that differ from the defaults."""
+        ranking = self.ranking()
+        return type(self).__name__ + (f"({', '.join(f'{k}={v!r}' for k, v in ranking.items())})" if ranking else "")
 
 
 class ChannelSource(ScoreSource):

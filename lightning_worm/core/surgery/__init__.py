@@ -18,6 +18,8 @@ One module per concern, every unit removal here (sources only find and score uni
   on torch-pruning's dependency graph, with ``decision`` (which channels go: coupling, ``round_to``,
   layers never emptied) and ``graph`` (the graph extended for channel shuffles and chunks, and the cut);
 * ``lightning_worm.core.surgery.heads``: :func:`prune_heads`, whole attention heads;
+* ``lightning_worm.core.surgery.combined``: :func:`prune_sources`, every member of a ``SourceList`` (several
+  sources in one search) in one all-or-nothing prune;
 * ``lightning_worm.core.surgery.elementwise``: :func:`prune_elementwise`, element-wise query/key tickets as
   fixed zeros (no time saved);
 * ``lightning_worm.core.surgery.optimizer_state``: :func:`carry_optimizer_state`, the kept units' optimizer
@@ -29,6 +31,7 @@ LayerNorm channels are registered as refused: they are a transformer's residual 
 
 from lightning_worm.core.sources import LayerNormSource
 from lightning_worm.core.surgery.channels import DEFAULT_COUPLING, prune_channels
+from lightning_worm.core.surgery.combined import prune_sources
 from lightning_worm.core.surgery.elementwise import prune_elementwise
 from lightning_worm.core.surgery.equivalence import check_equivalence
 from lightning_worm.core.surgery.heads import prune_heads
@@ -63,6 +66,7 @@ __all__ = [
     "prune_channels",
     "prune_elementwise",
     "prune_heads",
+    "prune_sources",
     "register_surgery",
     "surgery_for",
     "trial_prune",

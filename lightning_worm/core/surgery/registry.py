@@ -36,17 +36,24 @@ class Surgery:
             model; it checks the whole plan against the model before it changes anything.
         check: ``check(model, source)``: refuses, before a search, a model this surgery could not prune (a
             ``ValueError`` naming the module and the reason), or ``None``: every model.
+        accepts: ``accepts(source)``: the options that matter for this source, when they depend on it (a
+            ``SourceList``'s are its members'), or ``None``: all of :attr:`options`.
     """
 
     kind: str
     prune: Callable[..., PruningReport]
     replay: Callable[..., KeptIndices]
     check: Callable[[nn.Module, ScoreSource], None] | None = None
+    accepts: Callable[[ScoreSource], tuple[str, ...]] | None = None
 
     @property
     def options(self) -> tuple[str, ...]:
         """The options :attr:`prune` takes (its keyword-only parameters other than ``source``)."""
         return _keyword_only(self.prune, exclude="source")
+
+    def options_for(self, source: ScoreSource) -> tuple[str, ...]:
+        """The options that matter when this surgery prunes ``source``'s units."""
+        return self.options if self.accepts is None else self.accepts(source)
 
 
 _BY_SOURCE: dict[type, Surgery | str] = {}

@@ -1,0 +1,92 @@
+"""One tracker, several sources: the search, WORM on every source, one prune mid-fit, resume and reload."""
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_worm import (
+    AttentionHeadSource,
+    BatchNormSource,
+    EarlyBirdCallback,
+    PruneAndFinetune,
+    WormCallback,
+    load_pruned,
+)
+from tests.helpers import tiny_loader, trainer
+from tests.models import HybridClassifier
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def heads_and_channels():
+    return [BatchNormSource(), AttentionHeadSource(prune_ratio=0.5, scope="layer")]
+
+
+def fit(tmp_path, max_epochs=4, ckpt_path=None, checkpoint=None, threshold=1.0, prune=True):
+    model = HybridClassifier()
+    eb = EarlyBirdCallback(prune_ratio=0.25, window=2, threshold=threshold, source=heads_and_channels(),
+                           verbose=False)
+    worm = WormCallback(eb, schedule="fixed", chi=0.01)
+    pruner = PruneAndFinetune(eb, measure_latency=False, wait_for="ticket") if prune else None
+    extra = [c for c in (pruner, checkpoint) if c is not None]
+    t = trainer(tmp_path, callbacks=[eb, worm, *extra], max_epochs=max_epochs,
+                enable_checkpointing=bool(checkpoint))
+    t.fit(model, tiny_loader(), ckpt_path=ckpt_path)
+    return model, eb, worm, pruner, t
+
+
+def test_worm_truncates_the_pruned_units_of_every_source(tmp_path):
+    model, eb, worm, _, _ = fit(tmp_path, max_epochs=2, prune=False)
+    assert worm.truncated_units == 2 + 4  # 2 channels, 2 heads in each of 2 blocks
+    truncated = {id(p) for p in eb.truncation._params}
+    assert id(model.net.stem[1].weight) in truncated and id(model.net.blocks[1].attn.v_proj.bias) in truncated
+
+
+def test_one_search_over_channels_and_heads_truncates_both_and_prunes_both_at_once(tmp_path):
+    model, eb, worm, prune, t = fit(tmp_path)
+    ticket = eb.ticket
+    assert list(ticket) == ["net.stem.1", "net.blocks.0.attn", "net.blocks.1.attn"]
+    assert int((~ticket["net.stem.1"]).sum()) == 2  # the tracker's ratio, 25 % of 8
+    assert [int(ticket[f"net.blocks.{i}.attn"].sum()) for i in range(2)] == [2, 2]  # the heads' own, per layer
+    assert prune.pruned_epoch == 1 and t.current_epoch == 4
+    assert model.net.stem[1].num_features == 6 and [b.attn.num_heads for b in model.net.blocks] == [2, 2]
+    assert prune.report["source"] == "sources"
+    assert prune.report["units_after"] == {"net.stem.1": 6, "net.blocks.0.attn": 2, "net.blocks.1.attn": 2}
+    for p in model.parameters():
+        assert t.optimizers[0].state[p]["exp_avg"].shape == p.shape
+    path = tmp_path / "pruned.ckpt"
+    t.save_checkpoint(path)
+    loaded = load_pruned(HybridClassifier, path)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_the_settings_of_every_source_name_the_search_state():
+    a = EarlyBirdCallback(source=heads_and_channels())
+    b = EarlyBirdCallback(source=[BatchNormSource(), AttentionHeadSource(prune_ratio=0.4, scope="layer")])
+    assert a.state_key != b.state_key
+    assert "AttentionHeadSource(prune_ratio=0.5, scope='layer')" in a.state_key
+    assert EarlyBirdCallback().state_key == EarlyBirdCallback(source=BatchNormSource()).state_key  # as before
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # the resumed fit saves nothing
+def test_resume_mid_search_equals_the_uninterrupted_fit(tmp_path):
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    full, eb_full, *_ = fit(tmp_path, max_epochs=5, checkpoint=saver, threshold=0.0, prune=False)
+    for epoch in (0, 2):
+        resumed, eb_resumed, *_ = fit(tmp_path, max_epochs=5, ckpt_path=tmp_path / "ckpt" / f"epoch={epoch}.ckpt",
+                                      threshold=0.0, prune=False)
+        assert torch.equal(eb_resumed.mask.flat, eb_full.mask.flat)
+        assert eb_resumed.distances[epoch + 1:] == eb_full.distances[epoch + 1:]
+        for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_resume_after_the_prune_rebuilds_both_sources(tmp_path):
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    full, *_ = fit(tmp_path, checkpoint=saver)
+    resumed, _, _, prune, t = fit(tmp_path, ckpt_path=tmp_path / "ckpt" / "epoch=2.ckpt")
+    assert resumed.net.stem[1].num_features == 6 and t.current_epoch == 4
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
