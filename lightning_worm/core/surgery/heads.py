@@ -1,18 +1,34 @@
 """Attention heads: :func:`prune_heads` removes the heads a ticket prunes; plans of kind ``"heads"`` replay.
 
 A removed head takes its rows of the query, key and value weights (and biases) and the matching input
-columns of the block's output projection with it. The output projection is the block's own
-``o_proj``/``out_proj``/``proj``/... Linear if it has one, else the Linear that torch-pruning's dependency
-graph couples to the query rows (Hugging Face BERT's ``attention.output.dense``). The cut itself uses
-torch-pruning's Linear pruners. The module's head count attributes are fixed (``num_heads``,
-``num_attention_heads``, ``all_head_size``, key/value head counts), so that its forward still reshapes
-right. The plan records the output projection by name, so the replay needs no example input.
+columns of the block's output projection with it (a ``Conv1D``'s columns and rows: its weight is in x out).
+The output projection is the block's own ``o_proj``/``out_proj``/``proj``/``c_proj``/... projection if it
+has one, else the Linear that torch-pruning's dependency graph couples to the query rows (Hugging Face
+BERT's ``attention.output.dense``). The cut itself uses torch-pruning's Linear pruners (a ``Conv1D`` is
+sliced directly). The module's head count attributes are fixed (``num_heads``, ``num_attention_heads``,
+``all_head_size``, ``split_size``, key/value head counts), so that its forward still reshapes right.
+
+A head's other per-head state goes with it:
+
+* per-head projections of relative positions (DeBERTa's ``pos_key_proj`` / ``pos_query_proj``) lose its rows;
+* per-head bias tables (Swin's ``relative_position_bias_table``, one column per head) lose its column;
+* a module whose forward reads its head counts from its ``config`` (Phi-3 slices its packed projection with
+  ``config.num_attention_heads``) is given its own shallow copy of the config, with its counts;
+* a module that is passed a bias for all heads of its stack (T5: the first layer's ``relative_attention_bias``
+  computes it, every layer uses it and passes it on) keeps the full bias table and selects its own heads
+  from the bias by forward hooks, then passes the full bias on, so that each layer can keep other heads.
+
+The plan records the output projection by name (no example input needed to replay) and the packing of
+packed projections; the replay repeats all of the above.
 
 Registered as the surgery of :class:`~lightning_worm.AttentionHeadSource`.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
@@ -27,11 +43,13 @@ from lightning_worm.core.sources.attention import (
     HEAD_COUNT_ATTRS,
     HEAD_SIZE_ATTRS,
     KV_HEAD_COUNT_ATTRS,
+    LAYOUTS,
     OUTPUT_NAMES,
     PARTS,
     PRUNED_HEADS_ATTR,
     AttentionBlock,
     AttentionHeadSource,
+    is_conv1d,
 )
 from lightning_worm.core.surgery.equivalence import check_equivalence, run_pruned_forward
 from lightning_worm.core.surgery.plan import KeptIndices, PruningPlan, PruningReport, _measured
@@ -43,10 +61,26 @@ __all__ = ["MHA_REFUSAL", "prune_heads"]
 
 HEADS_HINT = (
     "The block is not laid out as the head source assumes: a packed projection must hold [all queries | all keys | "
-    "all values] (GPT-NeoX's per-head [q_h | k_h | v_h] is not), and the head count must be the only thing that "
-    "knows the heads (a per-head bias, as T5's and Swin's, or slice sizes from a config, as Phi-3's, are not cut). "
-    "Name the blocks that are (`AttentionHeadSource(modules=[...])`) or track another source."
+    "all values] (`layout=\"qkv\"`) or [q_h | k_h | v_h] head by head (`layout=\"per_head\"`, GPT-NeoX's), the "
+    "head count attributes must be what its forward splits the heads by (a config's counts are copied only where "
+    "the forward reads them as `self.config.<count>`), and its per-head state must be one the surgery knows "
+    "(per-head projections named pos_key_proj/pos_query_proj, a relative_position_bias_table, a T5-style shared "
+    "`position_bias`). Pass `AttentionHeadSource(layout=...)`, name the blocks that fit "
+    "(`AttentionHeadSource(modules=[...])`) or track another source."
 )
+
+#: Child Linear layers that project relative positions per head, as the queries (DeBERTa-v2/v3).
+PER_HEAD_PROJECTIONS: tuple[str, ...] = ("pos_key_proj", "pos_query_proj")
+#: Parameters anywhere in an attention module with one column per query head (Swin, BEiT), by name: their dim.
+PER_HEAD_TABLES: dict[str, int] = {"relative_position_bias_table": -1}
+#: Module attributes that hold the query width (heads x head size), set to the new width when they held the old.
+WIDTH_ATTRS: tuple[str, ...] = ("all_head_size", "split_size", "inner_dim")
+#: Module attributes that hold the key/value width.
+KV_WIDTH_ATTRS: tuple[str, ...] = ("kv_dim",)
+#: On a module passed a bias of all its stack's heads (T5): ``(heads of that bias, the heads this module kept)``.
+BIAS_HEADS_ATTR = "_lightning_worm_bias_heads"
+_FULL_BIAS_ATTR = "_lightning_worm_full_bias"
+_CONFIG_READ = re.compile(r"\bself\.config\.(\w+)")
 
 MHA_REFUSAL = (
     "nn.MultiheadAttention cannot lose heads: its head size is fixed to embed_dim / num_heads, so fewer heads "
@@ -81,8 +115,17 @@ def _own_output(block: AttentionBlock) -> str | None:
     width = num_heads * head_dim
     for name in OUTPUT_NAMES:
         child = children.get(name)
-        if isinstance(child, nn.Linear) and child.in_features == width and name not in block.projections:
+        if _in_features(child) == width and name not in block.projections:
             return f"{block.name}.{name}" if block.name else name
+    return None
+
+
+def _in_features(module: nn.Module | None) -> int | None:
+    """Input features of an ``nn.Linear`` or a ``Conv1D`` (weight in x out); ``None`` for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if module is not None and is_conv1d(module):
+        return int(cast(Tensor, module.weight).shape[0])
     return None
 
 
@@ -130,39 +173,175 @@ def _keep_indices(size: int, removed: Sequence[int]) -> Tensor:
 
 
 @torch.no_grad()
-def _cut_heads(model: nn.Module, block: AttentionBlock, removed_units: list[int], output: str) -> KeptIndices:
-    """Remove the units of one block in place; returns the kept indices of every parameter changed."""
+def _slice_features(projection: nn.Module, keep: Tensor, inputs: bool) -> None:
+    """Keep the output features (``inputs``: the input features) ``keep`` of a ``Conv1D`` (weight in x out)."""
+    weight = cast(nn.Parameter, projection.weight)
+    dim = 0 if inputs else 1
+    projection.weight = nn.Parameter(weight.index_select(dim, keep.to(weight.device)),
+                                     requires_grad=weight.requires_grad)
+    bias = getattr(projection, "bias", None)
+    if not inputs and isinstance(bias, Tensor):
+        projection.bias = nn.Parameter(bias.index_select(0, keep.to(bias.device)), requires_grad=bias.requires_grad)
+    # torch annotates the values of Module.__setattr__ as Tensor | Module; any attribute is accepted.
+    if inputs and isinstance(getattr(projection, "nx", None), int):
+        projection.nx = len(keep)  # type: ignore[assignment]
+    if not inputs:
+        projection.nf = len(keep)  # type: ignore[assignment]
+
+
+def _cut_out(projection: nn.Module, removed: Sequence[int], name: str, kept: KeptIndices) -> None:
+    """Remove output features of a projection (rows of a Linear, columns of a Conv1D); record what is kept."""
     import torch_pruning as tp
 
+    transposed = is_conv1d(projection)
+    weight = cast(Tensor, projection.weight)
+    keep = _keep_indices(weight.shape[1 if transposed else 0], removed)
+    if transposed:
+        _slice_features(projection, keep, inputs=False)
+    else:
+        tp.prune_linear_out_channels(projection, list(removed))
+    kept[f"{name}.weight"] = [None, keep] if transposed else [keep, None]
+    if getattr(projection, "bias", None) is not None:
+        kept[f"{name}.bias"] = [keep]
+
+
+def _cut_in(projection: nn.Module, removed: Sequence[int], name: str, kept: KeptIndices) -> None:
+    """Remove input features of a projection (columns of a Linear, rows of a Conv1D); record what is kept."""
+    import torch_pruning as tp
+
+    transposed = is_conv1d(projection)
+    weight = cast(Tensor, projection.weight)
+    keep = _keep_indices(weight.shape[0 if transposed else 1], removed)
+    if transposed:
+        _slice_features(projection, keep, inputs=True)
+    else:
+        tp.prune_linear_in_channels(projection, list(removed))
+    kept[f"{name}.weight"] = [keep, None] if transposed else [None, keep]
+
+
+@torch.no_grad()
+def _cut_tables(block: AttentionBlock, removed_heads: Sequence[int], num_heads: int, kept: KeptIndices) -> None:
+    """Remove the removed query heads' entries of the module's per-head tables (:data:`PER_HEAD_TABLES`)."""
+    prefix = f"{block.name}." if block.name else ""
+    for module_name, module in block.module.named_modules():
+        for name, dim in PER_HEAD_TABLES.items():
+            table = module._parameters.get(name)
+            if table is None or table.shape[dim] != num_heads:
+                continue
+            dim = dim % table.dim()
+            keep = _keep_indices(num_heads, removed_heads)
+            setattr(module, name, nn.Parameter(table.index_select(dim, keep.to(table.device)),
+                                               requires_grad=table.requires_grad))
+            kept[f"{prefix}{module_name + '.' if module_name else ''}{name}"] = [
+                keep if d == dim else None for d in range(table.dim())]
+
+
+def _own_config(module: nn.Module, counts: Mapping[str, int]) -> None:
+    """Give ``module`` its own shallow copy of its config with the counts ``counts``, if its forward reads them
+    there (``self.config.num_attention_heads``: a config is shared by every layer)."""
+    config = getattr(module, "config", None)
+    if config is None:
+        return
+    try:
+        read = set(_CONFIG_READ.findall(inspect.getsource(type(module).forward)))
+    except (OSError, TypeError):  # no source (a compiled or built-in forward): nothing known to be read
+        return
+    changed = {a: v for a, v in counts.items() if a in read and isinstance(getattr(config, a, None), int)}
+    if changed:
+        own = copy.copy(config)
+        for attr, value in changed.items():
+            setattr(own, attr, value)
+        module.config = own
+
+
+def _select_passed_bias(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook: from a ``position_bias`` of all the stack's heads, the heads this module kept."""
+    full, kept = getattr(module, BIAS_HEADS_ATTR)
+    bias = kwargs.get("position_bias")
+    if not (isinstance(bias, Tensor) and bias.dim() == 4 and bias.shape[1] == full):
+        return None
+    vars(module)[_FULL_BIAS_ATTR] = bias
+    return args, {**kwargs, "position_bias": bias.index_select(1, torch.tensor(kept, device=bias.device))}
+
+
+def _select_table_heads(table: nn.Module, args: tuple, out: Tensor) -> Tensor:
+    """Forward hook of a relative bias table (an Embedding of one column per head): its module's heads."""
+    _, kept = getattr(table, BIAS_HEADS_ATTR)
+    vars(table)[_FULL_BIAS_ATTR] = out
+    return out.index_select(-1, torch.tensor(kept, device=out.device))
+
+
+def _pass_full_bias(module: nn.Module, args: tuple, output: Any) -> Any:
+    """Forward hook: pass the bias of all the stack's heads on (``output[1]``), not this module's selection."""
+    full, kept = getattr(module, BIAS_HEADS_ATTR)
+    if not (isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], Tensor)):
+        return None
+    own = output[1]
+    passed = vars(module).pop(_FULL_BIAS_ATTR, None)
+    table = getattr(module, "relative_attention_bias", None)
+    computed = vars(table).pop(_FULL_BIAS_ATTR, None) if isinstance(table, nn.Module) else None
+    if passed is not None:
+        whole = passed
+    elif computed is not None:  # T5's compute_bias: (query, key, heads) -> (1, heads, query, key)
+        whole = computed.permute(2, 0, 1).unsqueeze(0)
+    else:  # made by the module for its own heads (zeros, where it has no table): widened with zeros
+        whole = own.new_zeros(own.shape[0], full, *own.shape[2:])
+        whole[:, kept] = own
+    if whole.shape[2:] != own.shape[2:] or whole.shape[1] != full:
+        raise RuntimeError(f"The position bias passed on has shape {tuple(whole.shape)}, this module's "
+                           f"{tuple(own.shape)}: the shared-bias hooks of the head prune do not fit this module.")
+    return (output[0], whole, *output[2:])
+
+
+def _share_bias(block: AttentionBlock, kept_heads: list[int], num_heads: int) -> None:
+    """Let a module passed its stack's ``position_bias`` (T5) use only its kept heads of it, and pass all on."""
+    module = block.module
+    before = getattr(module, BIAS_HEADS_ATTR, None)
+    full, kept = (num_heads, kept_heads) if before is None else (before[0], [before[1][h] for h in kept_heads])
+    setattr(module, BIAS_HEADS_ATTR, (full, kept))
+    if before is None:
+        module.register_forward_pre_hook(_select_passed_bias, with_kwargs=True)
+        module.register_forward_hook(_pass_full_bias)
+    table = getattr(module, "relative_attention_bias", None)
+    if isinstance(table, nn.Embedding) and getattr(module, "has_relative_attention_bias", False):
+        if getattr(table, BIAS_HEADS_ATTR, None) is None:
+            table.register_forward_hook(_select_table_heads)
+        setattr(table, BIAS_HEADS_ATTR, (full, kept))
+
+
+def _passes_bias(module: nn.Module) -> bool:
+    """Whether the module is passed a bias of all its stack's heads (T5's ``has_relative_attention_bias``)."""
+    return isinstance(getattr(module, "has_relative_attention_bias", None), bool)
+
+
+@torch.no_grad()
+def _cut_heads(model: nn.Module, block: AttentionBlock, removed_units: list[int], output: str) -> KeptIndices:
+    """Remove the units of one block in place; returns the kept indices of every parameter changed."""
     kept: KeptIndices = {}
     prefix = f"{block.name}." if block.name else ""
+    num_heads, num_kv_heads, head_dim = block._counts()
     q_rows = _part_rows(block, removed_units, "q")
     if block.layout == "packed":
-        linear = block.linear("q")
-        size = linear.out_features // 3
-        rows = [i * size + r for i, part in enumerate(PARTS) for r in _part_rows(block, removed_units, part)]
-        keep = _keep_indices(linear.out_features, rows)
-        tp.prune_linear_out_channels(linear, rows)
-        name = prefix + block.projections[0]
-        kept[f"{name}.weight"] = [keep, None]
-        if linear.bias is not None:
-            kept[f"{name}.bias"] = [keep]
+        projection = block.linear("q")
+        total = cast(Tensor, projection.weight).shape[1 if is_conv1d(projection) else 0]
+        removed: list[int] = []
+        for part in PARTS:
+            features = torch.arange(total)[block.out_index(part)]
+            removed += features[_part_rows(block, removed_units, part)].tolist()
+        _cut_out(projection, sorted(removed), prefix + block.projections[0], kept)
     else:
         for part in PARTS:
-            linear = block.linear(part)
-            rows = _part_rows(block, removed_units, part)
-            keep = _keep_indices(linear.out_features, rows)
-            tp.prune_linear_out_channels(linear, rows)
-            name = prefix + block.projections[PARTS.index(part)]
-            kept[f"{name}.weight"] = [keep, None]
-            if linear.bias is not None:
-                kept[f"{name}.bias"] = [keep]
-    out = cast(nn.Linear, model.get_submodule(output))  # found as, or checked to be, a Linear
-    keep = _keep_indices(out.in_features, q_rows)
-    tp.prune_linear_in_channels(out, q_rows)
-    kept[f"{output}.weight"] = [None, keep]
+            _cut_out(block.linear(part), _part_rows(block, removed_units, part),
+                     prefix + block.projections[PARTS.index(part)], kept)
+    children = dict(block.module.named_children())
+    for name in PER_HEAD_PROJECTIONS:  # relative positions projected per head (DeBERTa)
+        child = children.get(name)
+        if isinstance(child, nn.Linear) and child.out_features == num_heads * head_dim:
+            _cut_out(child, q_rows, prefix + name, kept)
+    _cut_in(model.get_submodule(output), q_rows, output, kept)
+    removed_heads = [u * block.group_size + i for u in removed_units for i in range(block.group_size)]
+    _cut_tables(block, removed_heads, num_heads, kept)
 
-    num_heads, num_kv_heads, head_dim = block._counts()
     heads = num_heads - len(removed_units) * block.group_size
     kv_heads = num_kv_heads - len(removed_units)
     module = block.module
@@ -172,9 +351,15 @@ def _cut_heads(model: nn.Module, block: AttentionBlock, removed_units: list[int]
     for attr in KV_HEAD_COUNT_ATTRS:
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, kv_heads)
-    if isinstance(getattr(module, "all_head_size", None), int):  # Hugging Face BERT family
-        # torch annotates the values of Module.__setattr__ as Tensor | Module; any attribute is accepted.
-        module.all_head_size = heads * head_dim  # type: ignore[assignment]
+    # torch annotates the values of Module.__setattr__ as Tensor | Module; any attribute is accepted.
+    for attrs, old, new in ((WIDTH_ATTRS, num_heads, heads), (KV_WIDTH_ATTRS, num_kv_heads, kv_heads)):
+        for attr in attrs:  # BERT's all_head_size, GPT-2's split_size, ...: only where they held the width
+            if getattr(module, attr, None) == old * head_dim:
+                setattr(module, attr, new * head_dim)
+    _own_config(module, {**dict.fromkeys(HEAD_COUNT_ATTRS, heads), **dict.fromkeys(KV_HEAD_COUNT_ATTRS, kv_heads)})
+    if _passes_bias(module):
+        removed_set = set(removed_heads)
+        _share_bias(block, [h for h in range(num_heads) if h not in removed_set], num_heads)
     # Read back by the sources, before a `num_heads=` given for the unpruned module.
     setattr(module, PRUNED_HEADS_ATTR, (heads, kv_heads))
     block.num_heads, block.num_kv_heads = heads, kv_heads
@@ -286,7 +471,8 @@ def prune_heads(
         units_after=units_after,
         kind="heads",
         source=AttentionHeadSource.key,
-        options={"heads_before": heads_before, "source_options": source.options()},
+        options={"heads_before": heads_before, "source_options": source.options(),
+                 "layouts": {name: blocks[name].packing for name in removed if blocks[name].layout == "packed"}},
     )
     ticket_pruned = sum(int((~m).sum()) for m in masks.values())
     return PruningReport(
@@ -328,6 +514,13 @@ def _replay_heads(model: nn.Module, plan: PruningPlan, *, source: AttentionHeadS
     if not isinstance(source, AttentionHeadSource):
         source = _recorded_source(plan)
     blocks = source.tracked(model)
+    layouts = plan.options.get("layouts") or {}  # as the prune found them (plans before it: as found now)
+    if not (isinstance(layouts, Mapping) and all(v in LAYOUTS for v in layouts.values())):
+        raise ValueError(f"The head plan records packings {layouts!r}; each must be one of {LAYOUTS}. The plan was "
+                         "edited or corrupted; re-create it with prune_heads.")
+    for name, packing in layouts.items():
+        if name in blocks and blocks[name].layout == "packed":
+            blocks[name].packing = packing
     counts = {name: blocks[name].num_kv_heads for name in plan.units_before if name in blocks}
     missing = [n for n in plan.units_before if n not in blocks]
     missing += [out for _, _, out in plan.pruned_groups if not _has_linear(model, out)]
@@ -360,7 +553,7 @@ def _recorded_source(plan: PruningPlan) -> AttentionHeadSource:
 
 def _has_linear(model: nn.Module, name: str) -> bool:
     try:
-        return isinstance(model.get_submodule(name), nn.Linear)
+        return _in_features(model.get_submodule(name)) is not None
     except AttributeError:
         return False
 
