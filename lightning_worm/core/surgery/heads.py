@@ -237,8 +237,8 @@ def _cut_tables(block: AttentionBlock, removed_heads: Sequence[int], num_heads: 
 
 
 def _own_config(module: nn.Module, counts: Mapping[str, int]) -> None:
-    """Give ``module`` its own shallow copy of its config with the counts ``counts``, if its forward reads them
-    there (``self.config.num_attention_heads``: a config is shared by every layer)."""
+    """Give ``module`` its own shallow copy of its config with the counts ``counts`` (those it has), if its forward
+    reads one of them there (``self.config.num_attention_heads``: a config is shared by every layer)."""
     config = getattr(module, "config", None)
     if config is None:
         return
@@ -246,10 +246,10 @@ def _own_config(module: nn.Module, counts: Mapping[str, int]) -> None:
         read = set(_CONFIG_READ.findall(inspect.getsource(type(module).forward)))
     except (OSError, TypeError):  # no source (a compiled or built-in forward): nothing known to be read
         return
-    changed = {a: v for a, v in counts.items() if a in read and isinstance(getattr(config, a, None), int)}
-    if changed:
+    present = {a: v for a, v in counts.items() if isinstance(getattr(config, a, None), int)}
+    if read & present.keys():  # then every count of the copy, so that it is consistent
         own = copy.copy(config)
-        for attr, value in changed.items():
+        for attr, value in present.items():
             setattr(own, attr, value)
         module.config = own
 

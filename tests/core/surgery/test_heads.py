@@ -1,7 +1,13 @@
-"""Removing attention heads: equal to zeroing them, sizes fixed, plans replayed, refusals."""
+"""Removing attention heads: equal to zeroing them, sizes fixed, plans replayed, refusals.
+
+The Hugging Face layouts (GPT-2's Conv1D, Phi-3's grouped packing, GPT-NeoX's per-head packing, Swin's bias
+table) are cut on the tiny stand-ins of ``tests/core/sources/test_attention.py``; the real families are in
+``test_zoo_transformers.py``.
+"""
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -10,13 +16,23 @@ from lightning_worm import (
     AttentionHeadSource,
     AttentionQKSource,
     LayerNormSource,
+    PruningError,
     unit_mask,
 )
 from lightning_worm.core.surgery import PruningPlan, apply_plan, check_prunable
 from lightning_worm.core.surgery.elementwise import prune_elementwise
 from lightning_worm.core.surgery.heads import MHA_REFUSAL, prune_heads
+from tests.core.sources.test_attention import (
+    Config,
+    GPT2Attention,
+    NeoXAttention,
+    Net,
+    Phi3Attention,
+    SwinAttention,
+)
 from tests.helpers import assert_equal_up_to_rounding
 from tests.models import (
+    InterleavedAttention,
     LastHidden,
     PackedNet,
     SizedMixNet,
@@ -170,3 +186,85 @@ def test_bad_head_tickets_are_refused():
         prune_heads(vit(), {"blocks.0": torch.ones(4, dtype=torch.bool)})
     with pytest.raises(ValueError, match="has 3 heads"):
         prune_heads(vit(), {"blocks.0.attn": torch.ones(3, dtype=torch.bool)})
+
+
+def zero_units(model, ticket, source):
+    """The dense twin of a head prune, for any layout: the pruned units' q/k/v output features zeroed (rows of a
+    Linear, columns of a Conv1D; wherever a packing puts them)."""
+    model = copy.deepcopy(model)
+    blocks = source.tracked(model)
+    with torch.no_grad():
+        for name, keep in ticket.items():
+            block = blocks[name]
+            for part in "qkv":
+                weight, _, bias, bias_index, _ = block.part(part)
+                features = torch.arange(weight.shape[block.out_dim(part)])[block.out_index(part)]
+                gone = features[~source.row_keep(block, keep, part)]
+                weight.index_fill_(block.out_dim(part), gone, 0.0)
+                if bias is not None:
+                    bias.index_fill_(0, gone, 0.0)
+    return model
+
+
+@pytest.mark.parametrize(("attention", "layout", "keep"), [
+    (GPT2Attention, None, [True, False, True, False]),
+    (Phi3Attention, None, [False, True]),
+    (NeoXAttention, None, [False, True, True, False]),
+    (InterleavedAttention, "per_head", [True, False, False, True]),
+    (SwinAttention, None, [False, True, True, True]),
+], ids=["gpt2-conv1d", "phi3-grouped-packed", "neox-per-head", "named-per-head", "swin-bias-table"])
+def test_hugging_face_layouts_lose_heads_exactly_and_replay(attention, layout, keep):
+    model, x = Net(attention).eval(), torch.randn(2, 5, 16)
+    source, ticket = AttentionHeadSource(layout=layout), {"attn": torch.tensor(keep)}
+    expected = zero_units(model, ticket, source)(x)
+    with warnings.catch_warnings():
+        # Every layout says its heads through an attribute the prune fixes. (The stand-in's bias table, a module
+        # without tensor inputs whose output requires grad, fails torch's FLOP counter: a warning and None.)
+        warnings.filterwarnings("error", message=".*no attribute the head prune can fix")
+        report = prune_heads(model, ticket, x, source=source, measure_latency=False)
+    with torch.no_grad():
+        assert_equal_up_to_rounding(model(x), expected)
+    assert report.units_after == {"attn": sum(keep)}
+    block = source.tracked(model)["attn"]
+    assert block.num_kv_heads == sum(keep) and block.packing == (layout or block.packing)
+    if block.layout == "packed":
+        assert report.plan.options["layouts"] == {"attn": block.packing}
+    fresh = Net(attention)
+    apply_plan(fresh, json.loads(json.dumps(report.plan.to_dict())))
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model(x))
+
+
+def test_the_cut_fixes_conv1d_sizes_grouped_slices_and_bias_tables():
+    model, x = Net(GPT2Attention).eval(), torch.randn(2, 5, 16)
+    report = prune_heads(model, {"attn": torch.tensor([True, False, True, False])}, x, measure_latency=False)
+    attn = model.attn
+    assert (attn.num_heads, attn.split_size, attn.c_attn.nf, attn.c_proj.nx) == (2, 8, 24, 8)
+    assert attn.c_attn.weight.shape == (16, 24) and attn.c_proj.weight.shape == (8, 16)
+    assert report.kept_indices["attn.c_attn.weight"][0] is None  # the columns (Conv1D: in x out)
+    assert report.kept_indices["attn.c_proj.weight"][0].tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
+
+    shared = Config()
+    model = Net(lambda: Phi3Attention(config=shared)).eval()
+    prune_heads(model, {"attn": torch.tensor([False, True])}, x, measure_latency=False)
+    attn = model.attn
+    assert (attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.num_key_value_heads) == (2, 1, 1)
+    assert (shared.num_attention_heads, shared.num_key_value_heads) == (4, 2)  # the other layers' config untouched
+    assert attn.qkv_proj.out_features == 16 and attn.o_proj.in_features == 8
+
+    model = Net(SwinAttention).eval()
+    table = model.attn.relative_position_bias.relative_position_bias_table.detach().clone()
+    report = prune_heads(model, {"attn": torch.tensor([False, True, False, True])}, x, measure_latency=False)
+    assert torch.equal(model.attn.relative_position_bias.relative_position_bias_table, table[:, [1, 3]])
+    assert report.kept_indices["attn.relative_position_bias.relative_position_bias_table"][1].tolist() == [1, 3]
+
+
+def test_a_per_head_packing_taken_for_qkv_is_refused_and_the_layout_option_fixes_it():
+    model, x = Net(InterleavedAttention).eval(), torch.randn(2, 5, 16)
+    ticket = {"attn": torch.tensor([True, False, True, True])}
+    with pytest.raises(PruningError, match=r"layout=\"per_head\""):
+        prune_heads(model, ticket, x, measure_latency=False)  # "qkv" is recognised from the name: refused
+    assert model.attn.qkv.out_features == 48  # left as it was
+    prune_heads(model, ticket, x, source=AttentionHeadSource(layout="per_head"), measure_latency=False)
+    assert model.attn.qkv.out_features == 36
