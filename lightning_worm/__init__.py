@@ -16,7 +16,7 @@ from lightning_worm.core import (
     mask_distance,
     unit_mask,
 )
-from lightning_worm.core.sources import AttentionHeadSource, AttentionQKSource, LayerNormSource
+from lightning_worm.core.sources import AttentionHeadSource, AttentionQKSource, FeedForwardSource, LayerNormSource
 from lightning_worm.core.surgery import (
     PruningError,
     PruningPlan,
@@ -35,6 +35,7 @@ __all__ = [
     "ChannelSource",
     "ChiSchedule",
     "EarlyBirdCallback",
+    "FeedForwardSource",
     "GradientTruncation",
     "LayerNormSource",
     "Mask",

@@ -1,4 +1,4 @@
-"""Score sources: what the ticket search tracks (BatchNorm channels, attention, LayerNorm)."""
+"""Score sources: what the ticket search tracks (BatchNorm channels, attention, feed-forward neurons, LayerNorm)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from lightning_worm.core.sources.attention import AttentionHeadSource, Attention
 from lightning_worm.core.sources.base import ChannelSource, ScaleSource, ScoreSource
 from lightning_worm.core.sources.batchnorm import BatchNormSource
 from lightning_worm.core.sources.combined import SourceList
+from lightning_worm.core.sources.feedforward import FeedForwardSource
 from lightning_worm.core.sources.layernorm import LayerNormSource
 
 #: The sources selectable by name (``EarlyBirdCallback(source="batchnorm")``, YAML).
@@ -15,6 +16,7 @@ SOURCES: dict[str, type[ScoreSource]] = {
     BatchNormSource.key: BatchNormSource,
     AttentionQKSource.key: AttentionQKSource,
     AttentionHeadSource.key: AttentionHeadSource,
+    FeedForwardSource.key: FeedForwardSource,
     LayerNormSource.key: LayerNormSource,
 }
 
@@ -49,6 +51,6 @@ def resolve_source(source: SourceSpec) -> ScoreSource:
 
 
 __all__ = [
-    "SOURCES", "AttentionHeadSource", "AttentionQKSource", "BatchNormSource", "ChannelSource", "LayerNormSource",
-    "ScaleSource", "ScoreSource", "SourceList", "SourceSpec", "resolve_source",
+    "SOURCES", "AttentionHeadSource", "AttentionQKSource", "BatchNormSource", "ChannelSource", "FeedForwardSource",
+    "LayerNormSource", "ScaleSource", "ScoreSource", "SourceList", "SourceSpec", "resolve_source",
 ]
