@@ -18,6 +18,7 @@ One module per concern, every unit removal here (sources only find and score uni
   on torch-pruning's dependency graph, with ``decision`` (which channels go: coupling, ``round_to``,
   layers never emptied) and ``graph`` (the graph extended for channel shuffles and chunks, and the cut);
 * ``lightning_worm.core.surgery.heads``: :func:`prune_heads`, whole attention heads;
+* ``lightning_worm.core.surgery.neurons``: :func:`prune_neurons`, the intermediate neurons of feed-forward blocks;
 * ``lightning_worm.core.surgery.combined``: :func:`prune_sources`, every member of a ``SourceList`` (several
   sources in one search) in one all-or-nothing prune;
 * ``lightning_worm.core.surgery.elementwise``: :func:`prune_elementwise`, element-wise query/key tickets as
@@ -35,6 +36,7 @@ from lightning_worm.core.surgery.combined import prune_sources
 from lightning_worm.core.surgery.elementwise import prune_elementwise
 from lightning_worm.core.surgery.equivalence import check_equivalence
 from lightning_worm.core.surgery.heads import prune_heads
+from lightning_worm.core.surgery.neurons import prune_neurons
 from lightning_worm.core.surgery.optimizer_state import carry_optimizer_state
 from lightning_worm.core.surgery.plan import KeptIndices, PruningPlan, PruningReport
 from lightning_worm.core.surgery.preflight import check_prunable, trial_prune
@@ -66,6 +68,7 @@ __all__ = [
     "prune_channels",
     "prune_elementwise",
     "prune_heads",
+    "prune_neurons",
     "prune_sources",
     "register_surgery",
     "surgery_for",
