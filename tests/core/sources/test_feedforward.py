@@ -383,3 +383,36 @@ def test_the_handle_names_every_parameter_a_neuron_owns():
         ("c_fc.weight", 1, True), ("c_fc.bias", 0, True), ("c_proj.weight", 0, False)]
     assert block.positions(torch.tensor([0, 3])).tolist() == [0, 3]
     assert only(PackedMlp())[1].positions(torch.tensor([0, 3])).tolist() == [0, 3, 16, 19]
+
+
+def test_under_fsdp2_the_scores_and_the_worm_factors_match_the_unsharded_model(one_rank_mesh):
+    """A one-rank FSDP2 mesh: every weight a DTensor; the scores gathered whole, the factors split like the shards."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_worm.core.masks import unit_mask, unit_scores
+    from lightning_worm.core.sharding import is_sharded, whole
+    from lightning_worm.core.truncation import GradientTruncation
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(Mlp(), GPT2Mlp(), PackedMlp())
+
+    plain, sharded = make(), fully_shard(make(), mesh=one_rank_mesh)
+    assert is_sharded(sharded[1].c_fc.weight)
+    source = FeedForwardSource()
+    scores = unit_scores(sharded, source)
+    assert not any(is_sharded(s) for s in scores.values())
+    for name, value in unit_scores(plain, source).items():
+        torch.testing.assert_close(scores[name], value)
+    mask = unit_mask(plain, 0.5, source=source)
+    x = torch.randn(2, 5, 8)
+    grads = []
+    for model in (plain, sharded):
+        model.zero_grad()
+        model(x).square().mean().backward()
+        truncation = GradientTruncation(model, source)
+        truncation.set(mask, chi=0.01)
+        truncation.apply()
+        grads.append([whole(p.grad) for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a)

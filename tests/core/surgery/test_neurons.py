@@ -327,3 +327,35 @@ def test_the_plan_is_a_neurons_plan():
     plan.validate()
     assert (plan.kind, plan.source, plan.units_before, plan.units_after) == ("neurons", "ffn_neurons", {"0": 16},
                                                                              {"0": 4})
+
+
+def test_a_prune_of_an_fsdp2_model_between_unsharded_equals_the_plain_prune(one_rank_mesh):
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from lightning_worm.core.sharding import whole
+    from lightning_worm.core.surgery.sharded import unsharded
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(Mlp(), GPT2Mlp(), PackedMlp())
+
+    x = torch.randn(2, 5, 8)
+    results = []
+    for model in (make(), fully_shard(make(), mesh=one_rank_mesh)):
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model(x).square().mean().backward()
+        optimizer.step()
+        ticket = half(FeedForwardSource().tracked(model))
+        before = dict(model.named_parameters())
+        with unsharded(model):
+            report = prune_neurons(model, ticket, x, measure_latency=False)
+        new = torch.optim.Adam(model.parameters(), lr=1e-3)
+        carry_optimizer_state(optimizer, new, before, dict(model.named_parameters()), report.kept_indices)
+        results.append((model, new))
+    (plain, plain_opt), (sharded, sharded_opt) = results
+    assert isinstance(sharded, FSDPModule)
+    for p, q in zip(plain.parameters(), sharded.parameters(), strict=True):
+        torch.testing.assert_close(whole(q), p)
+        torch.testing.assert_close(whole(sharded_opt.state[q]["exp_avg"]), plain_opt.state[p]["exp_avg"])
+    with torch.no_grad():
+        torch.testing.assert_close(sharded(x), plain(x))
