@@ -32,7 +32,6 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.dropout import _DropoutNd
 
 from lightning_worm.core.sharding import whole
 from lightning_worm.core.sources.base import ScoreSource
@@ -62,11 +61,14 @@ FEEDFORWARD_NAMES: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 #: Integer attributes of a block module that count its neurons; a neuron prune sets them to the new count.
 NEURON_COUNT_ATTRS = ("intermediate_size", "ffn_dim", "d_ff", "intermediate_dim", "mlp_dim", "hidden_features")
-#: Parameter-free modules that act element-wise, allowed between the two Linear layers of an ``nn.Sequential``.
+#: Parameter-free torch modules that act element-wise, allowed between the two Linear layers of an ``nn.Sequential``
+#: (and their subclasses). A Sequential with any other module there is no block: name such blocks by hand,
+#: with their projections (``inputs=("0",), output="3"``).
 ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Identity, _DropoutNd, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.LeakyReLU,
-    nn.ELU, nn.SELU, nn.CELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.Tanhshrink,
-    nn.Threshold, nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.RReLU,
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Threshold, nn.LogSigmoid,
+    nn.Hardshrink, nn.Softshrink, nn.RReLU,
 )
 
 
