@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -328,9 +328,12 @@ class FeedForwardSource(ScoreSource):
         modules: names of the block modules to track instead of finding them.
         inputs: child paths of the input projection(s) of the named blocks (one, or two: gate and up).
         output: child path of their output projection.
+        prune_ratio: this source's own ratio when a tracker follows several sources (``None``: the tracker's).
+        scope: ``"global"`` (one ranking over the neurons of every block: EarlyBERT's rule) or ``"layer"`` (every
+            block loses the same fraction).
 
     Raises:
-        ValueError: on malformed names, or only one of ``inputs`` and ``output``.
+        ValueError: on malformed names, only one of ``inputs`` and ``output``, or a bad ratio or scope.
 
     Example::
 
@@ -347,7 +350,11 @@ class FeedForwardSource(ScoreSource):
         modules: Sequence[str] | None = None,
         inputs: Sequence[str] | None = None,
         output: str | None = None,
+        *,
+        prune_ratio: float | None = None,
+        scope: Literal["global", "layer"] = "global",
     ) -> None:
+        super().__init__(prune_ratio=prune_ratio, scope=scope)
         self.modules = check_names("modules", modules)
         names = check_names("inputs", inputs, count=(1, 2))
         self.inputs = None if names is None else tuple(names)
@@ -367,11 +374,11 @@ class FeedForwardSource(ScoreSource):
         A pruning plan records them, so that its replay (``load_pruned``, resuming) finds the same blocks.
         """
         return {"modules": self.modules, "inputs": None if self.inputs is None else list(self.inputs),
-                "output": self.output}
+                "output": self.output, **self.ranking()}
 
     def __repr__(self) -> str:
         args = [f"{k}={v!r}" for k, v in (("modules", self.modules), ("inputs", self.inputs),
-                                          ("output", self.output)) if v is not None]
+                                          ("output", self.output), *self.ranking().items()) if v is not None]
         return f"{type(self).__name__}({', '.join(args)})"
 
     def candidates(self, model: nn.Module) -> Iterator[tuple[str, FeedForwardBlock]]:
