@@ -90,3 +90,29 @@ def test_resume_after_the_prune_rebuilds_both_sources(tmp_path):
     assert resumed.net.stem[1].num_features == 6 and t.current_epoch == 4
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_heads_per_layer_and_neurons_globally_in_one_ticket_prune_at_once_and_reload(tmp_path):
+    """EarlyBERT's ticket on the example ViT: half the heads of every block, 40 % of the MLP neurons overall."""
+    from examples.vit import ViTClassifier
+    from lightning_worm import FeedForwardSource
+    from tests.models import tiny_vit
+
+    model = tiny_vit()
+    eb = EarlyBirdCallback(window=2, threshold=1.0, verbose=False,
+                           source=[AttentionHeadSource(prune_ratio=0.5, scope="layer"),
+                                   FeedForwardSource(prune_ratio=0.4)])
+    prune = PruneAndFinetune(eb, measure_latency=False, wait_for="ticket")
+    t = trainer(tmp_path, callbacks=[eb, WormCallback(eb, schedule="fixed", chi=0.01), prune], max_epochs=3)
+    t.fit(model, tiny_loader())
+    assert list(eb.ticket) == ["model.blocks.0.attn", "model.blocks.1.attn", "model.blocks.0.mlp",
+                               "model.blocks.1.mlp"]
+    assert [b.attn.num_heads for b in model.model.blocks] == [2, 2]
+    neurons = [b.mlp[0].out_features for b in model.model.blocks]
+    assert sum(neurons) == 64 - round(0.4 * 64)  # 2 blocks of 32 neurons
+    assert prune.report["shares"] == {"AttentionHeadSource": {"before": 8, "after": 4},
+                                      "FeedForwardSource": {"before": 64, "after": sum(neurons)}}
+    path = tmp_path / "pruned.ckpt"
+    t.save_checkpoint(path)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(load_pruned(ViTClassifier, path)(x), model.eval()(x))

@@ -273,6 +273,15 @@ class PruningReport:
         return 1.0 - sum(self.units_after.values()) / total if total else 0.0
 
     @property
+    def shares(self) -> dict[str, dict[str, int]]:
+        """Units before and after, per source: one entry (the plan's source key), or one per member of a
+        ``SourceList`` (by class name), e.g. ``{"AttentionHeadSource": {"before": 144, "after": 96}, ...}``."""
+        recorded = self.plan.options.get("shares")
+        if isinstance(recorded, Mapping):
+            return copy.deepcopy(dict(recorded))
+        return {self.plan.source: {"before": sum(self.units_before.values()), "after": sum(self.units_after.values())}}
+
+    @property
     def asked_fraction(self) -> float:
         total = sum(self.units_before.values())
         return self.ticket_pruned / total if total else 0.0
@@ -304,7 +313,8 @@ class PruningReport:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (tensors become lists), with ``ticket_agreement`` and ``removed_fraction``.
+        """A JSON-serialisable dict (tensors become lists), with ``ticket_agreement``, ``removed_fraction``,
+        ``asked_fraction`` and ``shares``.
 
         ``note`` is there only if the report has one.
         """
@@ -318,6 +328,7 @@ class PruningReport:
         out["ticket_agreement"] = self.ticket_agreement
         out["removed_fraction"] = self.removed_fraction
         out["asked_fraction"] = self.asked_fraction
+        out["shares"] = self.shares
         return copy.deepcopy(out)
 
 
