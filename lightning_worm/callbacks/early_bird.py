@@ -18,13 +18,13 @@ from typing_extensions import override
 
 from lightning_worm._deprecation import RenamedAttribute, warn_renamed
 from lightning_worm._internals.lightning import attached_trainer, checkpoint_hooks, trainer_callbacks
-from lightning_worm.callbacks._strategy import check_strategy, decide_on_rank_zero, log_shared
+from lightning_worm.callbacks._strategy import check_strategy, decide_on_rank_zero, is_sharded_strategy, log_shared
 from lightning_worm.checkpoint import _raise_for_unloadable_checkpoint, find_pruning_plan
 from lightning_worm.core.detector import TicketDetector
 from lightning_worm.core.masks import Mask, NonFiniteScoreError, rank_units, unit_scores
 from lightning_worm.core.readiness import ScoreShare, score_share
 from lightning_worm.core.regularization import GrowingDecay, MaskedDecay, RelativeSparsity, add_sparsity_gradient
-from lightning_worm.core.sources import SourceSpec, resolve_source
+from lightning_worm.core.sources import SourceList, SourceSpec, resolve_source
 from lightning_worm.core.truncation import GradientTruncation
 from lightning_worm.core.validation import check_bool, check_choice, check_int, check_number
 
@@ -248,6 +248,14 @@ class EarlyBirdCallback(Callback):
         if stage != "fit":
             return
         check_strategy(trainer, type(self).__name__)
+        members = self.source.sources if isinstance(self.source, SourceList) else (self.source,)
+        slimming = [repr(s) for s in members if getattr(s, "score", None) == "slimming"]
+        if slimming and is_sharded_strategy(trainer):
+            raise ValueError(
+                f"{type(self).__name__}: slimming gates ({', '.join(slimming)}) are not supported under sharded "
+                "training (FSDP2): score the units by weight magnitude (`score='magnitude'`, the default), or train "
+                "with DDP."
+            )
         self._sparsity_params = weakref.WeakKeyDictionary()
         self._pull, self._pull_version = None, -1
         self.truncation = None  # a WormCallback in this fit hands its own over at `on_fit_start`, after every setup

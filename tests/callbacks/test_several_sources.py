@@ -116,3 +116,41 @@ def test_heads_per_layer_and_neurons_globally_in_one_ticket_prune_at_once_and_re
     t.save_checkpoint(path)
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(load_pruned(ViTClassifier, path)(x), model.eval()(x))
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # the resumed fits save nothing
+def test_a_slimming_search_checkpoints_its_gates_resumes_and_leaves_no_trace_after_the_prune(tmp_path):
+    """EarlyBERT's recipe: gates on heads and neurons train with the model; the prune folds them away."""
+    from examples.vit import ViTClassifier
+    from lightning_worm import FeedForwardSource
+    from tests.models import tiny_vit
+
+    def fit(max_epochs, ckpt_path=None, checkpoint=None):
+        model = tiny_vit()
+        eb = EarlyBirdCallback(window=2, threshold=1.0, verbose=False, sparsity=1e-3,
+                               source=[AttentionHeadSource(prune_ratio=0.5, scope="layer", score="slimming"),
+                                       FeedForwardSource(prune_ratio=0.4, score="slimming")])
+        prune = PruneAndFinetune(eb, measure_latency=False, wait_for="ticket")
+        extra = [checkpoint] if checkpoint else []
+        t = trainer(tmp_path, callbacks=[eb, WormCallback(eb, schedule="fixed", chi=0.01), prune, *extra],
+                    max_epochs=max_epochs, enable_checkpointing=bool(checkpoint))
+        t.fit(model, tiny_loader(), ckpt_path=ckpt_path)
+        return model, eb, prune, t
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    model, eb, prune, t = fit(3, checkpoint=saver)
+    searching = torch.load(tmp_path / "ckpt" / "epoch=0.ckpt", weights_only=False)["state_dict"]
+    gates = {k: v for k, v in searching.items() if k.endswith("slimming_gate")}
+    assert len(gates) == 4 and any(not torch.equal(v, torch.ones_like(v)) for v in gates.values())  # they trained
+    assert prune.pruned_epoch == 1 and [b.attn.num_heads for b in model.model.blocks] == [2, 2]
+    assert not any("slimming_gate" in k for k in model.state_dict())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    path = tmp_path / "pruned.ckpt"
+    t.save_checkpoint(path)
+    assert not any("slimming_gate" in k for k in torch.load(path, weights_only=False)["state_dict"])
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(load_pruned(ViTClassifier, path)(x), model.eval()(x))
+    for epoch in (0, 2):  # mid-search (gates in the checkpoint) and after the prune (none)
+        resumed, *_ = fit(3, ckpt_path=tmp_path / "ckpt" / f"epoch={epoch}.ckpt")
+        for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name

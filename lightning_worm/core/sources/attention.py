@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from lightning_worm._internals.torch import mha_packs_qkv
 from lightning_worm.core.sharding import whole
 from lightning_worm.core.sources.base import ScoreSource
+from lightning_worm.core.sources.slimming import SlimmingScores, scaled_parameter
 from lightning_worm.core.validation import check_int, check_names
 
 __all__ = [
@@ -540,7 +541,7 @@ class AttentionQKSource(_AttentionSource):
         return []  # a packed weight would regularise its values too; the paper uses no sparsity term here
 
 
-class AttentionHeadSource(_AttentionSource):
+class AttentionHeadSource(SlimmingScores, _AttentionSource):
     r"""Whole attention heads: one unit per head of every self-attention block.
 
     A head's score is the **mean absolute weight of its query and key rows** (``mean |W_q[h]| ∪ |W_k[h]|``,
@@ -575,6 +576,10 @@ class AttentionHeadSource(_AttentionSource):
         prune_ratio: this source's own ratio when a tracker follows several sources (``None``: the tracker's).
         scope: ``"global"`` (one ranking over the heads of every block) or ``"layer"`` (every block loses the same
             fraction of its heads: EarlyBERT's rule, 1/3 per layer).
+        score: ``"magnitude"`` (default): the mean ``|W|`` above; ``"slimming"``: EarlyBERT's slimming coefficients,
+            one learnable gate per unit (initialised to 1) on the unit's value features, scored by its magnitude and
+            regularised by the sparsity term, folded into the value rows at the prune
+            (:class:`~lightning_worm.core.sources.slimming.SlimmingScores`).
 
     Example::
 
@@ -584,6 +589,45 @@ class AttentionHeadSource(_AttentionSource):
 
     key = "attention_heads"
     description = "self-attention heads scored by the mean |W| of their query and key rows"
+
+    def __init__(
+        self,
+        modules: Sequence[str] | None = None,
+        projections: Sequence[str] | None = None,
+        num_heads: int | None = None,
+        layout: str | None = None,
+        *,
+        prune_ratio: float | None = None,
+        scope: Literal["global", "layer"] = "global",
+        score: Literal["magnitude", "slimming"] = "magnitude",
+    ) -> None:
+        super().__init__(modules, projections, num_heads, layout, prune_ratio=prune_ratio, scope=scope)
+        self._set_score(score)
+        if self.slimming:
+            self.description = "self-attention heads scored by learnable slimming gates"
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), **({"score": self.score} if self.slimming else {})}
+
+    def ranking(self) -> dict[str, Any]:
+        return {**super().ranking(), **({"score": self.score} if self.slimming else {})}
+
+    def gate_site(self, block: AttentionBlock) -> tuple[nn.Module, nn.Module, int, Tensor, str]:
+        # The value features of each unit: scaling a head's values scales its output exactly (its attention weights
+        # sum to one), whatever the block does after, so no output projection needs to be found.
+        _, num_kv_heads, head_dim = block._counts()
+        projection = block.linear("v")
+        features = torch.full((cast(Tensor, projection.weight).shape[block.out_dim("v")],), -1)
+        features[block.out_index("v")] = torch.arange(num_kv_heads).repeat_interleave(head_dim)
+        return block.module, projection, num_kv_heads, features, "output"
+
+    def fold_gate(self, block: AttentionBlock, gate: Tensor) -> None:
+        projection = block.linear("v")
+        weight, _, bias, bias_index, _ = block.part("v")
+        per_feature = gate.repeat_interleave(block._counts()[2])
+        projection.weight = scaled_parameter(weight, block.out_dim("v"), block.out_index("v"), per_feature)
+        if bias is not None:
+            projection.bias = scaled_parameter(bias, 0, bias_index, per_feature)
 
     def candidates(self, model: nn.Module) -> Iterator[tuple[str, AttentionBlock]]:
         yield from self.blocks(model).items()
@@ -597,9 +641,13 @@ class AttentionHeadSource(_AttentionSource):
 
     def sparsity_parameters(self, block: AttentionBlock) -> list[Tensor]:
         parts = [block.part(p) for p in ("q", "k")]  # a packed weight (its index not all of it) holds the values too
+        if self.slimming:
+            return [self.gate(block)]
         return [w for w, index, *_ in parts if isinstance(index, slice) and index == slice(None) and w.requires_grad]
 
     def scores(self, block: AttentionBlock) -> Tensor:
+        if self.slimming:
+            return self.gate_scores(block)
         _, num_kv_heads, _ = block._counts()
         sums, sizes = [], 0
         for part in ("q", "k"):
@@ -638,4 +686,5 @@ class AttentionHeadSource(_AttentionSource):
                     ones = torch.ones(param.shape[dim], dtype=param.dtype, device=param.device)
                     factors[id(param)] = [param, ones, dim]
                 factors[id(param)][1][index] = feature_factor.to(param.dtype)
-        return [(p, f.view(*[-1 if d == dim else 1 for d in range(p.dim())])) for p, f, dim in factors.values()]
+        return [(p, f.view(*[-1 if d == dim else 1 for d in range(p.dim())])) for p, f, dim in factors.values()] + \
+            self.gate_factor(block, keep, chi)

@@ -76,6 +76,10 @@ class ScoreSource:
         """Make ``model`` ready to be scored, before its optimizers are built (the tracker calls it at setup). Nothing
         by default."""
 
+    def fold(self, model: nn.Module) -> None:
+        """Fold what :meth:`prepare` added into the weights and remove it (a surgery calls it before its cut). Nothing
+        by default."""
+
     def parts(self, model: nn.Module) -> list[tuple[ScoreSource, list[str]]]:
         """The sources whose rankings make up a mask of ``model``, each with the entries it ranks (this source and
         all its tracked entries; a :class:`~lightning_worm.core.sources.SourceList` has one part per member)."""

@@ -128,6 +128,10 @@ class SourceList(ScoreSource):
         for source in self.sources:
             source.prepare(model)
 
+    def fold(self, model: nn.Module) -> None:
+        for source in self.sources:
+            source.fold(model)
+
     def ranking(self) -> dict[str, Any]:
         return {}
 

@@ -33,8 +33,9 @@ from typing import Any, Literal, cast
 import torch
 from torch import Tensor, nn
 
+from lightning_worm.core.gates import GATE
 from lightning_worm.core.sharding import whole
-from lightning_worm.core.sources.base import ScoreSource
+from lightning_worm.core.sources.slimming import SlimmingScores, scaled_parameter
 from lightning_worm.core.validation import check_names
 
 __all__ = [
@@ -212,6 +213,8 @@ def _neuron_parameters(block: FeedForwardBlock) -> str | None:
     if block.num_neurons == width[1]:  # as wide as the residual stream: such a parameter says nothing
         return None
     for pname, param in block.module.named_parameters():
+        if pname.rpartition(".")[2] == GATE:  # a unit gate of slimming scores multiplies, it is not cut
+            continue
         if id(param) not in owned and param.dim() == 1 and param.shape[0] in (block.num_neurons,
                                                                               block.num_neurons * block.packed):
             return (f"{pname!r} has the neurons' width ({param.shape[0]}) but is no projection's: a normalisation "
@@ -305,7 +308,7 @@ def find_feedforward(
     return found
 
 
-class FeedForwardSource(ScoreSource):
+class FeedForwardSource(SlimmingScores):
     r"""Feed-forward neurons: one unit per intermediate neuron of every feed-forward (MLP) block.
 
     A neuron's score is the **mean absolute weight of its rows of the input projection(s) and its column of
@@ -331,6 +334,10 @@ class FeedForwardSource(ScoreSource):
         prune_ratio: this source's own ratio when a tracker follows several sources (``None``: the tracker's).
         scope: ``"global"`` (one ranking over the neurons of every block: EarlyBERT's rule) or ``"layer"`` (every
             block loses the same fraction).
+        score: ``"magnitude"`` (default): the mean ``|W|`` above; ``"slimming"``: EarlyBERT's slimming coefficients,
+            one learnable gate per neuron (initialised to 1) on its input to the output projection, scored by its
+            magnitude and regularised by the sparsity term, folded into the output projection's columns at the prune
+            (:class:`~lightning_worm.core.sources.slimming.SlimmingScores`).
 
     Raises:
         ValueError: on malformed names, only one of ``inputs`` and ``output``, or a bad ratio or scope.
@@ -353,8 +360,12 @@ class FeedForwardSource(ScoreSource):
         *,
         prune_ratio: float | None = None,
         scope: Literal["global", "layer"] = "global",
+        score: Literal["magnitude", "slimming"] = "magnitude",
     ) -> None:
         super().__init__(prune_ratio=prune_ratio, scope=scope)
+        self._set_score(score)
+        if self.slimming:
+            self.description = "feed-forward neurons scored by learnable slimming gates"
         self.modules = check_names("modules", modules)
         names = check_names("inputs", inputs, count=(1, 2))
         self.inputs = None if names is None else tuple(names)
@@ -376,6 +387,16 @@ class FeedForwardSource(ScoreSource):
         return {"modules": self.modules, "inputs": None if self.inputs is None else list(self.inputs),
                 "output": self.output, **self.ranking()}
 
+    def ranking(self) -> dict[str, Any]:
+        return {**super().ranking(), **({"score": self.score} if self.slimming else {})}
+
+    def gate_site(self, block: FeedForwardBlock) -> tuple[nn.Module, nn.Module, int, Tensor, str]:
+        return block.module, block.projection(block.output), block.num_neurons, torch.arange(block.num_neurons), "input"
+
+    def fold_gate(self, block: FeedForwardBlock, gate: Tensor) -> None:
+        output = block.projection(block.output)
+        output.weight = scaled_parameter(_weight(output), block.output_dim(), slice(None), gate)
+
     def __repr__(self) -> str:
         args = [f"{k}={v!r}" for k, v in (("modules", self.modules), ("inputs", self.inputs),
                                           ("output", self.output), *self.ranking().items()) if v is not None]
@@ -396,6 +417,8 @@ class FeedForwardSource(ScoreSource):
         return None
 
     def scores(self, block: FeedForwardBlock) -> Tensor:
+        if self.slimming:
+            return self.gate_scores(block)
         total: Tensor | None = None
         size = 0
         for _, param, dim, is_input in block.parameters():
@@ -429,8 +452,10 @@ class FeedForwardSource(ScoreSource):
             if id(param) in factors:  # one parameter in two roles (shared by hand): both factors
                 factor = factors[id(param)][1] * factor
             factors[id(param)] = (param, factor)
-        return list(factors.values())
+        return list(factors.values()) + self.gate_factor(block, keep, chi)
 
     def sparsity_parameters(self, block: FeedForwardBlock) -> list[Tensor]:
+        if self.slimming:
+            return [self.gate(block)]
         weights = {id(p): p for _, p, _, is_input in block.parameters() if is_input and p.dim() == 2}
         return [p for p in weights.values() if p.requires_grad]

@@ -450,6 +450,7 @@ def prune_heads(
     kept_indices: KeptIndices = {}
     with _measured(model, inputs, measure_latency, latency_repeats) as numbers:
         with all_or_nothing(model, "Pruning the heads", HEADS_HINT) as dense:
+            source.fold(model)  # slimming gates, if any, into the value rows: the pruned model holds none
             own = {n: _own_output(blocks[n]) for n in removed}
             missing = [blocks[n] for n, out in own.items() if out is None]
             outputs = {n: out for n, out in own.items() if out is not None}
@@ -534,6 +535,7 @@ def _replay_heads(model: nn.Module, plan: PruningPlan, *, source: AttentionHeadS
     for name, units, _ in plan.pruned_groups:
         if not units or max(units) >= counts[name] or len(set(units)) != len(units):
             raise ValueError(f"The plan's heads {units} do not fit {name!r} with {counts[name]} heads.")
+    source.fold(model)  # a fresh model given slimming gates (a resumed search): the pruned model holds none
     kept: KeptIndices = {}
     for name, units, output in plan.pruned_groups:
         kept.update(_cut_heads(model, blocks[name], list(units), output))

@@ -198,6 +198,7 @@ def prune_neurons(
     kept_indices: KeptIndices = {}
     with _measured(model, inputs, measure_latency, latency_repeats) as numbers:
         with all_or_nothing(model, "Pruning the neurons", NEURONS_HINT) as dense:
+            source.fold(model)  # slimming gates, if any, into the output projection: the pruned model holds none
             for name, units in removed.items():
                 kept_indices.update(_cut_neurons(blocks[name], units))
             if inputs:
@@ -286,6 +287,7 @@ def _replay_neurons(model: nn.Module, plan: PruningPlan, *, source: FeedForwardS
     if shared:
         name, why = next(iter(shared.items()))
         raise ValueError(f"The plan removes neurons of {name!r}, but in this model {why}.")
+    source.fold(model)  # a fresh model given slimming gates (a resumed search): the pruned model holds none
     kept: KeptIndices = {}
     for name, units in plan.pruned_groups:
         kept.update(_cut_neurons(blocks[name], list(units)))

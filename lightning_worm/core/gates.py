@@ -1,0 +1,110 @@
+"""Slimming coefficients: one learnable scalar gate per unit (EarlyBERT's), and their fold into the weights.
+
+A gate is a parameter of the module that owns the units (an attention block, a feed-forward block), named
+:data:`GATE`, one value per unit, initialised to 1. A forward hook multiplies the features that carry each unit by
+its gate: the value features of a head (its rows of the value projection's output: scaling them scales the head's
+output exactly, since attention weights sum to one), or a neuron's input to the output projection. The gates train
+with the model; their magnitude scores the units and the sparsity term pushes them to zero.
+
+At the prune a gate is folded into the weights (the value rows and biases, the output projection's columns are
+multiplied by it) and removed with its hook: the pruned model, its ``state_dict`` and its checkpoints hold no trace
+of it, and compute what the gated model did.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GATE", "attach_gate", "feature_gate", "gate_of", "remove_gate"]
+
+#: The name of a unit gate parameter on the module that owns the units.
+GATE = "slimming_gate"
+_HOOK = "_lightning_worm_gate_hook"
+
+
+def gate_of(owner: nn.Module) -> nn.Parameter | None:
+    """The gate parameter of ``owner``, or ``None``."""
+    gate = owner._parameters.get(GATE)
+    return gate if isinstance(gate, nn.Parameter) else None
+
+
+def feature_gate(gate: Tensor, features: Tensor) -> Tensor:
+    """Per feature, the gate of its unit: ``features[i]`` is the unit of feature ``i``, or -1 (not gated: 1)."""
+    values = torch.cat([gate, gate.new_ones(1)])
+    return values[features.to(gate.device).where(features >= 0, gate.numel())]
+
+
+def attach_gate(owner: nn.Module, target: nn.Module, units: int, features: Tensor, where: str) -> nn.Parameter:
+    """Give ``owner`` a gate of ``units`` ones and multiply ``target``'s input or output features by it.
+
+    Args:
+        owner: the module that owns the units; the gate is its parameter :data:`GATE` (in its ``state_dict``).
+        target: the module whose last-dim features carry the units.
+        units: the number of units.
+        features: per feature of ``target``'s input (``where="input"``) or output (``"output"``), its unit, or -1.
+        where: ``"input"`` (a forward pre-hook on the first argument) or ``"output"`` (a forward hook on the
+            output, or on its first item when it is a tuple).
+
+    Returns:
+        The gate (an existing one is returned as it is).
+
+    Raises:
+        ValueError: if a feature names a unit out of range.
+    """
+    existing = gate_of(owner)
+    if existing is not None:
+        return existing
+    if features.numel() and int(features.max()) >= units:
+        raise ValueError(f"A gate of {units} units cannot gate a feature of unit {int(features.max())}.")
+    reference = next(iter(target.parameters()), None)
+    gate = nn.Parameter(torch.ones(units, dtype=reference.dtype if reference is not None else torch.float32,
+                                   device=reference.device if reference is not None else None))
+    owner.register_parameter(GATE, gate)
+    index = features.detach().cpu().long()
+
+    def scaled(x: Tensor) -> Tensor:
+        current = gate_of(owner)
+        if current is None:  # folded already: the hook is about to go
+            return x
+        return x * feature_gate(current, index).to(x.dtype)
+
+    if where == "input":
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return (scaled(args[0]), *args[1:])
+        handle = target.register_forward_pre_hook(pre_hook)
+    elif where == "output":
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if isinstance(output, tuple):
+                return (scaled(output[0]), *output[1:])
+            return scaled(output)
+        handle = target.register_forward_hook(hook)
+    else:
+        raise ValueError(f"`where` must be 'input' or 'output', got {where!r}.")
+    setattr(owner, _HOOK, handle)
+    return gate
+
+
+def remove_gate(owner: nn.Module) -> Tensor | None:
+    """Remove ``owner``'s gate and its hook; the gate's values (detached), or ``None`` if it had none.
+
+    The module's parameter and hook dictionaries are replaced, not edited, so that an all-or-nothing surgery that
+    fails afterwards puts the gate back as it was.
+    """
+    gate = gate_of(owner)
+    if gate is None:
+        return None
+    owner._parameters = {k: v for k, v in owner._parameters.items() if k != GATE}
+    handle = owner.__dict__.pop(_HOOK, None)
+    if handle is not None:
+        for hooks in ("_forward_hooks", "_forward_pre_hooks"):
+            for module in [m for m in _hooked_modules(owner, handle.id, hooks)]:
+                setattr(module, hooks, type(getattr(module, hooks))(
+                    (k, v) for k, v in getattr(module, hooks).items() if k != handle.id))
+    return gate.detach()
+
+
+def _hooked_modules(owner: nn.Module, hook_id: int, hooks: str) -> list[nn.Module]:
+    return [m for m in owner.modules() if hook_id in getattr(m, hooks)]
