@@ -3,15 +3,17 @@
 **The task: which of two numbers is larger.** A sequence writes two ``num_digits``-digit numbers in base
 ``base``, most significant digit first, separated by a marker; the label is 1 if the first number is larger::
 
-    2 0 3 1 1 0 2 3 | 2 0 3 0 3 3 1 0   ->  1   (equal down to the 4th digit, where 1 > 0)
+    2 0 3 1 1 0 | 2 0 3 0 3 3   ->  1   (equal down to the 4th digit, where 1 > 0)
 
 The two numbers share a common prefix whose length is uniform in ``0 .. num_digits-1`` and then differ, so every
 digit position decides the label equally often and the classes are balanced. Nothing about the answer is in the
 token counts: the model has to align each digit of the first number with the digit at the same place of the
 second (attention by position, ``num_digits + 1`` tokens apart), compare the two (a small lookup table: the MLPs)
 and read the comparison at the first place where they differ (attention over positions). Generated procedurally
-from a seed (no download). With the defaults a 2-block transformer of width 64 sits at chance for a few epochs,
-then climbs to about 98 % in 30 epochs (see :class:`SequenceClassifier`).
+from a seed (no download). With the defaults (6 digits in base 4; 10 000 train / 5 000 val / 5 000 test) the
+default :class:`SequenceClassifier` (2 blocks of width 64, 4 heads, MLP ratio 4; AdamW at 3e-3, cosine over 30
+epochs, batch 128) sits at chance for 3-4 epochs, climbs unevenly through 80-95 % and ends at 99.6-99.8 %
+validation accuracy (two seeds), about 2.5 s an epoch on one CPU thread.
 
 **The model** (:class:`TextTransformer`): token embedding, a class token, learned positions, ``depth``
 pre-norm blocks of :mod:`examples.vit` (``Block``/``Attention``: separate ``q_proj``/``k_proj``/``v_proj``,
@@ -22,12 +24,11 @@ it with AdamW and a cosine schedule, as :class:`~examples.vit.ViTClassifier` tra
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import CosineAnnealingLR
@@ -37,7 +38,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from examples.vit import Block
 
 
-def make_comparison(n: int, num_digits: int = 8, base: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def make_comparison(n: int, num_digits: int = 6, base: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` number-comparison sequences and their labels, a function of the arguments alone.
 
     Token ids: digits ``0 .. base-1`` and the separator ``base`` (vocabulary ``base + 1``). A sequence is
@@ -94,7 +95,7 @@ class SequenceTaskDataModule(LightningDataModule):
         >>> datamodule.setup("fit")
         >>> tokens, label = datamodule.train_dataset[0]
         >>> tokens.shape, datamodule.vocab_size, datamodule.num_classes
-        (torch.Size([17]), 5, 2)
+        (torch.Size([13]), 5, 2)
     """
 
     def __init__(
@@ -102,10 +103,10 @@ class SequenceTaskDataModule(LightningDataModule):
         batch_size: int = 128,
         num_workers: int = 0,
         seed: int = 0,
-        train_size: int = 8000,
+        train_size: int = 10000,
         val_size: int = 5000,
         test_size: int = 5000,
-        num_digits: int = 8,
+        num_digits: int = 6,
         base: int = 4,
     ) -> None:
         super().__init__()
@@ -170,8 +171,8 @@ class TextTransformer(nn.Module):
 
     Example::
 
-        >>> model = TextTransformer(vocab_size=5, max_length=17, num_classes=2)
-        >>> model(torch.zeros(2, 17, dtype=torch.long)).shape
+        >>> model = TextTransformer(vocab_size=5, max_length=13, num_classes=2)
+        >>> model(torch.zeros(2, 13, dtype=torch.long)).shape
         torch.Size([2, 2])
     """
 
@@ -219,7 +220,7 @@ class SequenceClassifier(LightningModule):
     """
 
     def __init__(
-        self, vocab_size: int = 5, max_length: int = 17, num_classes: int = 2, dim: int = 64, depth: int = 2,
+        self, vocab_size: int = 5, max_length: int = 13, num_classes: int = 2, dim: int = 64, depth: int = 2,
         num_heads: int = 4, mlp_ratio: float = 4.0, lr: float = 3e-3, weight_decay: float = 0.05,
     ) -> None:
         super().__init__()
@@ -253,8 +254,8 @@ class SequenceClassifier(LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "test", self.test_acc)
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        optimizer = AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
         max_epochs = self.trainer.max_epochs
         if max_epochs is None or max_epochs < 1:
             raise ValueError("SequenceClassifier's cosine schedule needs a finite `Trainer(max_epochs=...)`.")
