@@ -7,7 +7,7 @@ on matplotlib's Agg canvas without pyplot: no window opens and no global state i
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -199,13 +199,16 @@ def plot_channels(
     before: Mapping[str, int],
     after: Mapping[str, int],
     *,
+    sources: Mapping[str, Any] | None = None,
     path: _PathLike | None = None,
 ) -> "Figure":
-    """Horizontal bar chart of the channels of each layer before and after pruning.
+    """Horizontal bar chart of the channels (units) of each layer before and after pruning.
 
     Args:
         before: layer name -> channels of the dense network, in network order.
         after: layer name -> channels after pruning, same keys in the same order.
+        sources: with several sources in one prune, ``report.shares`` (or ``{source: {"entries": [...]}}``): one
+            panel per source, each titled with its share kept (heads and neurons are not counted on one axis).
         path: where to save the figure as PNG; nothing is saved when ``None``.
 
     Returns:
@@ -225,17 +228,27 @@ def plot_channels(
     names = list(before)
     if names != list(after):
         raise ValueError("`before` and `after` must have the same layer names in the same order.")
-    figure = _new_figure(7.0, max(2.5, 0.3 * len(names) + 1.2))
-    ax = figure.add_subplot()
-    positions = range(len(names))
-    ax.barh(positions, [before[name] for name in names], color="lightgray", label="before")
-    ax.barh(positions, [after[name] for name in names], height=0.5, color="tab:blue", label="after")
-    ax.set_yticks(positions, names)
-    ax.invert_yaxis()
-    ax.set_xlabel("channels")
-    total_before, total_after = sum(before.values()), sum(after.values())
-    share = total_after / total_before if total_before else float("nan")
-    ax.set_title(f"Channels kept: {total_after} of {total_before} ({share:.0%})")
-    ax.grid(axis="x", alpha=0.3)
-    figure.legend(loc="outside lower center", ncols=2)
+    panels = {"Channels": names}
+    if sources is not None:
+        panels = {label: list(share["entries"] if isinstance(share, Mapping) else share)
+                  for label, share in sources.items()}
+        unknown = [n for entries in panels.values() for n in entries if n not in before]
+        if unknown:
+            raise ValueError(f"`sources` names entries that `before` lacks: {unknown[:5]}.")
+    figure = _new_figure(7.0, max(2.5, 0.3 * len(names) + 1.2 * len(panels)))
+    axes = figure.subplots(len(panels), 1, squeeze=False,
+                           height_ratios=[max(1, len(entries)) for entries in panels.values()])[:, 0]
+    for ax, (label, entries) in zip(axes, panels.items(), strict=True):
+        positions = range(len(entries))
+        ax.barh(positions, [before[name] for name in entries], color="lightgray", label="before")
+        ax.barh(positions, [after[name] for name in entries], height=0.5, color="tab:blue", label="after")
+        ax.set_yticks(positions, entries)
+        ax.invert_yaxis()
+        ax.set_xlabel("channels" if sources is None else "units")
+        total_before, total_after = sum(before[n] for n in entries), sum(after[n] for n in entries)
+        share = total_after / total_before if total_before else float("nan")
+        ax.set_title(f"{label} kept: {total_after} of {total_before} ({share:.0%})")
+        ax.grid(axis="x", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=2)
     return _save(figure, path)

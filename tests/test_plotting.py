@@ -119,3 +119,18 @@ def test_missing_matplotlib_names_the_extra(monkeypatch):
     ):
         with pytest.raises(ImportError, match=r"pip install 'lightning-worm\[plot\]'"):
             draw()
+
+
+def test_plot_channels_draws_one_panel_per_source_with_its_share():
+    pytest.importorskip("matplotlib")
+    from lightning_worm.plotting import plot_channels
+
+    before = {"attn.0": 4, "attn.1": 4, "mlp.0": 64, "mlp.1": 64}
+    after = {"attn.0": 2, "attn.1": 2, "mlp.0": 40, "mlp.1": 36}
+    shares = {"AttentionHeadSource": {"before": 8, "after": 4, "entries": ["attn.0", "attn.1"]},
+              "FeedForwardSource": {"before": 128, "after": 76, "entries": ["mlp.0", "mlp.1"]}}
+    figure = plot_channels(before, after, sources=shares)
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles == ["AttentionHeadSource kept: 4 of 8 (50%)", "FeedForwardSource kept: 76 of 128 (59%)"]
+    with pytest.raises(ValueError, match="lacks"):
+        plot_channels(before, after, sources={"X": {"entries": ["nope"]}})

@@ -375,7 +375,11 @@ def datamodule(settings: Settings, seed: int) -> pl.LightningDataModule:
 
 
 def example_input(module: nn.Module, batch: int = 1) -> torch.Tensor:
-    """Zeros of one example's shape (the model's ``input_shape``, else a CIFAR image) on the module's device."""
+    """Zeros of one example's shape and dtype (the module's ``example_input_array``, else the model's ``input_shape``,
+    else a CIFAR image) on the module's device."""
+    given = getattr(module, "example_input_array", None)
+    if isinstance(given, torch.Tensor):
+        return torch.zeros(batch, *given.shape[1:], dtype=given.dtype, device=next(module.parameters()).device)
     model = getattr(module, "model", module)
     shape = tuple(getattr(model, "input_shape", (3, 32, 32)))
     device = next(module.parameters()).device

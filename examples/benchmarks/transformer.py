@@ -278,7 +278,6 @@ def bert_heads(repeats: int, batch: int = 4, tokens: int = 128) -> dict[str, Any
     """Latency and FLOPs of a random BERT-base, dense and with half the heads of every layer removed."""
     from transformers import BertConfig, BertModel  # the benchmark's optional dependency
 
-    from lightning_worm.core.measure import forward_flops
     from lightning_worm.core.surgery import prune_heads
 
     torch.manual_seed(0)
@@ -294,6 +293,14 @@ def bert_heads(repeats: int, batch: int = 4, tokens: int = 128) -> dict[str, Any
     dense = copy.deepcopy(model)
     # A short example is enough to find the output projections; FLOPs and latency are measured below.
     report = prune_heads(model, ticket, (ids[:1, :16],), source=source, measure_latency=False)
+    return {"heads": f"{sum(report.units_before.values())} -> {sum(report.units_after.values())}",
+            **_side_by_side(dense, model, ids, repeats)}
+
+
+def _side_by_side(dense: nn.Module, pruned: nn.Module, ids: Tensor, repeats: int) -> dict[str, Any]:
+    """Parameters, FLOPs per example and latency (median of ``repeats``, two interleaved rounds, the better one
+    of each) of a dense and a pruned model on the same input."""
+    from lightning_worm.core.measure import count_params, forward_flops
 
     def latency(m: torch.nn.Module) -> float:
         with torch.no_grad():
@@ -308,17 +315,45 @@ def bert_heads(repeats: int, batch: int = 4, tokens: int = 128) -> dict[str, Any
     dense_ms, pruned_ms = [], []
     for _ in range(2):  # interleaved rounds
         dense_ms.append(latency(dense))
-        pruned_ms.append(latency(model))
-    flops_dense, flops_pruned = (forward_flops(m, (ids,), per_example=True) for m in (dense, model))
+        pruned_ms.append(latency(pruned))
+    flops_dense, flops_pruned = (forward_flops(m, (ids,), per_example=True) for m in (dense, pruned))
     return {
-        "heads": f"{sum(report.units_before.values())} -> {sum(report.units_after.values())}",
-        "params_ratio": report.params_after / report.params_before,
+        "params_ratio": count_params(pruned) / count_params(dense),
         "flops_ratio": flops_pruned / flops_dense,
         "latency_dense_ms": min(dense_ms),
         "latency_pruned_ms": min(pruned_ms),
         "latency_ratio": min(pruned_ms) / min(dense_ms),
-        "batch": f"{batch} x {tokens} tokens",
+        "batch": f"{ids.shape[0]} x {ids.shape[1]} tokens",
     }
+
+
+#: Issue 18's goals for BERT-base at EarlyBERT's ratios (1/3 of the heads of every layer, 40 % of the neurons).
+GOAL_EARLYBERT_FLOPS, GOAL_EARLYBERT_LATENCY = 0.62, 0.70
+
+
+def bert_earlybert(repeats: int, batch: int = 4, tokens: int = 128, layers: int = 12, width: int = 768,
+                   heads: int = 12) -> dict[str, Any]:
+    """A random BERT-base, dense and at EarlyBERT's ratios: 1/3 of the heads of every layer and 40 % of the
+    feed-forward neurons overall removed (the lowest-scored), in one prune of a ``SourceList``."""
+    from transformers import BertConfig, BertModel  # the benchmark's optional dependency
+
+    from lightning_worm import unit_mask
+    from lightning_worm.core.sources import earlybert
+    from lightning_worm.core.surgery import prune_sources
+
+    torch.manual_seed(0)
+    config = BertConfig(num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads,
+                        intermediate_size=4 * width)
+    model = BertModel(config).eval()
+    ids = torch.randint(0, config.vocab_size, (batch, tokens))
+    source = earlybert(score="magnitude")  # random weights: the ratios are what is measured
+    ticket = unit_mask(model, 0.5, source=source)  # each member's own ratio; 0.5 is for none
+    dense = copy.deepcopy(model)
+    report = prune_sources(model, ticket, (ids[:1, :16],), source=source, measure_latency=False)
+    shares = report.shares
+    return {"heads": "{before} -> {after}".format(**shares["AttentionHeadSource"]),
+            "neurons": "{before} -> {after}".format(**shares["FeedForwardSource"]),
+            **_side_by_side(dense, model, ids, repeats)}
 
 
 # ------------------------------------------------------------------------------ 3. the ViT head search

@@ -98,8 +98,9 @@ def test_prune_sources_removes_every_members_units_in_one_checked_prune_and_repl
     assert model.stem[1].num_features == 4 and model.blocks[0].attn.num_heads == 2
     assert report.plan.kind == "sources"
     assert [p["kind"] for p in report.plan.options["plans"]] == ["channels", "heads"]
-    assert report.plan.options["shares"] == {"BatchNormSource": {"before": 8, "after": 4},
-                                             "AttentionHeadSource": {"before": 8, "after": 4}}
+    assert report.shares == {"BatchNormSource": {"before": 8, "after": 4, "entries": ["stem.1"]},
+                             "AttentionHeadSource": {"before": 8, "after": 4,
+                                                     "entries": ["blocks.0.attn", "blocks.1.attn"]}}
     assert report.ticket_pruned == 8 and report.removed_fraction == pytest.approx(0.5)
     assert report.flops_after < report.flops_before
     assert report.kept_indices["stem.1.weight"][0].tolist() == [4, 5, 6, 7]

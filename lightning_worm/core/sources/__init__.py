@@ -21,13 +21,30 @@ SOURCES: dict[str, type[ScoreSource]] = {
 }
 
 
+
+
+def earlybert(score: str = "slimming") -> SourceList:
+    """EarlyBERT's ticket (Chen et al., ACL 2021): 1/3 of the heads of every layer and 40 % of the feed-forward
+    neurons overall, scored by slimming gates (the measured better scores: ``docs/benchmarks.md``) or ``score=``.
+
+    Example::
+
+        early_bird = EarlyBirdCallback(source="earlybert")  # the same as EarlyBirdCallback(source=earlybert())
+    """
+    return SourceList([AttentionHeadSource(prune_ratio=1 / 3, scope="layer", score=score),  # type: ignore[arg-type]
+                       FeedForwardSource(prune_ratio=0.4, score=score)])  # type: ignore[arg-type]
+
+
+#: Named sets of sources (``EarlyBirdCallback(source="earlybert")``, YAML): several sources in one search.
+PRESETS = {"earlybert": earlybert}
+
 #: What a tracker, a mask or a surgery accepts as ``source``: a source, its name, a list of those, or ``None``.
 SourceSpec = str | ScoreSource | type[ScoreSource] | Sequence[str | ScoreSource | type[ScoreSource]] | None
 
 
 def resolve_source(source: SourceSpec) -> ScoreSource:
-    """A source instance from a name in :data:`SOURCES`, an instance, ``None`` (BatchNorm), or a list of those (a
-    :class:`SourceList`: several sources in one search).
+    """A source instance from a name in :data:`SOURCES` or :data:`PRESETS`, an instance, ``None`` (BatchNorm), or a
+    list of those (a :class:`SourceList`: several sources in one search).
 
     Raises:
         ValueError: on an unknown name or an object that is not a :class:`ScoreSource`.
@@ -35,8 +52,11 @@ def resolve_source(source: SourceSpec) -> ScoreSource:
     if source is None:
         return BatchNormSource()
     if isinstance(source, str):
+        if source in PRESETS:
+            return PRESETS[source]()
         if source not in SOURCES:
-            raise ValueError(f"Unknown `source` {source!r}: use one of {sorted(SOURCES)} or a ScoreSource instance.")
+            raise ValueError(f"Unknown `source` {source!r}: use one of {sorted(SOURCES) + sorted(PRESETS)} or a "
+                             "ScoreSource instance.")
         return SOURCES[source]()
     if isinstance(source, (list, tuple)):
         return SourceList(source)
@@ -52,5 +72,6 @@ def resolve_source(source: SourceSpec) -> ScoreSource:
 
 __all__ = [
     "SOURCES", "AttentionHeadSource", "AttentionQKSource", "BatchNormSource", "ChannelSource", "FeedForwardSource",
-    "LayerNormSource", "ScaleSource", "ScoreSource", "SourceList", "SourceSpec", "resolve_source",
+    "LayerNormSource", "PRESETS", "ScaleSource", "ScoreSource", "SourceList", "SourceSpec", "earlybert",
+    "resolve_source",
 ]

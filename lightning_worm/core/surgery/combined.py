@@ -6,13 +6,13 @@ one plan per member, in order (``options["plans"]``); the replay repeats them in
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 from lightning_worm.core.inputs import ExampleInput, as_inputs
-from lightning_worm.core.sources import ScoreSource, SourceList
+from lightning_worm.core.sources import ScoreSource, SourceList, resolve_source
 from lightning_worm.core.surgery.channels import DEFAULT_COUPLING
 from lightning_worm.core.surgery.plan import KeptIndices, PruningPlan, PruningReport, _measured
 from lightning_worm.core.surgery.registry import Surgery, _keyword_only, register_surgery, surgery_for
@@ -59,7 +59,7 @@ def prune_sources(
     ticket: Mapping[str, Tensor],
     example_input: ExampleInput | None = None,
     *,
-    source: SourceList,
+    source: SourceList | Sequence[ScoreSource],
     coupling: str = DEFAULT_COUPLING,
     round_to: int | None = None,
     measure_latency: bool = True,
@@ -76,7 +76,7 @@ def prune_sources(
         model: the model.
         ticket: ``{entry name: keep-mask}`` over the members' entries, as the tracker's ticket is.
         example_input: one input batch; the surgeries that need one (channels) refuse without it.
-        source: the ``SourceList`` that tracked the ticket.
+        source: the ``SourceList`` that tracked the ticket (or the list of its sources).
         coupling: passed to the members whose surgery takes it (BatchNorm channels).
         round_to: passed to the members whose surgery takes it.
         measure_latency: time the model before and after.
@@ -96,11 +96,13 @@ def prune_sources(
     Example::
 
         report = prune_sources(bert, early_bird.ticket, batch, source=early_bird.source)
-        report.plan.options["shares"]  # {"AttentionHeadSource": {"before": 144, "after": 96}, "FeedForwardSource": ...}
+        report.shares  # {"AttentionHeadSource": {"before": 144, "after": 96, "entries": [...]}, ...}
     """
-    if not isinstance(source, SourceList):
-        raise ValueError(f"prune_sources prunes the members of a SourceList, got {type(source).__name__}: prune a "
+    resolved = resolve_source(list(source) if isinstance(source, tuple) else source)
+    if not isinstance(resolved, SourceList):
+        raise ValueError(f"prune_sources prunes the members of a SourceList, got {type(resolved).__name__}: prune a "
                          "single source with its own surgery (`surgery_for(source).prune`).")
+    source = resolved
     tickets = _member_tickets(model, ticket, source)
     given = {"coupling": coupling, "round_to": round_to, "latency_repeats": latency_repeats, "check": check}
     inputs = () if example_input is None else as_inputs(example_input)
@@ -117,8 +119,8 @@ def prune_sources(
         kept = compose_kept(kept, report.kept_indices)
     units_before = {n: c for r in reports for n, c in r.units_before.items()}
     units_after = {n: c for r in reports for n, c in r.units_after.items()}
-    shares = {label: {"before": sum(r.units_before.values()), "after": sum(r.units_after.values())}
-              for label, r in labelled.items()}
+    shares = {label: {"before": sum(r.units_before.values()), "after": sum(r.units_after.values()),
+                      "entries": list(r.units_before)} for label, r in labelled.items()}
     plan = PruningPlan.of(model, inputs, pruned_groups=[], units_before=units_before, units_after=units_after,
                           kind="sources", source=SourceList.key,
                           options={"plans": [r.plan.to_dict() for r in reports], "shares": shares})

@@ -273,13 +273,15 @@ class PruningReport:
         return 1.0 - sum(self.units_after.values()) / total if total else 0.0
 
     @property
-    def shares(self) -> dict[str, dict[str, int]]:
-        """Units before and after, per source: one entry (the plan's source key), or one per member of a
-        ``SourceList`` (by class name), e.g. ``{"AttentionHeadSource": {"before": 144, "after": 96}, ...}``."""
+    def shares(self) -> dict[str, dict[str, Any]]:
+        """Units before and after and the entries, per source: one (the plan's source key), or one per member of a
+        ``SourceList`` (by class name), e.g. ``{"AttentionHeadSource": {"before": 144, "after": 96, "entries": [...]},
+        ...}``."""
         recorded = self.plan.options.get("shares")
         if isinstance(recorded, Mapping):
             return copy.deepcopy(dict(recorded))
-        return {self.plan.source: {"before": sum(self.units_before.values()), "after": sum(self.units_after.values())}}
+        return {self.plan.source: {"before": sum(self.units_before.values()), "after": sum(self.units_after.values()),
+                                   "entries": list(self.units_before)}}
 
     @property
     def asked_fraction(self) -> float:
