@@ -23,6 +23,7 @@ __all__ = ["GATE", "attach_gate", "feature_gate", "gate_of", "remove_gate"]
 #: The name of a unit gate parameter on the module that owns the units.
 GATE = "slimming_gate"
 _HOOK = "_lightning_worm_gate_hook"
+_SITE = "_lightning_worm_gate_site"
 
 
 def gate_of(owner: nn.Module) -> nn.Parameter | None:
@@ -52,8 +53,10 @@ def attach_gate(owner: nn.Module, target: nn.Module, units: int, features: Tenso
         The gate (an existing one is returned as it is).
 
     Raises:
-        ValueError: if a feature names a unit out of range.
+        ValueError: if a feature names a unit out of range, or ``where`` is neither.
     """
+    if where not in ("input", "output"):
+        raise ValueError(f"`where` must be 'input' or 'output', got {where!r}.")
     existing = gate_of(owner)
     if existing is not None:
         return existing
@@ -63,28 +66,32 @@ def attach_gate(owner: nn.Module, target: nn.Module, units: int, features: Tenso
     gate = nn.Parameter(torch.ones(units, dtype=reference.dtype if reference is not None else torch.float32,
                                    device=reference.device if reference is not None else None))
     owner.register_parameter(GATE, gate)
-    index = features.detach().cpu().long()
-
-    def scaled(x: Tensor) -> Tensor:
-        current = gate_of(owner)
-        if current is None:  # folded already: the hook is about to go
-            return x
-        return x * feature_gate(current, index).to(x.dtype)
-
-    if where == "input":
-        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            return (scaled(args[0]), *args[1:])
-        handle = target.register_forward_pre_hook(pre_hook)
-    elif where == "output":
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            if isinstance(output, tuple):
-                return (scaled(output[0]), *output[1:])
-            return scaled(output)
-        handle = target.register_forward_hook(hook)
-    else:
-        raise ValueError(f"`where` must be 'input' or 'output', got {where!r}.")
-    setattr(owner, _HOOK, handle)
+    # The hook finds its owner and feature map on the module it runs on (not in a closure), so that a deep copy of
+    # the model (an EMA, a benchmark's control) gates with its own gate.
+    target.__dict__[_SITE] = (owner, features.detach().cpu().long())
+    handle = target.register_forward_pre_hook(_gate_input) if where == "input" else \
+        target.register_forward_hook(_gate_output)
+    owner.__dict__[_HOOK] = handle.id
     return gate
+
+
+def _scaled(module: nn.Module, x: Tensor) -> Tensor:
+    site = module.__dict__.get(_SITE)
+    if site is None:
+        return x
+    owner, features = site
+    gate = gate_of(owner)
+    return x if gate is None else x * feature_gate(gate, features).to(x.dtype)
+
+
+def _gate_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (_scaled(module, args[0]), *args[1:])
+
+
+def _gate_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    if isinstance(output, tuple):
+        return (_scaled(module, output[0]), *output[1:])
+    return _scaled(module, output)
 
 
 def remove_gate(owner: nn.Module) -> Tensor | None:
@@ -97,14 +104,13 @@ def remove_gate(owner: nn.Module) -> Tensor | None:
     if gate is None:
         return None
     owner._parameters = {k: v for k, v in owner._parameters.items() if k != GATE}
-    handle = owner.__dict__.pop(_HOOK, None)
-    if handle is not None:
+    hook_id = owner.__dict__.pop(_HOOK, None)
+    for module in owner.modules():
+        site = module.__dict__.get(_SITE)
+        if site is not None and site[0] is owner:
+            del module.__dict__[_SITE]
         for hooks in ("_forward_hooks", "_forward_pre_hooks"):
-            for module in [m for m in _hooked_modules(owner, handle.id, hooks)]:
-                setattr(module, hooks, type(getattr(module, hooks))(
-                    (k, v) for k, v in getattr(module, hooks).items() if k != handle.id))
+            table = getattr(module, hooks)
+            if hook_id in table:
+                setattr(module, hooks, type(table)((k, v) for k, v in table.items() if k != hook_id))
     return gate.detach()
-
-
-def _hooked_modules(owner: nn.Module, hook_id: int, hooks: str) -> list[nn.Module]:
-    return [m for m in owner.modules() if hook_id in getattr(m, hooks)]

@@ -133,3 +133,15 @@ def test_gates_fold_exactly_on_hugging_face_layouts(family):
     assert not gates(model)
     assert torch.allclose(after, before, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(before, (model.__class__(model.config).eval())(x).last_hidden_state)
+
+
+def test_a_deep_copy_gates_with_its_own_gates():
+    source = SourceList([AttentionHeadSource(**SLIM), FeedForwardSource(**SLIM)])
+    model, x = gated(vit(), source), torch.randn(2, 3, 32, 32)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in gates(twin).values():
+            p.zero_()
+        assert not torch.allclose(model(x), twin(x))  # the twin's zero gates act on the twin only
+        source.fold(twin)
+    assert len(gates(model)) == 4 and not gates(twin)
