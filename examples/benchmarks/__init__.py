@@ -25,7 +25,16 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from examples.benchmarks import defaults, end_to_end, latency, overhead, sharded, ticket, transformer  # noqa: E402
+from examples.benchmarks import (  # noqa: E402
+    defaults,
+    earlybert,
+    end_to_end,
+    latency,
+    overhead,
+    sharded,
+    ticket,
+    transformer,
+)
 from examples.benchmarks.common import Section, Settings  # noqa: E402
 
 BENCHMARKS: dict[str, Callable[[Settings, Path], Section]] = {
@@ -35,6 +44,7 @@ BENCHMARKS: dict[str, Callable[[Settings, Path], Section]] = {
     "end_to_end": end_to_end.run,
     "defaults": defaults.run,
     "transformer": transformer.run,
+    "earlybert": earlybert.run,
     "sharded": sharded.run,
 }
 
