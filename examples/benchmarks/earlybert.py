@@ -63,6 +63,17 @@ def _task(task: str, seed: int, tiny: bool) -> tuple[Any, Any]:
     return SequenceTaskDataModule(seed=seed, **sizes), model
 
 
+class _Holder(nn.Module):
+    """A copy of a LightningModule's ``model``, under the same name (its entries are named as the tracker's)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.model(*inputs)
+
+
 def _control(early_bird: Any, val_loader: Callable[[], Any], seed: int) -> Any:
     """``PruneAndFinetune`` at its defaults, which also prunes a random ticket of the same widths on a deep copy at
     the same point and evaluates it (the control), and times its evaluations out of the training time."""
@@ -87,8 +98,7 @@ def _control(early_bird: Any, val_loader: Callable[[], Any], seed: int) -> Any:
 
         def prune(self, trainer: Any, pl_module: Any) -> None:
             start = time.perf_counter()
-            holder = nn.Module()  # entry names as in the LightningModule: "model.blocks.0.attn", ...
-            holder.model = copy.deepcopy(pl_module.model)
+            holder = _Holder(copy.deepcopy(pl_module.model))  # entry names as in the LightningModule
             tracker = self.early_bird
             ticket = random_ticket(tracker.ticket, seed)
             surgery_for(tracker.source).prune(holder, ticket, self._example(pl_module), source=tracker.source,
