@@ -250,7 +250,8 @@ class EarlyBirdCallback(Callback):
         check_strategy(trainer, type(self).__name__)
         members = self.source.sources if isinstance(self.source, SourceList) else (self.source,)
         slimming = [repr(s) for s in members if getattr(s, "score", None) == "slimming"]
-        if slimming and is_sharded_strategy(trainer):
+        sharded = is_sharded_strategy(trainer)
+        if slimming and sharded:
             raise ValueError(
                 f"{type(self).__name__}: slimming gates ({', '.join(slimming)}) are not supported under sharded "
                 "training (FSDP2): score the units by weight magnitude (`score='magnitude'`, the default), or train "
@@ -260,7 +261,8 @@ class EarlyBirdCallback(Callback):
         self._pull, self._pull_version = None, -1
         self.truncation = None  # a WormCallback in this fit hands its own over at `on_fit_start`, after every setup
         self._observed_epoch = None
-        self.source.prepare(pl_module)
+        if not sharded:  # sharded, `score="auto"` scores by magnitude: the gates are not sharded
+            self.source.prepare(pl_module)
         skipped = self.source.skipped(pl_module)
         tracked = self.source.tracked(pl_module)
         pending = [name for name, why in skipped.items() if why.startswith("lazy")]

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from lightning_worm._internals.torch import mha_packs_qkv
 from lightning_worm.core.sharding import whole
 from lightning_worm.core.sources.base import ScoreSource
-from lightning_worm.core.sources.slimming import SlimmingScores, scaled_parameter
+from lightning_worm.core.sources.slimming import DEFAULT_SCORE, SlimmingScores, scaled_parameter
 from lightning_worm.core.validation import check_int, check_names
 
 __all__ = [
@@ -599,18 +599,21 @@ class AttentionHeadSource(SlimmingScores, _AttentionSource):
         *,
         prune_ratio: float | None = None,
         scope: Literal["global", "layer"] = "global",
-        score: Literal["magnitude", "slimming"] = "magnitude",
+        score: Literal["auto", "slimming", "magnitude"] = "magnitude",
     ) -> None:
         super().__init__(modules, projections, num_heads, layout, prune_ratio=prune_ratio, scope=scope)
         self._set_score(score)
-        if self.slimming:
+        if self.score == "slimming":
             self.description = "self-attention heads scored by learnable slimming gates"
+        elif self.score == "auto":
+            self.description = ("self-attention heads scored by learnable slimming gates "
+                                "(the mean |W| of their query and key rows where the model has none)")
 
     def options(self) -> dict[str, Any]:
-        return {**super().options(), **({"score": self.score} if self.slimming else {})}
+        return {**super().options(), **({"score": self.score} if self.score != DEFAULT_SCORE else {})}
 
     def ranking(self) -> dict[str, Any]:
-        return {**super().ranking(), **({"score": self.score} if self.slimming else {})}
+        return {**super().ranking(), **({"score": self.score} if self.score != DEFAULT_SCORE else {})}
 
     def gate_site(self, block: AttentionBlock) -> tuple[nn.Module, nn.Module, int, Tensor, str]:
         # The value features of each unit: scaling a head's values scales its output exactly (its attention weights
@@ -641,12 +644,12 @@ class AttentionHeadSource(SlimmingScores, _AttentionSource):
 
     def sparsity_parameters(self, block: AttentionBlock) -> list[Tensor]:
         parts = [block.part(p) for p in ("q", "k")]  # a packed weight (its index not all of it) holds the values too
-        if self.slimming:
+        if self.gated(block):
             return [self.gate(block)]
         return [w for w, index, *_ in parts if isinstance(index, slice) and index == slice(None) and w.requires_grad]
 
     def scores(self, block: AttentionBlock) -> Tensor:
-        if self.slimming:
+        if self.gated(block):
             return self.gate_scores(block)
         _, num_kv_heads, _ = block._counts()
         sums, sizes = [], 0

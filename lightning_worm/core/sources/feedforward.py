@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from lightning_worm.core.gates import GATE
 from lightning_worm.core.sharding import whole
-from lightning_worm.core.sources.slimming import SlimmingScores, scaled_parameter
+from lightning_worm.core.sources.slimming import DEFAULT_SCORE, SlimmingScores, scaled_parameter
 from lightning_worm.core.validation import check_names
 
 __all__ = [
@@ -360,12 +360,15 @@ class FeedForwardSource(SlimmingScores):
         *,
         prune_ratio: float | None = None,
         scope: Literal["global", "layer"] = "global",
-        score: Literal["magnitude", "slimming"] = "magnitude",
+        score: Literal["auto", "slimming", "magnitude"] = "magnitude",
     ) -> None:
         super().__init__(prune_ratio=prune_ratio, scope=scope)
         self._set_score(score)
-        if self.slimming:
+        if self.score == "slimming":
             self.description = "feed-forward neurons scored by learnable slimming gates"
+        elif self.score == "auto":
+            self.description = ("feed-forward neurons scored by learnable slimming gates "
+                                "(the mean |W| of their input rows and output column where the model has none)")
         self.modules = check_names("modules", modules)
         names = check_names("inputs", inputs, count=(1, 2))
         self.inputs = None if names is None else tuple(names)
@@ -388,7 +391,7 @@ class FeedForwardSource(SlimmingScores):
                 "output": self.output, **self.ranking()}
 
     def ranking(self) -> dict[str, Any]:
-        return {**super().ranking(), **({"score": self.score} if self.slimming else {})}
+        return {**super().ranking(), **({"score": self.score} if self.score != DEFAULT_SCORE else {})}
 
     def gate_site(self, block: FeedForwardBlock) -> tuple[nn.Module, nn.Module, int, Tensor, str]:
         return block.module, block.projection(block.output), block.num_neurons, torch.arange(block.num_neurons), "input"
@@ -417,7 +420,7 @@ class FeedForwardSource(SlimmingScores):
         return None
 
     def scores(self, block: FeedForwardBlock) -> Tensor:
-        if self.slimming:
+        if self.gated(block):
             return self.gate_scores(block)
         total: Tensor | None = None
         size = 0
@@ -455,7 +458,7 @@ class FeedForwardSource(SlimmingScores):
         return list(factors.values()) + self.gate_factor(block, keep, chi)
 
     def sparsity_parameters(self, block: FeedForwardBlock) -> list[Tensor]:
-        if self.slimming:
+        if self.gated(block):
             return [self.gate(block)]
         weights = {id(p): p for _, p, _, is_input in block.parameters() if is_input and p.dim() == 2}
         return [p for p in weights.values() if p.requires_grad]

@@ -12,10 +12,13 @@ from lightning_worm.core.sharding import whole
 from lightning_worm.core.sources.base import ScoreSource
 from lightning_worm.core.validation import check_choice
 
-__all__ = ["SCORES", "SlimmingScores"]
+__all__ = ["DEFAULT_SCORE", "SCORES", "SlimmingScores"]
 
-#: What a head or neuron source scores its units by.
-SCORES = ("magnitude", "slimming")
+#: What a head or neuron source scores its units by: ``"auto"`` (slimming gates where the model has them, i.e. in a
+#: search, whose tracker gives them at setup; the weights' magnitude elsewhere), ``"slimming"`` (always gates),
+#: ``"magnitude"`` (never).
+SCORES = ("auto", "slimming", "magnitude")
+DEFAULT_SCORE = "magnitude"
 
 
 class SlimmingScores(ScoreSource):
@@ -29,14 +32,19 @@ class SlimmingScores(ScoreSource):
     Subclasses implement :meth:`gate_site` (where an entry's gate acts) and :meth:`fold_gate` (how it folds).
     """
 
-    score: str = "magnitude"
+    score: str = DEFAULT_SCORE
 
     def _set_score(self, score: str) -> None:
         self.score = check_choice("score", score, SCORES)
 
     @property
     def slimming(self) -> bool:
-        return self.score == "slimming"
+        """Whether :meth:`prepare` gives the model gates (``"auto"`` and ``"slimming"``)."""
+        return self.score != "magnitude"
+
+    def gated(self, handle: Any) -> bool:
+        """Whether the entry is scored by its gates: always with ``"slimming"``, when it has some with ``"auto"``."""
+        return self.score == "slimming" or (self.score == "auto" and gate_of(self.gate_site(handle)[0]) is not None)
 
     def gate_site(self, handle: Any) -> tuple[nn.Module, nn.Module, int, Tensor, str]:
         """``(owner, target, units, features, where)`` of :func:`~lightning_worm.core.gates.attach_gate` for an
@@ -49,7 +57,8 @@ class SlimmingScores(ScoreSource):
         raise NotImplementedError
 
     def prepare(self, model: nn.Module) -> None:
-        """With ``score="slimming"``: give every tracked entry its gates (ones), before the optimizers are built."""
+        """With ``score="slimming"`` or ``"auto"``: give every tracked entry its gates (ones), before the optimizers are
+        built."""
         if self.slimming:
             for handle in self.tracked(model).values():
                 attach_gate(*self.gate_site(handle))
@@ -78,8 +87,8 @@ class SlimmingScores(ScoreSource):
         return whole(gate.abs().to(torch.promote_types(gate.dtype, torch.float32)))
 
     def gate_factor(self, handle: Any, keep: Tensor, chi: float) -> list[tuple[Tensor, Tensor]]:
-        """The gate's own truncation factor (chi on the pruned units), with ``"slimming"``; else nothing."""
-        if not self.slimming:
+        """The gate's own truncation factor (chi on the pruned units) when the entry is gated; else nothing."""
+        if not self.gated(handle):
             return []
         gate = self.gate(handle)
         return [(gate, torch.where(keep.reshape(-1).to(gate.device), 1.0, chi).to(gate.dtype))]

@@ -145,3 +145,16 @@ def test_a_deep_copy_gates_with_its_own_gates():
         assert not torch.allclose(model(x), twin(x))  # the twin's zero gates act on the twin only
         source.fold(twin)
     assert len(gates(model)) == 4 and not gates(twin)
+
+
+def test_auto_scores_by_gates_where_the_model_has_them_and_by_magnitude_elsewhere():
+    model = vit()
+    auto, magnitude = AttentionHeadSource(score="auto"), AttentionHeadSource(score="magnitude")
+    block = auto.tracked(model)["blocks.0.attn"]
+    assert torch.equal(auto.scores(block), magnitude.scores(block))  # no gates: a model scored as it is
+    assert auto.sparsity_parameters(block) == magnitude.sparsity_parameters(block)
+    auto.prepare(model)  # what the tracker does at setup
+    block = auto.tracked(model)["blocks.0.attn"]
+    assert torch.equal(auto.scores(block), torch.ones(4))
+    assert auto.sparsity_parameters(block) == [gate_of(model.blocks[0].attn)]
+    assert not AttentionHeadSource(score="magnitude").gated(block)
