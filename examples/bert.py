@@ -6,10 +6,13 @@ token 1 occurs more often than token 2 (attention has to compare positions). The
 weight of every query and key projection (``AttentionQKSource``) with the paper's settings (ratio 0.5,
 window 3, threshold 0.01, no ticket at the first full window) and WORM's two-stage schedule. At the
 ticket the pruned weights become fixed zeros: **that saves no time** (dense kernels run as before);
-use ``--heads`` to search and remove whole heads instead, which does::
+use ``--heads`` to search and remove whole heads instead, which does, or ``--earlybert`` for EarlyBERT's
+ticket (``source="earlybert"``: 1/3 of the heads of every layer and 40 % of the feed-forward neurons
+overall, scored by slimming gates; both removed at the ticket, the gates folded into the weights)::
 
     python -m examples.bert                 # element-wise, the paper's recipe
     python -m examples.bert --heads         # attention heads, removed physically at the ticket
+    python -m examples.bert --earlybert     # heads and feed-forward neurons, EarlyBERT's ticket
 
 Needs ``transformers`` (an optional extra of lightning-worm).
 """
@@ -17,7 +20,7 @@ Needs ``transformers`` (an optional extra of lightning-worm).
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -107,27 +110,45 @@ class BertClassifier(LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
 
 
-def callbacks(heads: bool = False) -> tuple[EarlyBirdCallback, WormCallback, PruneAndFinetune]:
-    """The paper's element-wise recipe, or the structured head variant (``heads=True``)."""
-    if heads:
-        early_bird = EarlyBirdCallback(prune_ratio=0.5, window=3, threshold=0.1, source=AttentionHeadSource())
+def callbacks(
+    heads: bool = False, earlybert: bool = False, threshold: float | None = None,
+    wait_for: Literal["ready", "ticket"] = "ready",
+) -> tuple[EarlyBirdCallback, WormCallback, PruneAndFinetune]:
+    """The paper's element-wise recipe, the structured head variant (``heads=True``) or EarlyBERT's ticket
+    (``earlybert=True``: heads and feed-forward neurons in one search); ``threshold`` replaces the mode's."""
+    if heads and earlybert:
+        raise ValueError("Choose one of `heads` and `earlybert`.")
+    if earlybert:  # each source has its own ratio: the tracker's prune_ratio is not used
+        early_bird = EarlyBirdCallback(window=3, threshold=0.1 if threshold is None else threshold,
+                                       source="earlybert")
+    elif heads:
+        early_bird = EarlyBirdCallback(prune_ratio=0.5, window=3, threshold=0.1 if threshold is None else threshold,
+                                       source=AttentionHeadSource())
     else:
-        early_bird = EarlyBirdCallback(prune_ratio=0.5, window=3, threshold=0.01, source=AttentionQKSource(),
-                                       accept_first_window=False)
-    return early_bird, WormCallback(early_bird, schedule="two_stage"), PruneAndFinetune(early_bird)
+        early_bird = EarlyBirdCallback(prune_ratio=0.5, window=3, threshold=0.01 if threshold is None else threshold,
+                                       source=AttentionQKSource(), accept_first_window=False)
+    prune = PruneAndFinetune(early_bird, wait_for=wait_for)
+    return early_bird, WormCallback(early_bird, schedule="two_stage"), prune
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Train, search, prune at the ticket, fine-tune; returns a short summary."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--heads", action="store_true", help="search and remove whole attention heads")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--heads", action="store_true", help="search and remove whole attention heads")
+    mode.add_argument("--earlybert", action="store_true",
+                      help="EarlyBERT's ticket: heads (1/3 per layer) and feed-forward neurons (40 %%), slimming gates")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="the ticket's mask distance threshold (default: 0.01 element-wise, else 0.1)")
+    parser.add_argument("--wait_for", choices=("ready", "ticket"), default="ready",
+                        help="prune once the ticket is ready (default) or as soon as it emerges")
     parser.add_argument("--max_epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--default_root_dir", default="runs/bert")
     ns = parser.parse_args(args)
     L.seed_everything(ns.seed)
     model, data = BertClassifier(), CountingDataModule(seed=ns.seed)
-    early_bird, worm, prune = callbacks(ns.heads)
+    early_bird, worm, prune = callbacks(ns.heads, ns.earlybert, ns.threshold, ns.wait_for)
     trainer = L.Trainer(max_epochs=ns.max_epochs, callbacks=[early_bird, worm, prune], accelerator="cpu",
                         default_root_dir=ns.default_root_dir, enable_checkpointing=False, log_every_n_steps=5)
     trainer.fit(model, datamodule=data)
@@ -138,6 +159,9 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         "chi": worm.chi,
         "pruned_epoch": prune.pruned_epoch,
         "params": None if prune.report is None else [prune.report["params_before"], prune.report["params_after"]],
+        # units before and after, per source (one per member of a SourceList: heads, neurons)
+        "shares": None if prune.report is None else {label: [share["before"], share["after"]]
+                                                     for label, share in prune.report["shares"].items()},
         "val_acc": float(trainer.callback_metrics.get("val/acc", float("nan"))),
     }
     print(summary)

@@ -215,6 +215,7 @@ def summarize(cli: MainJobCLI, test_acc: float | None, checkpoint: Path) -> dict
         "pruned_epoch": prune.pruned_epoch if prune else None,
         "channels_before": report.get("units_before"),
         "channels_after": report.get("units_after"),
+        "shares": report.get("shares"),  # units before and after per source (several with a list of sources)
         "removed_fraction": [report.get("asked_fraction"), report.get("removed_fraction")],
         "params": [report.get("params_before"), report.get("params_after")],
         "flops_per_example": [report.get("flops_before"), report.get("flops_after")],
@@ -269,7 +270,9 @@ def _write_artefacts(cli: MainJobCLI, summary: dict[str, Any], run_dir: Path) ->
         figures["distance_matrix"] = plotting.plot_distance_matrix(eb.detector.history,
                                                                    epochs=eb.detector.history_epochs)
     if summary["channels_after"]:
-        figures["channels"] = plotting.plot_channels(summary["channels_before"], summary["channels_after"])
+        shares = summary.get("shares")  # one panel per source where several were pruned at once
+        figures["channels"] = plotting.plot_channels(summary["channels_before"], summary["channels_after"],
+                                                     sources=shares if shares and len(shares) > 1 else None)
     saved = [run_dir / f"{name}.png" for name, figure in figures.items()
              if _write(run_dir / f"{name}.png", lambda path, f=figure: f.savefig(path, dpi=150))]
     summary["figures"] = [str(path) for path in saved]
@@ -321,6 +324,10 @@ def format_summary(s: dict[str, Any], run_dir: Path) -> str:
     if s["channels_after"]:
         kept = ", ".join(f"{n} {s['channels_after'][n]}/{c}" for n, c in s["channels_before"].items())
         lines.append(f"channels kept per layer: {kept}")
+        shares = s.get("shares") or {}
+        if len(shares) > 1:
+            lines.append("units kept per source: " + ", ".join(f"{label} {share['after']}/{share['before']}"
+                                                               for label, share in shares.items()))
         asked, removed = s.get("removed_fraction") or (None, None)
         if removed is not None:
             lines.append(f"units removed: {pct(removed)} (the ticket asks {pct(asked)})")
