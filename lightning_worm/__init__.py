@@ -16,7 +16,14 @@ from lightning_worm.core import (
     mask_distance,
     unit_mask,
 )
-from lightning_worm.core.sources import AttentionHeadSource, AttentionQKSource, FeedForwardSource, LayerNormSource
+from lightning_worm.core.sources import (
+    AttentionHeadSource,
+    AttentionQKSource,
+    FeedForwardSource,
+    LayerNormSource,
+    SourceList,
+    earlybert,
+)
 from lightning_worm.core.surgery import (
     PruningError,
     PruningPlan,
@@ -24,6 +31,9 @@ from lightning_worm.core.surgery import (
     apply_plan,
     check_prunable,
     prune_channels,
+    prune_heads,
+    prune_neurons,
+    prune_sources,
 )
 
 __version__ = "0.1.0"
@@ -45,14 +55,19 @@ __all__ = [
     "PruningPlan",
     "PruningReport",
     "ScoreSource",
+    "SourceList",
     "TicketDetector",
     "WormCallback",
     "add_sparsity_gradient",
     "apply_plan",
     "channel_mask",
     "check_prunable",
+    "earlybert",
     "load_pruned",
     "mask_distance",
     "prune_channels",
+    "prune_heads",
+    "prune_neurons",
+    "prune_sources",
     "unit_mask",
 ]

@@ -245,7 +245,7 @@ def summarise_prune(runs: dict[str, list[list[dict[str, Any]]]]) -> list[dict[st
 
 
 QK_STAGES = (("scores", "|W| scores, gathered whole (`unit_scores`)"),
-             ("ranking", "global ranking (`mask_from_scores`)"),
+             ("ranking", "global ranking (`rank_units`)"),
              ("share", "score shares of the mask and, once found, the ticket (`score_share`)"),
              ("update", "detector update"),
              ("broadcast", "rank 0's mask to every rank"), ("rest", "rest of the call"),

@@ -128,7 +128,7 @@ class _StageClock:
         import lightning_worm.core.masks as masks
 
         self._targets: dict[str, tuple[Any, str]] = {"scores": (tracker, "unit_scores"),
-                                                     "ranking": (tracker, "mask_from_scores"),
+                                                     "ranking": (tracker, "rank_units"),
                                                      "update": (callback.detector, "update")}
         if hasattr(masks, "score_checksum"):  # the fingerprint, taken inside the ranking
             self._targets["checksum"] = (masks, "score_checksum")
@@ -429,7 +429,7 @@ def render_mask_cost(cost: dict[str, Any], note: str = "") -> list[str]:
                 f"{cost.get('epoch_ms', float('nan')):.0f} ms per epoch.{note}", ""]
     counts = [str(n) for n in cost["threads"]]
     names = {"scores": "|W| scores of every entry (`channel_scores`)",
-             "ranking": "global ranking (`mask_from_scores`)",
+             "ranking": "global ranking (`rank_units`)",
              "checksum": "of which the score checksum (frozen-score check)",
              "update": "detector update (pack, window distances)",
              "rest": "rest of the call (discovery, bookkeeping)",

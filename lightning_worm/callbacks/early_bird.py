@@ -100,8 +100,8 @@ class EarlyBirdCallback(Callback):
 
     Raises:
         ValueError: on an argument out of range (named in the message); at setup, if the model has no
-            tracked unit or the strategy shards parameters; on resume, if the checkpoint's search ran
-            with other settings.
+            tracked unit, the strategy is one the callbacks do not support (FSDP1, DeepSpeed, tensor parallelism) or
+            slimming gates are asked for under FSDP2; on resume, if the checkpoint's search ran with other settings.
 
     Example::
 
@@ -509,10 +509,18 @@ class EarlyBirdCallback(Callback):
         assert ticket is not None, "announced once the ticket has emerged"
         per_entry = ", ".join(f"{n}: {int(m.sum())}/{m.numel()}" for n, m in list(ticket.items())[:20])
         rank_zero_info(
-            f"Early-Bird ticket emerged at epoch {self.ticket_epoch} (prune_ratio={self.prune_ratio:g}, "
+            f"Early-Bird ticket emerged at epoch {self.ticket_epoch} ({self._ratios()}, "
             f"distance {self.distances[-1]:.4f} <= {self.threshold:g}): keeps {ticket.kept}/{ticket.total} units. "
             f"Kept per entry: {per_entry}" + (" ..." if len(ticket) > 20 else "")
         )
+
+    def _ratios(self) -> str:
+        """The ratios the masks are taken at, for messages: the tracker's, or each source's with a list of sources."""
+        if not isinstance(self.source, SourceList):
+            return f"prune_ratio={self.prune_ratio:g}"
+        return ", ".join(f"{label} prune_ratio={s.prune_ratio if s.prune_ratio is not None else self.prune_ratio:g}"
+                         + (f" per {s.scope}" if s.scope == "layer" else "")
+                         for label, s in zip(self.source.labels(), self.source.sources, strict=True))
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -155,3 +155,29 @@ def test_a_slimming_search_checkpoints_its_gates_resumes_and_leaves_no_trace_aft
         resumed, *_ = fit(3, ckpt_path=tmp_path / "ckpt" / f"epoch={epoch}.ckpt")
         for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
             assert torch.equal(a, b), name
+
+
+def test_slimming_gates_are_refused_under_fsdp2_and_auto_falls_back_to_magnitudes():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_worm import FeedForwardSource
+    from tests.models import tiny_vit
+
+    class Mesh(dict):
+        def __init__(self):
+            super().__init__(tensor_parallel=type("Dim", (), {"size": lambda self: 1})())
+
+    def sharded(callback):
+        t = trainer(callbacks=[callback], max_epochs=1)
+        t.strategy.__class__ = ModelParallelStrategy  # only the type and the mesh are read
+        t.strategy._device_mesh = Mesh()
+        return t
+
+    model = tiny_vit()
+    explicit = EarlyBirdCallback(source=[AttentionHeadSource(score="slimming"), FeedForwardSource()])
+    with pytest.raises(ValueError, match=r"slimming gates \(AttentionHeadSource\(score='slimming'\)\) are not "
+                                         r"supported under sharded training \(FSDP2\)"):
+        explicit.setup(sharded(explicit), model, "fit")
+    auto = EarlyBirdCallback(source=[AttentionHeadSource(score="auto"), FeedForwardSource(score="auto")])
+    auto.setup(sharded(auto), model, "fit")
+    assert not any("slimming_gate" in n for n, _ in model.named_parameters())  # no gates: scored by magnitude
