@@ -22,8 +22,16 @@ def run(out: Path, kind: str, resume: Path | None = None, timeout: int = 300) ->
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "tests.ddp.fit_sharded", str(out), kind] + ([str(resume)] if resume else [])
     proc = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0 or finished_then_aborted(proc, out), proc.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def finished_then_aborted(proc: subprocess.CompletedProcess, out: Path) -> bool:
+    """Whether the launcher aborted in the interpreter's teardown after both ranks had saved their results: a C++
+    thread left at exit ("terminate called without an active exception", SIGABRT), seen once in a few hundred
+    FSDP2 fits on gloo. The fit itself ended (both results are written, after the last collective)."""
+    return (proc.returncode == -6 and proc.stderr.rstrip().endswith("terminate called without an active exception")
+            and all((out / f"rank{r}.pt").exists() for r in (0, 1)))
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +115,7 @@ def run_transformer(out: Path, kind: str, source: str) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "tests.ddp.fit_sharded_transformer", str(out), kind, source],
                           cwd=out, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0 or finished_then_aborted(proc, out), proc.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from examples.vit import ViTClassifier
-from lightning_worm import EarlyBirdCallback, PruneAndFinetune, WormCallback
+from lightning_worm import AttentionHeadSource, EarlyBirdCallback, PruneAndFinetune, WormCallback
 from lightning_worm.core.sharding import is_sharded, whole
 from tests.ddp.fit_prune import CountSteps
 from tests.helpers import tiny_loader
@@ -34,7 +34,10 @@ class ShardedViT(ViTClassifier):
 def main(out: Path, kind: str, source: str) -> None:
     L.seed_everything(0)
     model = ShardedViT(num_classes=4, image_size=8, patch_size=2, dim=16, depth=2, num_heads=4)
-    eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source=source)
+    # Magnitude scores on both strategies: under FSDP2 the tracker gives no slimming gates (the default "auto" then
+    # scores by magnitude), under DDP it would, and the two fits are compared for the same ticket.
+    tracked = AttentionHeadSource(score="magnitude") if source == "attention_heads" else source
+    eb = EarlyBirdCallback(prune_ratio=0.5, window=2, threshold=1.0, source=tracked)
     prune = PruneAndFinetune(eb, measure_latency=False, wait_for="ticket", finetune_epochs=1)
     steps = CountSteps()
     strategy = "ddp" if kind == "ddp" else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)

@@ -23,7 +23,7 @@ SOURCES: dict[str, type[ScoreSource]] = {
 
 
 
-def earlybert(score: str = "slimming") -> SourceList:
+def earlybert(score: str = "auto") -> SourceList:
     """EarlyBERT's ticket (Chen et al., ACL 2021): 1/3 of the heads of every layer and 40 % of the feed-forward
     neurons overall, scored by slimming gates (the measured better scores: ``docs/benchmarks.md``) or ``score=``.
 

@@ -599,7 +599,7 @@ class AttentionHeadSource(SlimmingScores, _AttentionSource):
         *,
         prune_ratio: float | None = None,
         scope: Literal["global", "layer"] = "global",
-        score: Literal["auto", "slimming", "magnitude"] = "magnitude",
+        score: Literal["auto", "slimming", "magnitude"] = "auto",
     ) -> None:
         super().__init__(modules, projections, num_heads, layout, prune_ratio=prune_ratio, scope=scope)
         self._set_score(score)
@@ -615,7 +615,9 @@ class AttentionHeadSource(SlimmingScores, _AttentionSource):
     def ranking(self) -> dict[str, Any]:
         return {**super().ranking(), **({"score": self.score} if self.score != DEFAULT_SCORE else {})}
 
-    def gate_site(self, block: AttentionBlock) -> tuple[nn.Module, nn.Module, int, Tensor, str]:
+    def gate_site(self, block: AttentionBlock) -> tuple[nn.Module, nn.Module, int, Tensor, str] | None:
+        if block.layout == "mha" or block.problem is not None:  # nn.MultiheadAttention cannot lose heads anyway
+            return None
         # The value features of each unit: scaling a head's values scales its output exactly (its attention weights
         # sum to one), whatever the block does after, so no output projection needs to be found.
         _, num_kv_heads, head_dim = block._counts()

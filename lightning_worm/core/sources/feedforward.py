@@ -360,7 +360,7 @@ class FeedForwardSource(SlimmingScores):
         *,
         prune_ratio: float | None = None,
         scope: Literal["global", "layer"] = "global",
-        score: Literal["auto", "slimming", "magnitude"] = "magnitude",
+        score: Literal["auto", "slimming", "magnitude"] = "auto",
     ) -> None:
         super().__init__(prune_ratio=prune_ratio, scope=scope)
         self._set_score(score)

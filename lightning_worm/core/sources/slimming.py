@@ -18,7 +18,7 @@ __all__ = ["DEFAULT_SCORE", "SCORES", "SlimmingScores"]
 #: search, whose tracker gives them at setup; the weights' magnitude elsewhere), ``"slimming"`` (always gates),
 #: ``"magnitude"`` (never).
 SCORES = ("auto", "slimming", "magnitude")
-DEFAULT_SCORE = "magnitude"
+DEFAULT_SCORE = "auto"
 
 
 class SlimmingScores(ScoreSource):
@@ -43,12 +43,16 @@ class SlimmingScores(ScoreSource):
         return self.score != "magnitude"
 
     def gated(self, handle: Any) -> bool:
-        """Whether the entry is scored by its gates: always with ``"slimming"``, when it has some with ``"auto"``."""
-        return self.score == "slimming" or (self.score == "auto" and gate_of(self.gate_site(handle)[0]) is not None)
+        """Whether the entry is scored by its gates: always with ``"slimming"`` (where it can have some), when it has
+        some with ``"auto"``."""
+        site = self.gate_site(handle)
+        if site is None or self.score == "magnitude":
+            return False
+        return self.score == "slimming" or gate_of(site[0]) is not None
 
-    def gate_site(self, handle: Any) -> tuple[nn.Module, nn.Module, int, Tensor, str]:
+    def gate_site(self, handle: Any) -> tuple[nn.Module, nn.Module, int, Tensor, str] | None:
         """``(owner, target, units, features, where)`` of :func:`~lightning_worm.core.gates.attach_gate` for an
-        entry."""
+        entry, or ``None`` if it takes no gate (its units are then scored by magnitude)."""
         raise NotImplementedError
 
     def fold_gate(self, handle: Any, gate: Tensor) -> None:
@@ -61,12 +65,15 @@ class SlimmingScores(ScoreSource):
         built."""
         if self.slimming:
             for handle in self.tracked(model).values():
-                attach_gate(*self.gate_site(handle))
+                site = self.gate_site(handle)
+                if site is not None:
+                    attach_gate(*site)
 
     def fold(self, model: nn.Module) -> None:
         """Fold every tracked entry's gates into its weights and remove them (nothing without gates)."""
         for handle in self.tracked(model).values():
-            gate = remove_gate(self.gate_site(handle)[0])
+            site = self.gate_site(handle)
+            gate = None if site is None else remove_gate(site[0])
             if gate is not None:
                 self.fold_gate(handle, gate)
 
@@ -76,7 +83,8 @@ class SlimmingScores(ScoreSource):
         Raises:
             ValueError: if the model has none yet (:meth:`prepare` was not called).
         """
-        gate = gate_of(self.gate_site(handle)[0])
+        site = self.gate_site(handle)
+        gate = None if site is None else gate_of(site[0])
         if gate is None:
             raise ValueError(f"{type(self).__name__}(score='slimming') scores gates this model does not have yet: call "
                              "`source.prepare(model)` before building the optimizer (EarlyBirdCallback does at setup).")
