@@ -18,6 +18,7 @@ One module per concern, every unit removal here (sources only find and score uni
   on torch-pruning's dependency graph, with ``decision`` (which channels go: coupling, ``round_to``,
   layers never emptied) and ``graph`` (the graph extended for channel shuffles and chunks, and the cut);
 * ``lightning_worm.core.surgery.heads``: :func:`prune_heads`, whole attention heads;
+* ``lightning_worm.core.surgery.units``: what the whole-unit surgeries share (which units go, the report);
 * ``lightning_worm.core.surgery.neurons``: :func:`prune_neurons`, the intermediate neurons of feed-forward blocks;
 * ``lightning_worm.core.surgery.combined``: :func:`prune_sources`, every member of a ``SourceList`` (several
   sources in one search) in one all-or-nothing prune;

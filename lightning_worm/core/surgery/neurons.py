@@ -24,6 +24,7 @@ from lightning_worm.core.surgery.equivalence import check_equivalence, run_prune
 from lightning_worm.core.surgery.plan import KeptIndices, PruningPlan, PruningReport, _measured
 from lightning_worm.core.surgery.registry import Surgery, register_surgery
 from lightning_worm.core.surgery.transaction import all_or_nothing
+from lightning_worm.core.surgery.units import choose_units, unit_report
 from lightning_worm.core.validation import check_int
 
 __all__ = ["NEURONS_HINT", "prune_neurons"]
@@ -172,22 +173,8 @@ def prune_neurons(
     masks = _validated_neurons(ticket, blocks)
     inputs = () if example_input is None else as_inputs(example_input)
 
-    removed: dict[str, list[int]] = {}
-    kept_for_min = kept_for_round = 0
-    for name, keep in masks.items():
-        keep = keep.clone()
-        scores = source.scores(blocks[name]).cpu()
-        if not keep.any():
-            keep[int(torch.argmax(scores))] = True
-            kept_for_min += 1
-        if round_to is not None:
-            while int(keep.sum()) % round_to and not keep.all():
-                pruned = torch.nonzero(~keep).flatten()
-                keep[pruned[torch.argmax(scores[pruned])]] = True
-                kept_for_round += 1
-        units = torch.nonzero(~keep).flatten().tolist()
-        if units:
-            removed[name] = units
+    choice = choose_units(masks, lambda name: source.scores(blocks[name]), round_to)
+    removed = choice.removed
     shared = {name: why for name, why in _shared(model, blocks).items() if name in removed}
     if shared:
         name, why = next(iter(shared.items()))
@@ -217,24 +204,7 @@ def prune_neurons(
         source=FeedForwardSource.key,
         options={"source_options": source.options()},
     )
-    ticket_pruned = sum(int((~m).sum()) for m in masks.values())
-    return PruningReport(
-        plan=plan,
-        **numbers,
-        units_before=units_before,
-        units_after=units_after,
-        ticket_pruned=ticket_pruned,
-        pruned_from_ticket=ticket_pruned - kept_for_min - kept_for_round,
-        pruned_outside_ticket=0,
-        kept_for_coupling=0,
-        kept_for_min_units=kept_for_min,
-        kept_for_round_to=kept_for_round,
-        kept_unprunable=0,
-        kept_indices=kept_indices,
-        coupling="neurons",
-        round_to=round_to,
-        prunable=sum(units_before.values()) - len(blocks),  # every block keeps one neuron
-    )
+    return unit_report(plan, numbers, masks, choice, kept_indices, coupling="neurons", round_to=round_to)
 
 
 def _replay_neurons(model: nn.Module, plan: PruningPlan, *, source: FeedForwardSource | None = None) -> KeptIndices:
