@@ -25,17 +25,14 @@ it with AdamW and a cosine schedule, as :class:`~examples.vit.ViTClassifier` tra
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import nn
-from torch.optim import AdamW
-from torch.optim.lr_scheduler import CosineAnnealingLR
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from examples.vit import Block
+from examples.module import ImageClassifier
+from examples.vit import Block, ViTClassifier
 
 
 def make_comparison(n: int, num_digits: int = 6, base: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,12 +192,13 @@ class TextTransformer(nn.Module):
         return self.head(x[:, 0])
 
 
-class SequenceClassifier(LightningModule):
+class SequenceClassifier(ImageClassifier):
     """A :class:`TextTransformer` trained with AdamW, cross-entropy and a cosine schedule over ``trainer.max_epochs``.
 
-    Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc`` (progress bar), ``test/loss`` and ``test/acc``
-    once per epoch, as :class:`~examples.module.ImageClassifier` does. :meth:`configure_optimizers` builds a fresh
-    optimizer from ``self.parameters()`` each call, so a pruning callback can rebuild it mid-fit.
+    It shares :class:`~examples.module.ImageClassifier`'s steps and logged keys (``train/loss``, ``train/acc``,
+    ``val/loss``, ``val/acc`` on the progress bar, ``test/loss``, ``test/acc``, once per epoch) and
+    :class:`~examples.vit.ViTClassifier`'s optimizer and schedule, which are built afresh from ``self.parameters()``
+    each call, so a pruning callback can rebuild them mid-fit.
 
     Args:
         vocab_size: token ids (the data module's ``vocab_size``).
@@ -223,41 +221,13 @@ class SequenceClassifier(LightningModule):
         self, vocab_size: int = 5, max_length: int = 13, num_classes: int = 2, dim: int = 64, depth: int = 2,
         num_heads: int = 4, mlp_ratio: float = 4.0, lr: float = 3e-3, weight_decay: float = 0.05,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        hparams = {k: v for k, v in locals().items() if k != "self"}
+        LightningModule.__init__(self)  # not ImageClassifier's: that one builds a CNN
+        self.save_hyperparameters(hparams)
         self.model = TextTransformer(vocab_size, max_length, num_classes, dim, depth, num_heads, mlp_ratio)
         self.example_input_array = torch.zeros(1, max_length, dtype=torch.long)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens)
-
-    def _shared_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, accuracy: MulticlassAccuracy
-    ) -> torch.Tensor:
-        tokens, targets = batch
-        logits = self(tokens)
-        loss = F.cross_entropy(logits, targets)
-        accuracy(logits, targets)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True)
-        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=stage == "val")
-        return loss
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train", self.train_acc)
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val", self.val_acc)
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test", self.test_acc)
-
-    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
-        optimizer = AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
-        max_epochs = self.trainer.max_epochs
-        if max_epochs is None or max_epochs < 1:
-            raise ValueError("SequenceClassifier's cosine schedule needs a finite `Trainer(max_epochs=...)`.")
-        scheduler = CosineAnnealingLR(optimizer, T_max=max_epochs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+    configure_optimizers = ViTClassifier.configure_optimizers  # AdamW, cosine over max_epochs

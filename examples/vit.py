@@ -158,6 +158,6 @@ class ViTClassifier(ImageClassifier):
         optimizer = AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         max_epochs = self.trainer.max_epochs
         if max_epochs is None or max_epochs < 1:
-            raise ValueError("ViTClassifier's cosine schedule needs a finite `Trainer(max_epochs=...)`.")
+            raise ValueError(f"{type(self).__name__}'s cosine schedule needs a finite `Trainer(max_epochs=...)`.")
         scheduler = CosineAnnealingLR(optimizer, T_max=max_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
