@@ -466,3 +466,164 @@ class HybridClassifier(MixClassifier):
 
     def forward(self, x):
         return self.net(x)
+
+
+# ------------------------------------------------- Hugging Face layouts, re-written in plain torch
+
+
+class Conv1D(nn.Module):
+    """GPT-2's ``Conv1D`` (``nf`` output features, a weight that is in x out), re-written here: the library duck-types
+    it."""
+
+    def __init__(self, nf, nx, weight_scale=1.0, bias_scale=1.0):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * weight_scale)
+        self.bias = nn.Parameter(torch.randn(nf) * bias_scale)
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+def _attend(q, k, v, b, n, head_dim, mask=None):
+    q, k, v = (t.reshape(b, n, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+    k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).reshape(b, n, -1)
+
+
+class Config:
+    """A config shared by the layers, read by the forward (as Phi-3's)."""
+
+    def __init__(self, heads=4, kv_heads=2):
+        self.num_attention_heads, self.num_key_value_heads = heads, kv_heads
+
+
+class Phi3Attention(nn.Module):
+    """Phi-3's layout: ``qkv_proj`` packs ``[q (4 heads) | k (2) | v (2)]``, sliced with the config's head count."""
+
+    def __init__(self, dim=16, config=None):
+        super().__init__()
+        self.config = config or Config()
+        self.head_dim, self.num_key_value_heads = 4, self.config.num_key_value_heads
+        self.qkv_proj = nn.Linear(dim, (self.config.num_attention_heads + 2 * self.num_key_value_heads) * 4)
+        self.o_proj = nn.Linear(self.config.num_attention_heads * 4, dim)
+
+    def forward(self, x):
+        qkv = self.qkv_proj(x)
+        q_end = self.config.num_attention_heads * self.head_dim
+        k_end = q_end + self.num_key_value_heads * self.head_dim
+        return self.o_proj(_attend(qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:], *x.shape[:2],
+                                   self.head_dim))
+
+
+class NeoXAttention(nn.Module):
+    """GPT-NeoX's layout: ``query_key_value`` packs ``[q_h | k_h | v_h]`` head by head; only a head size."""
+
+    def __init__(self, dim=16, num_heads=4):
+        super().__init__()
+        self.head_size = dim // num_heads
+        self.query_key_value, self.dense = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.query_key_value(x).view(b, n, -1, 3 * self.head_size).chunk(3, dim=-1)
+        return self.dense(_attend(q, k, v, b, n, self.head_size))
+
+
+class BiasTable(nn.Module):
+    def __init__(self, num_heads, n):
+        super().__init__()
+        self.n = n
+        self.relative_position_bias_table = nn.Parameter(torch.randn(n * n, num_heads))
+
+    def forward(self):
+        return self.relative_position_bias_table.view(self.n, self.n, -1).permute(2, 0, 1)
+
+
+class SwinAttention(nn.Module):
+    """Swin's layout: separate projections and a bias table of one column per head (sequence length 5)."""
+
+    def __init__(self, dim=16, num_heads=4):
+        super().__init__()
+        self.num_attention_heads, self.head_dim = num_heads, dim // num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim) for _ in range(4))
+        self.relative_position_bias = BiasTable(num_heads, 5)
+
+    def forward(self, x):
+        return self.o_proj(_attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), *x.shape[:2], self.head_dim,
+                                   self.relative_position_bias()))
+
+
+class GPT2Attention(nn.Module):
+    """GPT-2's layout: ``c_attn`` packs ``[q | k | v]`` on the output dim of a Conv1D, split by ``split_size``."""
+
+    def __init__(self, dim=16, num_heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim, self.split_size = num_heads, dim // num_heads, dim
+        self.c_attn, self.c_proj = Conv1D(3 * dim, dim, 0.2, 0.1), Conv1D(dim, dim, 0.2, 0.1)
+
+    def forward(self, x):
+        q, k, v = self.c_attn(x).split(self.split_size, dim=2)
+        return self.c_proj(_attend(q, k, v, *x.shape[:2], self.head_dim))
+
+
+class AttentionNet(nn.Module):
+    """One attention block of ``attention()`` and a linear head (16 wide)."""
+
+    def __init__(self, attention):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = attention()
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x))
+
+
+class Mlp(nn.Module):
+    """timm's ``Mlp`` in plain torch: fc1, act, drop1, norm (Identity by default), fc2, drop2."""
+
+    def __init__(self, dim=8, hidden=16, norm=False, bias=True):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(0.0)
+        self.norm = nn.LayerNorm(hidden) if norm else nn.Identity()
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.drop2 = nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+class GPT2Mlp(nn.Module):
+    def __init__(self, dim=8, hidden=16):
+        super().__init__()
+        self.c_fc, self.c_proj, self.act = Conv1D(hidden, dim), Conv1D(dim, hidden), nn.GELU()
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class PackedMlp(nn.Module):
+    """Phi-3's MLP: one ``gate_up_proj`` of rows ``[gate | up]``."""
+
+    def __init__(self, dim=8, hidden=16):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = nn.Linear(dim, 2 * hidden, bias=False), nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * nn.functional.silu(gate))
+
+
+class GatedMlp(nn.Module):
+    def __init__(self, dim=8, hidden=16):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.intermediate_size = hidden
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -7,7 +7,6 @@ Hugging Face layouts (GPT-2's Conv1D, Phi-3's grouped packing, GPT-NeoX's per-he
 
 import pytest
 import torch
-from torch import nn
 
 from lightning_worm import (
     AttentionHeadSource,
@@ -18,9 +17,14 @@ from lightning_worm import (
 )
 from lightning_worm.core.sources.attention import find_attention
 from tests.models import (
+    AttentionNet,
     CustomNet,
+    GPT2Attention,
     MHANet,
+    NeoXAttention,
     PackedNet,
+    Phi3Attention,
+    SwinAttention,
     bert,
     encoder,
     llama,
@@ -178,134 +182,27 @@ def test_grouped_query_head_truncation_scales_whole_groups():
 # ----------------------------------------------------------------- Hugging Face layouts, as tiny stand-ins
 
 
-class Conv1D(nn.Module):
-    """GPT-2's ``Conv1D``: ``nf`` output features, a weight that is in x out."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf, self.nx = nf, nx
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
-        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
-
-    def forward(self, x):
-        return x @ self.weight + self.bias
-
-
-def _attend(q, k, v, b, n, head_dim, mask=None):
-    q, k, v = (t.reshape(b, n, -1, head_dim).transpose(1, 2) for t in (q, k, v))
-    k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
-    out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.transpose(1, 2).reshape(b, n, -1)
-
-
-class GPT2Attention(nn.Module):
-    """GPT-2's layout: ``c_attn`` packs ``[q | k | v]`` on the output dim of a Conv1D, split by ``split_size``."""
-
-    def __init__(self, dim=16, num_heads=4):
-        super().__init__()
-        self.num_heads, self.head_dim, self.split_size = num_heads, dim // num_heads, dim
-        self.c_attn, self.c_proj = Conv1D(3 * dim, dim), Conv1D(dim, dim)
-
-    def forward(self, x):
-        q, k, v = self.c_attn(x).split(self.split_size, dim=2)
-        return self.c_proj(_attend(q, k, v, *x.shape[:2], self.head_dim))
-
-
-class Config:
-    """A config shared by the layers, read by the forward (as Phi-3's)."""
-
-    def __init__(self, heads=4, kv_heads=2):
-        self.num_attention_heads, self.num_key_value_heads = heads, kv_heads
-
-
-class Phi3Attention(nn.Module):
-    """Phi-3's layout: ``qkv_proj`` packs ``[q (4 heads) | k (2) | v (2)]``, sliced with the config's head count."""
-
-    def __init__(self, dim=16, config=None):
-        super().__init__()
-        self.config = config or Config()
-        self.head_dim, self.num_key_value_heads = 4, self.config.num_key_value_heads
-        self.qkv_proj = nn.Linear(dim, (self.config.num_attention_heads + 2 * self.num_key_value_heads) * 4)
-        self.o_proj = nn.Linear(self.config.num_attention_heads * 4, dim)
-
-    def forward(self, x):
-        qkv = self.qkv_proj(x)
-        q_end = self.config.num_attention_heads * self.head_dim
-        k_end = q_end + self.num_key_value_heads * self.head_dim
-        return self.o_proj(_attend(qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:], *x.shape[:2],
-                                   self.head_dim))
-
-
-class NeoXAttention(nn.Module):
-    """GPT-NeoX's layout: ``query_key_value`` packs ``[q_h | k_h | v_h]`` head by head; only a head size."""
-
-    def __init__(self, dim=16, num_heads=4):
-        super().__init__()
-        self.head_size = dim // num_heads
-        self.query_key_value, self.dense = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, _ = x.shape
-        q, k, v = self.query_key_value(x).view(b, n, -1, 3 * self.head_size).chunk(3, dim=-1)
-        return self.dense(_attend(q, k, v, b, n, self.head_size))
-
-
-class BiasTable(nn.Module):
-    def __init__(self, num_heads, n):
-        super().__init__()
-        self.n = n
-        self.relative_position_bias_table = nn.Parameter(torch.randn(n * n, num_heads))
-
-    def forward(self):
-        return self.relative_position_bias_table.view(self.n, self.n, -1).permute(2, 0, 1)
-
-
-class SwinAttention(nn.Module):
-    """Swin's layout: separate projections and a bias table of one column per head (sequence length 5)."""
-
-    def __init__(self, dim=16, num_heads=4):
-        super().__init__()
-        self.num_attention_heads, self.head_dim = num_heads, dim // num_heads
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim) for _ in range(4))
-        self.relative_position_bias = BiasTable(num_heads, 5)
-
-    def forward(self, x):
-        return self.o_proj(_attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), *x.shape[:2], self.head_dim,
-                                   self.relative_position_bias()))
-
-
-class Net(nn.Module):
-    def __init__(self, attention):
-        super().__init__()
-        torch.manual_seed(0)
-        self.attn = attention()
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.head(self.attn(x))
-
-
 def test_hugging_face_layouts_are_recognised_by_duck_typing():
-    gpt2 = find_attention(Net(GPT2Attention))["attn"]
+    gpt2 = find_attention(AttentionNet(GPT2Attention))["attn"]
     assert (gpt2.layout, gpt2.packing, gpt2.projections, gpt2.num_heads, gpt2.head_dim) == (
         "packed", "qkv", ("c_attn",), 4, 4)
     assert gpt2.out_dim("q") == 1 and gpt2.weight("k").shape == (16, 16)  # Conv1D: the columns 16..31
     assert torch.equal(gpt2.weight("k"), gpt2.module.c_attn.weight.detach()[:, 16:32])
-    phi3 = find_attention(Net(Phi3Attention))["attn"]
+    phi3 = find_attention(AttentionNet(Phi3Attention))["attn"]
     assert (phi3.packing, phi3.num_heads, phi3.num_kv_heads, phi3.head_dim) == ("qkv", 4, 2, 4)
     assert [phi3.out_index(p) for p in "qkv"] == [slice(0, 16), slice(16, 24), slice(24, 32)]
-    neox = find_attention(Net(NeoXAttention))["attn"]
+    neox = find_attention(AttentionNet(NeoXAttention))["attn"]
     assert (neox.packing, neox.num_heads, neox.head_dim) == ("per_head", 4, 4)
     assert neox.out_index("k").tolist() == [r for h in range(4) for r in range(12 * h + 4, 12 * h + 8)]
-    assert find_attention(Net(NeoXAttention), layout="qkv")["attn"].packing == "qkv"  # told otherwise
-    swin = find_attention(Net(SwinAttention))["attn"]
+    assert find_attention(AttentionNet(NeoXAttention), layout="qkv")["attn"].packing == "qkv"  # told otherwise
+    swin = find_attention(AttentionNet(SwinAttention))["attn"]
     assert (swin.layout, swin.num_heads) == ("separate", 4)
 
 
 def test_named_projections_that_do_not_fit_say_which():
     with pytest.raises(ValueError, match=r"projections \['qkv'\] must be children that are nn.Linear layers or "
                                          r"Conv1D.*\{'qkv': 'missing'\}.*\['c_attn', 'c_proj'\]"):
-        AttentionHeadSource(modules=["attn"], projections=("qkv",)).tracked(Net(GPT2Attention))
+        AttentionHeadSource(modules=["attn"], projections=("qkv",)).tracked(AttentionNet(GPT2Attention))
     with pytest.raises(ValueError, match="`layout` must be one of"):
         AttentionHeadSource(layout="interleaved")
     assert AttentionHeadSource(layout="per_head").options()["layout"] == "per_head"
@@ -313,7 +210,7 @@ def test_named_projections_that_do_not_fit_say_which():
 
 
 def test_conv1d_heads_are_scored_by_columns_and_truncated_by_columns():
-    model, source = Net(GPT2Attention), AttentionHeadSource()
+    model, source = AttentionNet(GPT2Attention), AttentionHeadSource()
     block = source.tracked(model)["attn"]
     w = model.attn.c_attn.weight.detach().abs()
     expected = (w[:, :16].reshape(16, 4, 4).sum((0, 2)) + w[:, 16:32].reshape(16, 4, 4).sum((0, 2))) / (2 * 4 * 16)
@@ -332,7 +229,7 @@ def test_conv1d_heads_are_scored_by_columns_and_truncated_by_columns():
 
 
 def test_elementwise_masks_of_a_conv1d_are_shaped_as_it_stores_them():
-    model, source = Net(GPT2Attention), AttentionQKSource()
+    model, source = AttentionNet(GPT2Attention), AttentionQKSource()
     mask = unit_mask(model, 0.5, source=source)
     assert {k: tuple(v.shape) for k, v in mask.items()} == {"attn.c_attn:q": (16, 16), "attn.c_attn:k": (16, 16)}
     truncation = GradientTruncation(model, source)
@@ -344,14 +241,14 @@ def test_elementwise_masks_of_a_conv1d_are_shaped_as_it_stores_them():
 
 
 def test_grouped_packed_and_per_head_truncation_scale_exactly_the_units_rows():
-    model, source = Net(Phi3Attention), AttentionHeadSource()
+    model, source = AttentionNet(Phi3Attention), AttentionHeadSource()
     truncation = GradientTruncation(model, source)
     truncation.set({"attn": torch.tensor([False, True])}, chi=0.0)  # key/value head 0 and its 2 query heads
     model.attn.qkv_proj.weight.grad = torch.ones(32, 16)
     truncation.apply()
     rows = model.attn.qkv_proj.weight.grad[:, 0]
     assert rows.eq(0).nonzero().flatten().tolist() == list(range(8)) + list(range(16, 20)) + list(range(24, 28))
-    model = Net(NeoXAttention)
+    model = AttentionNet(NeoXAttention)
     truncation = GradientTruncation(model, source)
     truncation.set({"attn": torch.tensor([True, True, False, True])}, chi=0.0)  # head 2: rows 24..35
     model.attn.query_key_value.weight.grad = torch.ones(48, 16)

@@ -10,6 +10,7 @@ from examples.vit import VisionTransformer
 from lightning_worm import FeedForwardSource
 from lightning_worm.core.sources import SOURCES, resolve_source
 from lightning_worm.core.sources.feedforward import FeedForwardBlock, find_feedforward
+from tests.models import GatedMlp, GPT2Mlp, Mlp, PackedMlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,67 +78,6 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
     if name in ("vit", "clip"):
         return model, torch.randn(2, 3, 16, 16, generator=generator)
     return model, torch.randint(3, 64, (2, 8), generator=generator)
-
-
-class Mlp(nn.Module):
-    """timm's ``Mlp`` in plain torch: fc1, act, drop1, norm (Identity by default), fc2, drop2."""
-
-    def __init__(self, dim=8, hidden=16, norm=False, bias=True):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.act = nn.GELU()
-        self.drop1 = nn.Dropout(0.0)
-        self.norm = nn.LayerNorm(hidden) if norm else nn.Identity()
-        self.fc2 = nn.Linear(hidden, dim, bias=bias)
-        self.drop2 = nn.Dropout(0.0)
-
-    def forward(self, x):
-        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
-
-
-class Conv1D(nn.Module):
-    """GPT-2's ``Conv1D`` (weight ``in x out``, ``nf`` outputs), re-written here: the library duck-types it."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.nf, self.nx = nf, nx
-        self.weight = nn.Parameter(torch.randn(nx, nf))
-        self.bias = nn.Parameter(torch.randn(nf))
-
-    def forward(self, x):
-        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
-
-
-class GPT2Mlp(nn.Module):
-    def __init__(self, dim=8, hidden=16):
-        super().__init__()
-        self.c_fc, self.c_proj, self.act = Conv1D(hidden, dim), Conv1D(dim, hidden), nn.GELU()
-
-    def forward(self, x):
-        return self.c_proj(self.act(self.c_fc(x)))
-
-
-class PackedMlp(nn.Module):
-    """Phi-3's MLP: one ``gate_up_proj`` of rows ``[gate | up]``."""
-
-    def __init__(self, dim=8, hidden=16):
-        super().__init__()
-        self.gate_up_proj, self.down_proj = nn.Linear(dim, 2 * hidden, bias=False), nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(up * nn.functional.silu(gate))
-
-
-class GatedMlp(nn.Module):
-    def __init__(self, dim=8, hidden=16):
-        super().__init__()
-        self.gate_proj, self.up_proj = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-        self.intermediate_size = hidden
-
-    def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def only(model, source=None):

@@ -22,20 +22,18 @@ from lightning_worm import (
 from lightning_worm.core.surgery import PruningPlan, apply_plan, check_prunable
 from lightning_worm.core.surgery.elementwise import prune_elementwise
 from lightning_worm.core.surgery.heads import MHA_REFUSAL, prune_heads
-from tests.core.sources.test_attention import (
-    Config,
-    GPT2Attention,
-    NeoXAttention,
-    Net,
-    Phi3Attention,
-    SwinAttention,
-)
 from tests.helpers import assert_equal_up_to_rounding
 from tests.models import (
+    AttentionNet,
+    Config,
+    GPT2Attention,
     InterleavedAttention,
     LastHidden,
+    NeoXAttention,
     PackedNet,
+    Phi3Attention,
     SizedMixNet,
+    SwinAttention,
     bert,
     encoder,
     llama,
@@ -214,7 +212,7 @@ def zero_units(model, ticket, source):
     (SwinAttention, None, [False, True, True, True]),
 ], ids=["gpt2-conv1d", "phi3-grouped-packed", "neox-per-head", "named-per-head", "swin-bias-table"])
 def test_hugging_face_layouts_lose_heads_exactly_and_replay(attention, layout, keep):
-    model, x = Net(attention).eval(), torch.randn(2, 5, 16)
+    model, x = AttentionNet(attention).eval(), torch.randn(2, 5, 16)
     source, ticket = AttentionHeadSource(layout=layout), {"attn": torch.tensor(keep)}
     expected = zero_units(model, ticket, source)(x)
     with warnings.catch_warnings():
@@ -229,7 +227,7 @@ def test_hugging_face_layouts_lose_heads_exactly_and_replay(attention, layout, k
     assert block.num_kv_heads == sum(keep) and block.packing == (layout or block.packing)
     if block.layout == "packed":
         assert report.plan.options["layouts"] == {"attn": block.packing}
-    fresh = Net(attention)
+    fresh = AttentionNet(attention)
     apply_plan(fresh, json.loads(json.dumps(report.plan.to_dict())))
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -237,7 +235,7 @@ def test_hugging_face_layouts_lose_heads_exactly_and_replay(attention, layout, k
 
 
 def test_the_cut_fixes_conv1d_sizes_grouped_slices_and_bias_tables():
-    model, x = Net(GPT2Attention).eval(), torch.randn(2, 5, 16)
+    model, x = AttentionNet(GPT2Attention).eval(), torch.randn(2, 5, 16)
     report = prune_heads(model, {"attn": torch.tensor([True, False, True, False])}, x, measure_latency=False)
     attn = model.attn
     assert (attn.num_heads, attn.split_size, attn.c_attn.nf, attn.c_proj.nx) == (2, 8, 24, 8)
@@ -246,14 +244,14 @@ def test_the_cut_fixes_conv1d_sizes_grouped_slices_and_bias_tables():
     assert report.kept_indices["attn.c_proj.weight"][0].tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
 
     shared = Config()
-    model = Net(lambda: Phi3Attention(config=shared)).eval()
+    model = AttentionNet(lambda: Phi3Attention(config=shared)).eval()
     prune_heads(model, {"attn": torch.tensor([False, True])}, x, measure_latency=False)
     attn = model.attn
     assert (attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.num_key_value_heads) == (2, 1, 1)
     assert (shared.num_attention_heads, shared.num_key_value_heads) == (4, 2)  # the other layers' config untouched
     assert attn.qkv_proj.out_features == 16 and attn.o_proj.in_features == 8
 
-    model = Net(SwinAttention).eval()
+    model = AttentionNet(SwinAttention).eval()
     table = model.attn.relative_position_bias.relative_position_bias_table.detach().clone()
     report = prune_heads(model, {"attn": torch.tensor([False, True, False, True])}, x, measure_latency=False)
     assert torch.equal(model.attn.relative_position_bias.relative_position_bias_table, table[:, [1, 3]])
@@ -261,7 +259,7 @@ def test_the_cut_fixes_conv1d_sizes_grouped_slices_and_bias_tables():
 
 
 def test_a_per_head_packing_taken_for_qkv_is_refused_and_the_layout_option_fixes_it():
-    model, x = Net(InterleavedAttention).eval(), torch.randn(2, 5, 16)
+    model, x = AttentionNet(InterleavedAttention).eval(), torch.randn(2, 5, 16)
     ticket = {"attn": torch.tensor([True, False, True, True])}
     with pytest.raises(PruningError, match=r"layout=\"per_head\""):
         prune_heads(model, ticket, x, measure_latency=False)  # "qkv" is recognised from the name: refused

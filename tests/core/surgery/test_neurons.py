@@ -25,9 +25,9 @@ from lightning_worm import (
     check_prunable,
 )
 from lightning_worm.core.surgery import PruningPlan, apply_plan, carry_optimizer_state, prune_neurons
-from tests.core.sources.test_feedforward import FAMILIES, GatedMlp, GPT2Mlp, Mlp, PackedMlp, build
+from tests.core.sources.test_feedforward import FAMILIES, build
 from tests.helpers import assert_equal_up_to_rounding, tiny_loader, trainer
-from tests.models import tiny_vit
+from tests.models import GatedMlp, GPT2Mlp, Mlp, PackedMlp, tiny_vit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
