@@ -25,12 +25,13 @@ it with AdamW and a cosine schedule, as :class:`~examples.vit.ViTClassifier` tra
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
+from examples.data import _SplitDataModule
 from examples.module import ImageClassifier
 from examples.vit import Block, ViTClassifier
 
@@ -64,7 +65,7 @@ def make_comparison(n: int, num_digits: int = 6, base: int = 4, seed: int = 0) -
     return torch.cat([a, torch.full((n, 1), base), b], dim=1), labels
 
 
-class SequenceTaskDataModule(LightningDataModule):
+class SequenceTaskDataModule(_SplitDataModule):
     """Number comparison (see :func:`make_comparison`), generated offline from ``seed``: train/val/test splits.
 
     The three splits are drawn independently from the same generator stream (no sequence is shared on purpose;
@@ -106,20 +107,15 @@ class SequenceTaskDataModule(LightningDataModule):
         num_digits: int = 6,
         base: int = 4,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, seed)
         self.save_hyperparameters()
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
         self.sizes = (train_size, val_size, test_size)
         self.num_digits = num_digits
         self.base = base
         self.num_classes = 2
         self.vocab_size = base + 1
         self.length = 2 * num_digits + 1
-        self.train_dataset: TensorDataset | None = None
-        self.val_dataset: TensorDataset | None = None
-        self.test_dataset: TensorDataset | None = None
+        self.input_shape = (self.length,)  # one example: its tokens
 
     def setup(self, stage: str) -> None:
         if self.train_dataset is not None:
@@ -134,21 +130,6 @@ class SequenceTaskDataModule(LightningDataModule):
             f"Number comparison generated offline (seed {self.seed}, {self.num_digits} digits in base {self.base},"
             f" length {self.length}): {n_train} train / {n_val} val / {bounds[2][1] - bounds[2][0]} test sequences."
         )
-
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested.")
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False)
 
 
 class TextTransformer(nn.Module):

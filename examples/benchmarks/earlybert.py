@@ -277,7 +277,7 @@ def run(settings: Any = None, out_dir: Path | None = None, mode: str | None = No
 
 def render(bert: dict[str, Any], runs: list[dict[str, Any]], mode: str, workers: int) -> Section:
     """The section from the measured numbers (``run``'s, or those kept in ``results.json``)."""
-    from examples.benchmarks.transformer import GOAL_EARLYBERT_FLOPS, GOAL_EARLYBERT_LATENCY
+    from examples.benchmarks.transformer import GOAL_EARLYBERT_FLOPS, GOAL_EARLYBERT_LATENCY, side_by_side_table
 
     measured = measure(runs)
     better, compare = _scores_verdict(measured)
@@ -298,11 +298,7 @@ def render(bert: dict[str, Any], runs: list[dict[str, Any]], mode: str, workers:
         f"{bert['heads']}, feed-forward neurons {bert['neurons']}, the lowest-scored removed in one prune of "
         f"`source=\"earlybert\"`'s two sources), CPU, batch {bert['batch']}:",
         "",
-        markdown_table(["", "params", "FLOPs", "latency (ms)"], [
-            ["dense", "1.00", "1.00", f"{bert['latency_dense_ms']:.0f}"],
-            ["EarlyBERT's ticket", f"{bert['params_ratio']:.3f}", f"{bert['flops_ratio']:.3f}",
-             f"{bert['latency_pruned_ms']:.0f} ({bert['latency_ratio']:.2f}x)"],
-        ]),
+        side_by_side_table(bert, "EarlyBERT's ticket", digits=3),
         "",
         "**End to end** (the callbacks' defaults for transformers: `EarlyBirdCallback(source=\"earlybert\")` (slimming "
         "gates), `sparsity=\"auto\"`, window 5, threshold 0.1, `PruneAndFinetune()` waiting for a ready ticket; "

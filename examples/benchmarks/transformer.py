@@ -327,6 +327,15 @@ def _side_by_side(dense: nn.Module, pruned: nn.Module, ids: Tensor, repeats: int
     }
 
 
+def side_by_side_table(numbers: dict[str, Any], pruned: str, digits: int = 2) -> str:
+    """The Markdown table of :func:`_side_by_side`'s numbers: dense and the ``pruned`` row."""
+    return markdown_table(["", "params", "FLOPs", "latency (ms)"], [
+        ["dense", "1.00", "1.00", f"{numbers['latency_dense_ms']:.0f}"],
+        [pruned, f"{numbers['params_ratio']:.{digits}f}", f"{numbers['flops_ratio']:.{digits}f}",
+         f"{numbers['latency_pruned_ms']:.0f} ({numbers['latency_ratio']:.2f}x)"],
+    ])
+
+
 #: Issue 18's goals for BERT-base at EarlyBERT's ratios (1/3 of the heads of every layer, 40 % of the neurons).
 GOAL_EARLYBERT_FLOPS, GOAL_EARLYBERT_LATENCY = 0.62, 0.70
 
@@ -512,11 +521,7 @@ def run(settings: Any = None, out_dir: Path | None = None, mode: str | None = No
             f"Random BERT-base (`transformers` default config), heads {heads['heads']} (the lowest-scored half of "
             f"every layer removed), CPU, batch {heads['batch']}:{_kept(measured['bert_heads'], 'bert_heads' in parts)}",
             "",
-            markdown_table(["", "params", "FLOPs", "latency (ms)"], [
-                ["dense", "1.00", "1.00", f"{heads['latency_dense_ms']:.0f}"],
-                ["half the heads", f"{heads['params_ratio']:.2f}", f"{heads['flops_ratio']:.2f}",
-                 f"{heads['latency_pruned_ms']:.0f} ({heads['latency_ratio']:.2f}x)"],
-            ]),
+            side_by_side_table(heads, "half the heads"),
             "",
         ]
     if fits:

@@ -34,8 +34,17 @@ def gate_of(owner: nn.Module) -> nn.Parameter | None:
 
 def feature_gate(gate: Tensor, features: Tensor) -> Tensor:
     """Per feature, the gate of its unit: ``features[i]`` is the unit of feature ``i``, or -1 (not gated: 1)."""
-    values = torch.cat([gate, gate.new_ones(1)])
-    return values[features.to(gate.device).where(features >= 0, gate.numel())]
+    return _gathered(gate, _gather_index(features, gate.numel()).to(gate.device))
+
+
+def _gather_index(features: Tensor, units: int) -> Tensor:
+    """``features`` with -1 (not gated) as ``units``: the index of a 1 appended to the gate."""
+    return features.where(features >= 0, units)
+
+
+def _gathered(gate: Tensor, index: Tensor | None) -> Tensor:
+    """The gate per feature: ``index`` into the gate with a 1 appended, or ``None`` (feature ``i`` is unit ``i``)."""
+    return gate if index is None else torch.cat([gate, gate.new_ones(1)])[index]
 
 
 def attach_gate(owner: nn.Module, target: nn.Module, units: int, features: Tensor, where: str) -> nn.Parameter:
@@ -68,7 +77,10 @@ def attach_gate(owner: nn.Module, target: nn.Module, units: int, features: Tenso
     owner.register_parameter(GATE, gate)
     # The hook finds its owner and feature map on the module it runs on (not in a closure), so that a deep copy of
     # the model (an EMA, a benchmark's control) gates with its own gate.
-    target.__dict__[_SITE] = (owner, features.detach().cpu().long())
+    # Each forward gathers the gate per feature with an index computed here once (none where feature i is unit i).
+    features = features.detach().cpu().long()
+    identity = features.numel() == units and torch.equal(features, torch.arange(units))
+    target.__dict__[_SITE] = (owner, None if identity else _gather_index(features, units).to(gate.device))
     handle = target.register_forward_pre_hook(_gate_input) if where == "input" else \
         target.register_forward_hook(_gate_output)
     owner.__dict__[_HOOK] = handle.id
@@ -79,9 +91,14 @@ def _scaled(module: nn.Module, x: Tensor) -> Tensor:
     site = module.__dict__.get(_SITE)
     if site is None:
         return x
-    owner, features = site
+    owner, index = site
     gate = gate_of(owner)
-    return x if gate is None else x * feature_gate(gate, features).to(x.dtype)
+    if gate is None:
+        return x
+    if index is not None and index.device != gate.device:  # the model moved: move the index once
+        index = index.to(gate.device)
+        module.__dict__[_SITE] = (owner, index)
+    return x * _gathered(gate, index).to(x.dtype)
 
 
 def _gate_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -335,14 +335,12 @@ def rank_units(scores: Mapping[str, Tensor], parts: Parts, prune_ratio: float, m
                          "take both from the same model.")
     if len(groups) == 1:
         return mask_from_scores(scores, groups[0][0], min_units)
-    results = {}
-    for ratio, names in groups:
-        results.update(dict.fromkeys(names, mask_from_scores({n: scores[n] for n in names}, ratio, min_units)))
-    unique = list({id(r): r for r in results.values()}.values())
-    mask = Mask.from_dict({name: results[name].mask[name] for name in scores})
-    restored = {n: k for r in unique for n, k in r.restored.items()}
-    return MaskResult(mask=mask, requested=sum(r.requested for r in unique), pruned=sum(r.pruned for r in unique),
-                      restored=restored, checksum=sum(r.checksum for r in unique) % (1 << 64))
+    results = [mask_from_scores({n: scores[n] for n in names}, ratio, min_units) for ratio, names in groups]
+    keep = {name: result.mask[name] for result in results for name in result.mask}
+    return MaskResult(mask=Mask.from_dict({name: keep[name] for name in scores}),
+                      requested=sum(r.requested for r in results), pruned=sum(r.pruned for r in results),
+                      restored={n: k for r in results for n, k in r.restored.items()},
+                      checksum=sum(r.checksum for r in results) % (1 << 64))
 
 
 def score_checksum(scores: Tensor) -> int:

@@ -615,16 +615,17 @@ class AttentionHeadSource(SlimmingScores, _AttentionSource):
     def ranking(self) -> dict[str, Any]:
         return {**super().ranking(), **({"score": self.score} if self.score != DEFAULT_SCORE else {})}
 
-    def gate_site(self, block: AttentionBlock) -> tuple[nn.Module, nn.Module, int, Tensor, str] | None:
-        if block.layout == "mha" or block.problem is not None:  # nn.MultiheadAttention cannot lose heads anyway
-            return None
+    def gate_owner(self, block: AttentionBlock) -> nn.Module | None:
+        return None if block.layout == "mha" or block.problem is not None else block.module  # mha cannot lose heads
+
+    def gate_site(self, block: AttentionBlock) -> tuple[nn.Module, int, Tensor, str]:
         # The value features of each unit: scaling a head's values scales its output exactly (its attention weights
         # sum to one), whatever the block does after, so no output projection needs to be found.
         _, num_kv_heads, head_dim = block._counts()
         projection = block.linear("v")
         features = torch.full((cast(Tensor, projection.weight).shape[block.out_dim("v")],), -1)
         features[block.out_index("v")] = torch.arange(num_kv_heads).repeat_interleave(head_dim)
-        return block.module, projection, num_kv_heads, features, "output"
+        return projection, num_kv_heads, features, "output"
 
     def fold_gate(self, block: AttentionBlock, gate: Tensor) -> None:
         projection = block.linear("v")
@@ -645,9 +646,9 @@ class AttentionHeadSource(SlimmingScores, _AttentionSource):
         return None
 
     def sparsity_parameters(self, block: AttentionBlock) -> list[Tensor]:
-        parts = [block.part(p) for p in ("q", "k")]  # a packed weight (its index not all of it) holds the values too
         if self.gated(block):
             return [self.gate(block)]
+        parts = [block.part(p) for p in ("q", "k")]  # a packed weight (its index not all of it) holds the values too
         return [w for w, index, *_ in parts if isinstance(index, slice) and index == slice(None) and w.requires_grad]
 
     def scores(self, block: AttentionBlock) -> Tensor:

@@ -393,8 +393,11 @@ class FeedForwardSource(SlimmingScores):
     def ranking(self) -> dict[str, Any]:
         return {**super().ranking(), **({"score": self.score} if self.score != DEFAULT_SCORE else {})}
 
-    def gate_site(self, block: FeedForwardBlock) -> tuple[nn.Module, nn.Module, int, Tensor, str]:
-        return block.module, block.projection(block.output), block.num_neurons, torch.arange(block.num_neurons), "input"
+    def gate_owner(self, block: FeedForwardBlock) -> nn.Module:
+        return block.module
+
+    def gate_site(self, block: FeedForwardBlock) -> tuple[nn.Module, int, Tensor, str]:
+        return block.projection(block.output), block.num_neurons, torch.arange(block.num_neurons), "input"
 
     def fold_gate(self, block: FeedForwardBlock, gate: Tensor) -> None:
         output = block.projection(block.output)

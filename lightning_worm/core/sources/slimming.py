@@ -29,7 +29,8 @@ class SlimmingScores(ScoreSource):
     regularises the gates, WORM truncates a pruned unit's gate with its weights, and :meth:`fold` multiplies the gates
     into the weights and removes them (the surgery calls it before the cut, so no trace of them is left).
 
-    Subclasses implement :meth:`gate_site` (where an entry's gate acts) and :meth:`fold_gate` (how it folds).
+    Subclasses implement :meth:`gate_owner` (the module that holds an entry's gate), :meth:`gate_site` (where the
+    gate acts) and :meth:`fold_gate` (how it folds).
     """
 
     score: str = DEFAULT_SCORE
@@ -45,14 +46,19 @@ class SlimmingScores(ScoreSource):
     def gated(self, handle: Any) -> bool:
         """Whether the entry is scored by its gates: always with ``"slimming"`` (where it can have some), when it has
         some with ``"auto"``."""
-        site = self.gate_site(handle)
-        if site is None or self.score == "magnitude":
+        owner = self.gate_owner(handle)
+        if owner is None or self.score == "magnitude":
             return False
-        return self.score == "slimming" or gate_of(site[0]) is not None
+        return self.score == "slimming" or gate_of(owner) is not None
 
-    def gate_site(self, handle: Any) -> tuple[nn.Module, nn.Module, int, Tensor, str] | None:
-        """``(owner, target, units, features, where)`` of :func:`~lightning_worm.core.gates.attach_gate` for an
-        entry, or ``None`` if it takes no gate (its units are then scored by magnitude)."""
+    def gate_owner(self, handle: Any) -> nn.Module | None:
+        """The module that holds the entry's gate, or ``None`` if the entry takes no gate (its units are then scored
+        by magnitude)."""
+        raise NotImplementedError
+
+    def gate_site(self, handle: Any) -> tuple[nn.Module, int, Tensor, str]:
+        """``(target, units, features, where)`` of :func:`~lightning_worm.core.gates.attach_gate` for an entry that
+        takes a gate."""
         raise NotImplementedError
 
     def fold_gate(self, handle: Any, gate: Tensor) -> None:
@@ -65,15 +71,15 @@ class SlimmingScores(ScoreSource):
         built."""
         if self.slimming:
             for handle in self.tracked(model).values():
-                site = self.gate_site(handle)
-                if site is not None:
-                    attach_gate(*site)
+                owner = self.gate_owner(handle)
+                if owner is not None:
+                    attach_gate(owner, *self.gate_site(handle))
 
     def fold(self, model: nn.Module) -> None:
         """Fold every tracked entry's gates into its weights and remove them (nothing without gates)."""
         for handle in self.tracked(model).values():
-            site = self.gate_site(handle)
-            gate = None if site is None else remove_gate(site[0])
+            owner = self.gate_owner(handle)
+            gate = None if owner is None else remove_gate(owner)
             if gate is not None:
                 self.fold_gate(handle, gate)
 
@@ -83,8 +89,8 @@ class SlimmingScores(ScoreSource):
         Raises:
             ValueError: if the model has none yet (:meth:`prepare` was not called).
         """
-        site = self.gate_site(handle)
-        gate = None if site is None else gate_of(site[0])
+        owner = self.gate_owner(handle)
+        gate = None if owner is None else gate_of(owner)
         if gate is None:
             raise ValueError(f"{type(self).__name__}(score='slimming') scores gates this model does not have yet: call "
                              "`source.prepare(model)` before building the optimizer (EarlyBirdCallback does at setup).")

@@ -16,7 +16,7 @@ from lightning_worm.core.sources import ScoreSource, SourceList, resolve_source
 from lightning_worm.core.surgery.channels import DEFAULT_COUPLING
 from lightning_worm.core.surgery.plan import KeptIndices, PruningPlan, PruningReport, _measured
 from lightning_worm.core.surgery.registry import Surgery, _keyword_only, register_surgery, surgery_for
-from lightning_worm.core.surgery.transaction import ModelState, all_or_nothing
+from lightning_worm.core.surgery.transaction import all_or_nothing
 
 __all__ = ["compose_kept", "prune_sources"]
 
@@ -98,7 +98,7 @@ def prune_sources(
         report = prune_sources(bert, early_bird.ticket, batch, source=early_bird.source)
         report.shares  # {"AttentionHeadSource": {"before": 144, "after": 96, "entries": [...]}, ...}
     """
-    resolved = resolve_source(list(source) if isinstance(source, tuple) else source)
+    resolved = resolve_source(source)
     if not isinstance(resolved, SourceList):
         raise ValueError(f"prune_sources prunes the members of a SourceList, got {type(resolved).__name__}: prune a "
                          "single source with its own surgery (`surgery_for(source).prune`).")
@@ -144,9 +144,8 @@ def _replay_sources(model: nn.Module, plan: PruningPlan, *, source: SourceList |
         raise ValueError("A 'sources' plan holds its members' plans in options['plans'] (a list of plan dicts). The "
                          "plan was edited or corrupted; re-create it (or restore it from the checkpoint).")
     members = list(source.sources) if isinstance(source, SourceList) else []
-    state = ModelState(model)
     kept: KeptIndices = {}
-    try:
+    with all_or_nothing(model, "Replaying the plan of several sources"):  # a member's plan that does not fit: undone
         for member_plan in plans:
             sub = PruningPlan.from_dict(member_plan)
             options: dict[str, Any] = {}
@@ -154,9 +153,6 @@ def _replay_sources(model: nn.Module, plan: PruningPlan, *, source: SourceList |
             if len(match) == 1 and "source" in _keyword_only(surgery_for(match[0]).replay):
                 options["source"] = match[0]
             kept = compose_kept(kept, apply_plan(model, sub, **options))
-    except BaseException:
-        state.restore()
-        raise
     return kept
 
 

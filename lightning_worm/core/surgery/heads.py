@@ -81,6 +81,7 @@ KV_WIDTH_ATTRS: tuple[str, ...] = ("kv_dim",)
 #: On a module passed a bias of all its stack's heads (T5): ``(heads of that bias, the heads this module kept)``.
 BIAS_HEADS_ATTR = "_lightning_worm_bias_heads"
 _FULL_BIAS_ATTR = "_lightning_worm_full_bias"
+_KEPT_INDEX_ATTR = "_lightning_worm_kept_heads_index"
 _CONFIG_READ = re.compile(r"\bself\.config\.(\w+)")
 
 MHA_REFUSAL = (
@@ -190,34 +191,22 @@ def _slice_features(projection: nn.Module, keep: Tensor, inputs: bool) -> None:
         projection.nf = len(keep)  # type: ignore[assignment]
 
 
-def _cut_out(projection: nn.Module, removed: Sequence[int], name: str, kept: KeptIndices) -> None:
-    """Remove output features of a projection (rows of a Linear, columns of a Conv1D); record what is kept."""
+def _cut_features(projection: nn.Module, removed: Sequence[int], name: str, kept: KeptIndices, *,
+                  inputs: bool = False) -> None:
+    """Remove output features of a projection (rows of a Linear, columns of a Conv1D), or with ``inputs`` its input
+    features (columns of a Linear, rows of a Conv1D); record what is kept."""
     import torch_pruning as tp
 
     transposed = is_conv1d(projection)
-    weight = cast(Tensor, projection.weight)
-    keep = _keep_indices(weight.shape[1 if transposed else 0], removed)
+    dim = int(inputs != transposed)  # the weight dim of those features: a Conv1D's weight is in x out
+    keep = _keep_indices(cast(Tensor, projection.weight).shape[dim], removed)
     if transposed:
-        _slice_features(projection, keep, inputs=False)
+        _slice_features(projection, keep, inputs=inputs)
     else:
-        tp.prune_linear_out_channels(projection, list(removed))
-    kept[f"{name}.weight"] = [None, keep] if transposed else [keep, None]
-    if getattr(projection, "bias", None) is not None:
+        (tp.prune_linear_in_channels if inputs else tp.prune_linear_out_channels)(projection, list(removed))
+    kept[f"{name}.weight"] = [keep if d == dim else None for d in range(2)]
+    if not inputs and getattr(projection, "bias", None) is not None:
         kept[f"{name}.bias"] = [keep]
-
-
-def _cut_in(projection: nn.Module, removed: Sequence[int], name: str, kept: KeptIndices) -> None:
-    """Remove input features of a projection (columns of a Linear, rows of a Conv1D); record what is kept."""
-    import torch_pruning as tp
-
-    transposed = is_conv1d(projection)
-    weight = cast(Tensor, projection.weight)
-    keep = _keep_indices(weight.shape[0 if transposed else 1], removed)
-    if transposed:
-        _slice_features(projection, keep, inputs=True)
-    else:
-        tp.prune_linear_in_channels(projection, list(removed))
-    kept[f"{name}.weight"] = [keep, None] if transposed else [None, keep]
 
 
 @torch.no_grad()
@@ -257,19 +246,27 @@ def _own_config(module: nn.Module, counts: Mapping[str, int]) -> None:
 
 def _select_passed_bias(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook: from a ``position_bias`` of all the stack's heads, the heads this module kept."""
-    full, kept = getattr(module, BIAS_HEADS_ATTR)
+    full, _ = getattr(module, BIAS_HEADS_ATTR)
     bias = kwargs.get("position_bias")
     if not (isinstance(bias, Tensor) and bias.dim() == 4 and bias.shape[1] == full):
         return None
     vars(module)[_FULL_BIAS_ATTR] = bias
-    return args, {**kwargs, "position_bias": bias.index_select(1, torch.tensor(kept, device=bias.device))}
+    return args, {**kwargs, "position_bias": bias.index_select(1, _kept_index(module, bias.device))}
 
 
 def _select_table_heads(table: nn.Module, args: tuple, out: Tensor) -> Tensor:
     """Forward hook of a relative bias table (an Embedding of one column per head): its module's heads."""
-    _, kept = getattr(table, BIAS_HEADS_ATTR)
     vars(table)[_FULL_BIAS_ATTR] = out
-    return out.index_select(-1, torch.tensor(kept, device=out.device))
+    return out.index_select(-1, _kept_index(table, out.device))
+
+
+def _kept_index(module: nn.Module, device: torch.device) -> Tensor:
+    """The kept heads of a shared-bias module as an index on ``device``, made once (not at every forward)."""
+    index = vars(module).get(_KEPT_INDEX_ATTR)
+    if index is None or index.device != device:
+        index = torch.tensor(getattr(module, BIAS_HEADS_ATTR)[1], device=device)
+        vars(module)[_KEPT_INDEX_ATTR] = index
+    return index
 
 
 def _pass_full_bias(module: nn.Module, args: tuple, output: Any) -> Any:
@@ -300,6 +297,7 @@ def _share_bias(block: AttentionBlock, kept_heads: list[int], num_heads: int) ->
     before = getattr(module, BIAS_HEADS_ATTR, None)
     full, kept = (num_heads, kept_heads) if before is None else (before[0], [before[1][h] for h in kept_heads])
     setattr(module, BIAS_HEADS_ATTR, (full, kept))
+    vars(module).pop(_KEPT_INDEX_ATTR, None)  # the kept heads changed: the index is made again
     if before is None:
         module.register_forward_pre_hook(_select_passed_bias, with_kwargs=True)
         module.register_forward_hook(_pass_full_bias)
@@ -308,6 +306,7 @@ def _share_bias(block: AttentionBlock, kept_heads: list[int], num_heads: int) ->
         if getattr(table, BIAS_HEADS_ATTR, None) is None:
             table.register_forward_hook(_select_table_heads)
         setattr(table, BIAS_HEADS_ATTR, (full, kept))
+        vars(table).pop(_KEPT_INDEX_ATTR, None)
 
 
 def _passes_bias(module: nn.Module) -> bool:
@@ -329,17 +328,17 @@ def _cut_heads(model: nn.Module, block: AttentionBlock, removed_units: list[int]
         for part in PARTS:
             features = torch.arange(total)[block.out_index(part)]
             removed += features[_part_rows(block, removed_units, part)].tolist()
-        _cut_out(projection, sorted(removed), prefix + block.projections[0], kept)
+        _cut_features(projection, sorted(removed), prefix + block.projections[0], kept)
     else:
         for part in PARTS:
-            _cut_out(block.linear(part), _part_rows(block, removed_units, part),
+            _cut_features(block.linear(part), _part_rows(block, removed_units, part),
                      prefix + block.projections[PARTS.index(part)], kept)
     children = dict(block.module.named_children())
     for name in PER_HEAD_PROJECTIONS:  # relative positions projected per head (DeBERTa)
         child = children.get(name)
         if isinstance(child, nn.Linear) and child.out_features == num_heads * head_dim:
-            _cut_out(child, q_rows, prefix + name, kept)
-    _cut_in(model.get_submodule(output), q_rows, output, kept)
+            _cut_features(child, q_rows, prefix + name, kept)
+    _cut_features(model.get_submodule(output), q_rows, output, kept, inputs=True)
     removed_heads = [u * block.group_size + i for u in removed_units for i in range(block.group_size)]
     _cut_tables(block, removed_heads, num_heads, kept)
 
